@@ -1,0 +1,1394 @@
+//! The Raft state machine of one node.
+//!
+//! ```text
+//!            tick(now) ──┐        ┌── step(now, message)
+//!                        ▼        ▼
+//!                 ┌──────────────────────┐   propose_add_learner / propose_remove
+//!                 │       RaftCore       │◄── transfer_leadership / bootstrap / leave
+//!                 │ role handlers decide │
+//!                 └──────────┬───────────┘
+//!                            ▼ take_ready()
+//!      Ready { hard_state ─(persist first)─► messages ─(then send)─► leadership }
+//! ```
+//!
+//! Roles: Follower → (timeout) → PreCandidate → (majority pre-votes) →
+//! Candidate → (majority votes) → Leader. A leader holds a *lease* while a
+//! majority acknowledged a round it sent less than `lease_duration` ago; a
+//! node refuses votes while it heard from a leader in the last
+//! `election_timeout_min` (stickiness). Together these guarantee that no two
+//! nodes hold a lease at the same instant, given bounded clock drift.
+
+use super::config::{Config, MAX_ENTRIES_PER_MESSAGE};
+use super::log::RaftLog;
+use super::message::{Message, MessageBody};
+use super::types::{Configuration, HardState, LogIndex, NodeId, Payload, Snapshot, Term, Time};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+use thiserror::Error;
+
+/// The role a node plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    /// Follows the leader of its term, or waits for one.
+    Follower,
+    /// Asks whether it could win before disturbing anyone (§9.6).
+    PreCandidate,
+    /// Campaigns for votes in its term.
+    Candidate,
+    /// Leads its term.
+    Leader,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Role::Follower => "follower",
+            Role::PreCandidate => "pre-candidate",
+            Role::Candidate => "candidate",
+            Role::Leader => "leader",
+        };
+        f.write_str(s)
+    }
+}
+
+/// What the node knows about leadership; published whenever it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    /// This node's role.
+    pub role: Role,
+    /// This node's current term.
+    pub term: Term,
+    /// The leader of `term`, if known.
+    pub leader: Option<NodeId>,
+    /// The leader's peer address, if known.
+    pub leader_address: Option<String>,
+    /// Until when (on this node's clock) this node holds the leader lease.
+    /// `Some` only on a leader; check it against the current time.
+    pub lease_until: Option<Time>,
+    /// Whether this node votes in its latest configuration.
+    pub is_voter: bool,
+    /// Number of voters and learners in the latest configuration.
+    pub voters: usize,
+    /// Number of learners in the latest configuration.
+    pub learners: usize,
+}
+
+/// Output of the core since the last call to [`RaftCore::take_ready`].
+///
+/// The caller MUST make `hard_state` durable before sending any message in
+/// `messages`: a vote or an acknowledgement sent before it is on disk could be
+/// forgotten by a crash and given twice.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Hard state to persist, if it changed.
+    pub hard_state: Option<HardState>,
+    /// Messages to send, after `hard_state` is persisted.
+    pub messages: Vec<Message>,
+    /// New leadership view, if it changed.
+    pub leadership: Option<Leadership>,
+}
+
+impl Ready {
+    /// Returns whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.hard_state.is_none() && self.messages.is_empty() && self.leadership.is_none()
+    }
+}
+
+/// Why a peer message was refused without changing any state.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StepError {
+    #[error("message is addressed to {to}, this node is {me}")]
+    WrongRecipient { to: NodeId, me: NodeId },
+    #[error("message from {0} claims to be from this node")]
+    FromSelf(NodeId),
+    #[error("append entries would truncate committed index {commit} (conflict at {at})")]
+    TruncatesCommitted { at: LogIndex, commit: LogIndex },
+    #[error("append entries carries entries that do not follow index {prev}")]
+    MalformedEntries { prev: LogIndex },
+    #[error("a second leader {other} claims term {term}")]
+    SecondLeader { other: NodeId, term: Term },
+}
+
+impl StepError {
+    /// Returns a short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StepError::WrongRecipient { .. } => "wrong_recipient",
+            StepError::FromSelf(_) => "from_self",
+            StepError::TruncatesCommitted { .. } => "truncates_committed",
+            StepError::MalformedEntries { .. } => "malformed_entries",
+            StepError::SecondLeader { .. } => "second_leader",
+        }
+    }
+}
+
+/// Why a membership proposal was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProposeError {
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("a configuration change is still in progress")]
+    ChangeInProgress,
+    #[error("this leader has not committed an entry of its term yet")]
+    TermNotCommitted,
+    #[error("leadership is being transferred")]
+    Transferring,
+    #[error("{0} is already a member")]
+    AlreadyMember(NodeId),
+    #[error("{0} is not a member")]
+    NotMember(NodeId),
+    #[error("removing {0} would leave no voter")]
+    LastVoter(NodeId),
+}
+
+/// Why a leadership transfer could not start.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TransferError {
+    #[error("not the leader")]
+    NotLeader,
+    #[error("no other voter to hand leadership to")]
+    NoTarget,
+    #[error("{0} is not a voter")]
+    NotVoter(NodeId),
+}
+
+/// Why bootstrapping was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BootstrapError {
+    #[error("this node already has state (term {0}); it joins the existing cluster")]
+    AlreadyInitialized(Term),
+    #[error("the bootstrap configuration must include this node as a voter")]
+    SelfNotVoter,
+}
+
+/// The leader's view of one member (Raft paper Figure 2, "volatile state on leaders").
+#[derive(Clone, Debug)]
+struct Progress {
+    /// Next index to send.
+    next: LogIndex,
+    /// Highest index known to match.
+    matched: LogIndex,
+    /// Latest heartbeat round (leader send time, ns) the member acknowledged in this term.
+    acked_round: Option<u64>,
+    /// Whether the member answered since the last CheckQuorum.
+    recent_active: bool,
+}
+
+/// A leadership transfer in progress (dissertation §3.10).
+#[derive(Clone, Debug)]
+struct Transfer {
+    target: NodeId,
+    deadline: Time,
+    timeout_now_sent: bool,
+}
+
+/// State a node keeps only while leading. Reset when changing role.
+#[derive(Clone, Debug)]
+struct LeaderState {
+    progress: BTreeMap<NodeId, Progress>,
+    /// When the next heartbeat round is due.
+    heartbeat_due: Time,
+    /// When to next check that a majority is still in contact.
+    check_quorum_due: Time,
+    /// Index of the no-op appended on election; config changes wait for it.
+    noop_index: LogIndex,
+    /// Latest round this leader sent (ns of its clock); its own acknowledgement.
+    own_round: u64,
+    /// End of the lease, if a majority acknowledged a round.
+    lease_until: Option<Time>,
+    /// Set once a TimeoutNow was sent: no lease for the rest of the term.
+    lease_forfeited: bool,
+    transfer: Option<Transfer>,
+    /// Members that asked to leave and wait for removal.
+    leaving: BTreeSet<NodeId>,
+}
+
+/// One node's Raft state machine: pure, driven by [`tick`](RaftCore::tick)
+/// and [`step`](RaftCore::step), its output taken with
+/// [`take_ready`](RaftCore::take_ready).
+pub struct RaftCore {
+    id: NodeId,
+    address: String,
+    cfg: Config,
+    rng: SmallRng,
+    // Persistent state.
+    term: Term,
+    voted_for: Option<NodeId>,
+    log: RaftLog,
+    // Volatile state.
+    role: Role,
+    leader: Option<NodeId>,
+    commit: LogIndex,
+    config: Configuration,
+    config_index: LogIndex,
+    /// When this node campaigns next (followers and candidates).
+    election_deadline: Time,
+    /// Last time this node heard from a live leader (or led, or started);
+    /// votes are refused for `election_timeout_min` after it.
+    last_leader_contact: Time,
+    /// Voters that answered this campaign, and how.
+    votes: BTreeMap<NodeId, bool>,
+    lead: Option<LeaderState>,
+    // Output.
+    messages: Vec<Message>,
+    hard_state_dirty: bool,
+    published: Option<Leadership>,
+}
+
+impl RaftCore {
+    /// Creates a node that starts without state: a new incarnation `id`.
+    /// It joins when a leader adds it, or forms a cluster with [`bootstrap`](Self::bootstrap).
+    pub fn fresh(cfg: Config, id: NodeId, address: String, seed: u64, now: Time) -> RaftCore {
+        let mut core = RaftCore::with_log(cfg, id, address, seed, now, RaftLog::default());
+        core.hard_state_dirty = true;
+        core
+    }
+
+    /// Restores a node from its persisted hard state.
+    pub fn restore(
+        cfg: Config,
+        state: HardState,
+        address: String,
+        seed: u64,
+        now: Time,
+    ) -> Result<RaftCore, String> {
+        let log = RaftLog::restore(state.snapshot, state.entries)?;
+        let mut core = RaftCore::with_log(cfg, state.id, address, seed, now, log);
+        core.term = state.term;
+        core.voted_for = state.voted_for;
+        Ok(core)
+    }
+
+    fn with_log(
+        cfg: Config,
+        id: NodeId,
+        address: String,
+        seed: u64,
+        now: Time,
+        log: RaftLog,
+    ) -> RaftCore {
+        let commit = log.snapshot().last_index;
+        let mut core = RaftCore {
+            id,
+            address,
+            cfg,
+            rng: SmallRng::seed_from_u64(seed),
+            term: Term(0),
+            voted_for: None,
+            log,
+            role: Role::Follower,
+            leader: None,
+            commit,
+            config: Configuration::default(),
+            config_index: 0,
+            election_deadline: now,
+            // A restarted node may have acknowledged a leader just before it
+            // crashed; it must not vote until that acknowledgement is stale.
+            last_leader_contact: now,
+            votes: BTreeMap::new(),
+            lead: None,
+            messages: Vec::new(),
+            hard_state_dirty: false,
+            published: None,
+        };
+        core.refresh_config();
+        core.reset_election_timer(now);
+        core
+    }
+
+    // ----- queries -------------------------------------------------------
+
+    /// Returns this node's identity.
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    /// Returns the current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Returns the current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Returns the leader of the current term, if known.
+    pub fn leader(&self) -> Option<&NodeId> {
+        self.leader.as_ref()
+    }
+
+    /// Returns the highest index known to be committed.
+    pub fn commit_index(&self) -> LogIndex {
+        self.commit
+    }
+
+    /// Returns the log.
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+
+    /// Returns the latest configuration (committed or not) and its index.
+    pub fn configuration(&self) -> (&Configuration, LogIndex) {
+        (&self.config, self.config_index)
+    }
+
+    /// Returns the settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Returns the end of this node's lease, if it is a leader holding one
+    /// (it may already be in the past: compare with the time).
+    pub fn lease_until(&self) -> Option<Time> {
+        self.lead.as_ref().and_then(|l| l.lease_until)
+    }
+
+    /// Answers "is this node the leader right now, with a valid lease, at `now`?"
+    /// This is what `/is-leader` serves.
+    pub fn has_lease(&self, now: Time) -> bool {
+        self.lease_until().is_some_and(|until| now < until)
+    }
+
+    /// Returns how much of the lease is left at `now` (zero if none).
+    pub fn lease_remaining(&self, now: Time) -> Duration {
+        self.lease_until()
+            .map_or(Duration::ZERO, |until| until.saturating_since(now))
+    }
+
+    /// Returns the leadership view as of now.
+    pub fn leadership(&self) -> Leadership {
+        let leader_address = self
+            .leader
+            .as_ref()
+            .and_then(|l| {
+                if *l == self.id {
+                    Some(self.address.as_str())
+                } else {
+                    self.config.address(l)
+                }
+            })
+            .map(str::to_owned);
+        Leadership {
+            role: self.role,
+            term: self.term,
+            leader: self.leader.clone(),
+            leader_address,
+            lease_until: self.lease_until(),
+            is_voter: self.config.is_voter(&self.id),
+            voters: self.config.voters.len(),
+            learners: self.config.learners.len(),
+        }
+    }
+
+    /// Returns the earliest time at which [`tick`](Self::tick) has work to do.
+    pub fn next_deadline(&self) -> Time {
+        match &self.lead {
+            Some(l) => {
+                let mut t = l.heartbeat_due.min(l.check_quorum_due);
+                if let Some(tr) = &l.transfer {
+                    t = t.min(tr.deadline);
+                }
+                t
+            }
+            None => self.election_deadline,
+        }
+    }
+
+    /// Returns whether a leader transfer is under way.
+    pub fn is_transferring(&self) -> bool {
+        self.lead.as_ref().is_some_and(|l| l.transfer.is_some())
+    }
+
+    /// Returns a member's replication progress (leader only): (match index, acknowledged recently).
+    pub fn member_progress(&self, id: &NodeId) -> Option<(LogIndex, bool)> {
+        let l = self.lead.as_ref()?;
+        l.progress.get(id).map(|p| (p.matched, p.recent_active))
+    }
+
+    /// Returns the current hard state.
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            id: self.id.clone(),
+            term: self.term,
+            voted_for: self.voted_for.clone(),
+            snapshot: self.log.snapshot().clone(),
+            entries: self.log.entries().to_vec(),
+        }
+    }
+
+    /// Takes what the caller must do: persist, then send, then publish.
+    pub fn take_ready(&mut self) -> Ready {
+        let hard_state = if self.hard_state_dirty {
+            self.hard_state_dirty = false;
+            Some(self.hard_state())
+        } else {
+            None
+        };
+        let now_view = self.leadership();
+        let leadership = if self.published.as_ref() != Some(&now_view) {
+            self.published = Some(now_view.clone());
+            Some(now_view)
+        } else {
+            None
+        };
+        Ready {
+            hard_state,
+            messages: std::mem::take(&mut self.messages),
+            leadership,
+        }
+    }
+
+    // ----- inputs --------------------------------------------------------
+
+    /// Advances the node's clock to `now` and fires due timers: heartbeats,
+    /// CheckQuorum and transfer timeout on a leader, the election timeout
+    /// elsewhere. Call it at or after [`next_deadline`](Self::next_deadline).
+    pub fn tick(&mut self, now: Time) {
+        if self.lead.is_some() {
+            self.tick_leader(now);
+        } else if now >= self.election_deadline {
+            self.election_timeout(now);
+        }
+    }
+
+    /// Forms a new cluster from `config` if this node has no state at all.
+    /// Every node bootstrapped this way MUST be given the same configuration.
+    pub fn bootstrap(&mut self, config: Configuration, now: Time) -> Result<(), BootstrapError> {
+        if !self.log.is_empty() || self.term != Term(0) {
+            return Err(BootstrapError::AlreadyInitialized(self.term));
+        }
+        if !config.is_voter(&self.id) {
+            return Err(BootstrapError::SelfNotVoter);
+        }
+        self.log.install_snapshot(Snapshot {
+            last_index: 1,
+            last_term: Term(0),
+            config,
+        });
+        self.commit = 1;
+        self.refresh_config();
+        self.hard_state_dirty = true;
+        self.reset_election_timer(now);
+        Ok(())
+    }
+
+    /// Handles one message from a peer. A refused message changes no state.
+    pub fn step(&mut self, now: Time, msg: Message) -> Result<(), StepError> {
+        if msg.to != self.id {
+            return Err(StepError::WrongRecipient {
+                to: msg.to,
+                me: self.id.clone(),
+            });
+        }
+        if msg.from == self.id {
+            return Err(StepError::FromSelf(msg.from));
+        }
+        if msg.term > self.term {
+            if !self.accept_higher_term(now, &msg) {
+                return Ok(());
+            }
+        } else if msg.term < self.term {
+            self.answer_stale(msg);
+            return Ok(());
+        }
+        match msg.body {
+            MessageBody::PreVote {
+                last_log_index,
+                last_log_term,
+            } => self.handle_pre_vote(now, msg.from, msg.term, last_log_index, last_log_term),
+            MessageBody::PreVoteResponse { granted } => {
+                self.handle_pre_vote_response(now, msg.from, msg.term, granted)
+            }
+            MessageBody::RequestVote {
+                last_log_index,
+                last_log_term,
+                transfer,
+            } => self.handle_request_vote(now, msg.from, last_log_index, last_log_term, transfer),
+            MessageBody::RequestVoteResponse { granted } => {
+                self.handle_vote_response(now, msg.from, granted)
+            }
+            MessageBody::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+                round,
+            } => {
+                return self.handle_append_entries(
+                    now,
+                    msg.from,
+                    prev_log_index,
+                    prev_log_term,
+                    entries,
+                    leader_commit,
+                    round,
+                )
+            }
+            MessageBody::AppendEntriesResponse {
+                success,
+                last_index,
+                round,
+            } => self.handle_append_response(now, msg.from, success, last_index, round),
+            MessageBody::InstallSnapshot {
+                snapshot,
+                leader_commit,
+                round,
+            } => {
+                return self.handle_install_snapshot(now, msg.from, snapshot, leader_commit, round)
+            }
+            MessageBody::TimeoutNow => self.handle_timeout_now(now, msg.from),
+            MessageBody::Leave => self.handle_leave(msg.from),
+        }
+        Ok(())
+    }
+
+    /// Proposes adding `id` (reachable at `address`) as a learner. It is
+    /// promoted to voter once caught up, while voters are below `max_voters`.
+    pub fn propose_add_learner(
+        &mut self,
+        id: NodeId,
+        address: String,
+    ) -> Result<LogIndex, ProposeError> {
+        self.check_can_change_config()?;
+        if self.config.contains(&id) {
+            return Err(ProposeError::AlreadyMember(id));
+        }
+        let mut next = self.config.clone();
+        next.learners.insert(id, address);
+        Ok(self.append_config(next))
+    }
+
+    /// Proposes removing member `id`. A leader that removes itself steps down
+    /// once the change commits.
+    pub fn propose_remove(&mut self, id: &NodeId) -> Result<LogIndex, ProposeError> {
+        self.check_can_change_config()?;
+        if !self.config.contains(id) {
+            return Err(ProposeError::NotMember(id.clone()));
+        }
+        if self.config.is_voter(id) && self.config.voters.len() == 1 {
+            return Err(ProposeError::LastVoter(id.clone()));
+        }
+        let mut next = self.config.clone();
+        next.voters.remove(id);
+        next.learners.remove(id);
+        Ok(self.append_config(next))
+    }
+
+    /// Hands leadership to `target`, or to the most up-to-date other voter.
+    /// The lease is given up at once and not regained in this term; if the
+    /// target has not taken over within `election_timeout_min`, this node
+    /// steps down and a normal election follows.
+    pub fn transfer_leadership(
+        &mut self,
+        now: Time,
+        target: Option<NodeId>,
+    ) -> Result<NodeId, TransferError> {
+        let Some(lead) = self.lead.as_ref() else {
+            return Err(TransferError::NotLeader);
+        };
+        let target = match target {
+            Some(t) if !self.config.is_voter(&t) || t == self.id => {
+                return Err(TransferError::NotVoter(t))
+            }
+            Some(t) => t,
+            None => self
+                .config
+                .voters
+                .keys()
+                .filter(|v| **v != self.id)
+                .max_by_key(|v| {
+                    let p = lead.progress.get(*v);
+                    (
+                        p.map_or(0, |p| p.matched),
+                        p.is_some_and(|p| p.recent_active),
+                    )
+                })
+                .cloned()
+                .ok_or(TransferError::NoTarget)?,
+        };
+        let deadline = now + self.cfg.election_timeout_min;
+        if let Some(lead) = self.lead.as_mut() {
+            lead.transfer = Some(Transfer {
+                target: target.clone(),
+                deadline,
+                timeout_now_sent: false,
+            });
+            lead.lease_until = None;
+        }
+        self.maybe_send_timeout_now(now);
+        Ok(target)
+    }
+
+    /// Asks the leader to remove this node (graceful leave). Returns whether a
+    /// leader was known to ask.
+    pub fn leave(&mut self) -> bool {
+        match self.leader.clone() {
+            Some(l) if l != self.id => {
+                self.send(l, MessageBody::Leave);
+                true
+            }
+            Some(_) => {
+                if let Some(lead) = self.lead.as_mut() {
+                    lead.leaving.insert(self.id.clone());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    // ----- timers --------------------------------------------------------
+
+    fn reset_election_timer(&mut self, now: Time) {
+        let min = self.cfg.election_timeout_min;
+        let max = self.cfg.election_timeout_max;
+        let timeout = if max > min {
+            let span = (max - min).as_nanos() as u64;
+            min + Duration::from_nanos(self.rng.random_range(0..span))
+        } else {
+            min
+        };
+        self.election_deadline = now + timeout;
+    }
+
+    /// Returns whether this node heard from a live leader (or is one) too
+    /// recently to grant a vote or pre-vote (dissertation §4.2.3, §9.6).
+    fn in_stickiness(&self, now: Time) -> bool {
+        self.role == Role::Leader
+            || now.saturating_since(self.last_leader_contact) < self.cfg.election_timeout_min
+    }
+
+    fn election_timeout(&mut self, now: Time) {
+        if !self.config.is_voter(&self.id) {
+            // Learners and non-members never campaign.
+            self.reset_election_timer(now);
+            return;
+        }
+        if self.cfg.pre_vote {
+            self.campaign_pre_vote(now);
+        } else {
+            self.campaign(now, false);
+        }
+    }
+
+    fn tick_leader(&mut self, now: Time) {
+        let Some(lead) = self.lead.as_ref() else {
+            return;
+        };
+        if lead.transfer.as_ref().is_some_and(|t| now >= t.deadline) {
+            self.step_down(now);
+            return;
+        }
+        if now >= lead.check_quorum_due && !self.check_quorum(now) {
+            self.step_down(now);
+            return;
+        }
+        if self.lead.as_ref().is_some_and(|l| now >= l.heartbeat_due) {
+            self.broadcast_append(now);
+        }
+        self.drive_membership();
+    }
+
+    /// CheckQuorum: returns whether a majority answered since the last check.
+    fn check_quorum(&mut self, now: Time) -> bool {
+        let quorum = self.config.quorum();
+        let me = self.id.clone();
+        let Some(lead) = self.lead.as_mut() else {
+            return false;
+        };
+        let active = self
+            .config
+            .voters
+            .keys()
+            .filter(|v| **v == me || lead.progress.get(*v).is_some_and(|p| p.recent_active))
+            .count();
+        for p in lead.progress.values_mut() {
+            p.recent_active = false;
+        }
+        lead.check_quorum_due = now + self.cfg.election_timeout_min;
+        active >= quorum
+    }
+
+    // ----- elections -----------------------------------------------------
+
+    fn campaign_pre_vote(&mut self, now: Time) {
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.votes.clear();
+        self.reset_election_timer(now);
+        self.record_vote(now, self.id.clone(), true, Role::PreCandidate);
+        if self.role != Role::PreCandidate {
+            return;
+        }
+        let term = self.term.next();
+        let body = MessageBody::PreVote {
+            last_log_index: self.log.last_index(),
+            last_log_term: self.log.last_term(),
+        };
+        self.send_to_voters(term, body);
+    }
+
+    /// Starts an election in the next term (Raft paper §5.2).
+    fn campaign(&mut self, now: Time, transfer: bool) {
+        self.term = self.term.next();
+        self.voted_for = Some(self.id.clone());
+        self.hard_state_dirty = true;
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.votes.clear();
+        self.reset_election_timer(now);
+        self.record_vote(now, self.id.clone(), true, Role::Candidate);
+        if self.role != Role::Candidate {
+            return;
+        }
+        let body = MessageBody::RequestVote {
+            last_log_index: self.log.last_index(),
+            last_log_term: self.log.last_term(),
+            transfer,
+        };
+        self.send_to_voters(self.term, body);
+    }
+
+    fn send_to_voters(&mut self, term: Term, body: MessageBody) {
+        let to: Vec<NodeId> = self
+            .config
+            .voters
+            .keys()
+            .filter(|v| **v != self.id)
+            .cloned()
+            .collect();
+        for v in to {
+            self.messages.push(Message {
+                from: self.id.clone(),
+                to: v,
+                term,
+                body: body.clone(),
+            });
+        }
+    }
+
+    /// Counts a (pre-)vote answer and wins or gives up when a majority is clear.
+    fn record_vote(&mut self, now: Time, from: NodeId, granted: bool, role: Role) {
+        if self.role != role || !self.config.is_voter(&from) {
+            return;
+        }
+        self.votes.insert(from, granted);
+        let quorum = self.config.quorum();
+        let yes = self.votes.values().filter(|g| **g).count();
+        let no = self.votes.len() - yes;
+        if yes >= quorum {
+            match role {
+                Role::PreCandidate => self.campaign(now, false),
+                _ => self.become_leader(now),
+            }
+        } else if no >= quorum {
+            self.become_follower(now, self.term, None);
+        }
+    }
+
+    /// Decides what a message from a higher term does. Returns whether the
+    /// message should then be handled in the (possibly new) current term.
+    fn accept_higher_term(&mut self, now: Time, msg: &Message) -> bool {
+        match &msg.body {
+            MessageBody::PreVote { .. } => {
+                // Answered without changing the term (§9.6); stickiness applies there.
+                true
+            }
+            MessageBody::RequestVote { transfer, .. } if !transfer && self.in_stickiness(now) => {
+                // A live leader exists: ignore the disruptive candidate (§4.2.3).
+                false
+            }
+            MessageBody::PreVoteResponse { granted: true } => true,
+            MessageBody::PreVoteResponse { granted: false } => {
+                // A rejection from a higher term: that term exists, join it.
+                self.become_follower(now, msg.term, None);
+                false
+            }
+            MessageBody::AppendEntries { .. }
+            | MessageBody::InstallSnapshot { .. }
+            | MessageBody::TimeoutNow => {
+                self.become_follower(now, msg.term, Some(msg.from.clone()));
+                true
+            }
+            _ => {
+                self.become_follower(now, msg.term, None);
+                true
+            }
+        }
+    }
+
+    /// Answers a message from an older term so its sender learns the new one.
+    fn answer_stale(&mut self, msg: Message) {
+        let body = match msg.body {
+            MessageBody::AppendEntries { round, .. }
+            | MessageBody::InstallSnapshot { round, .. } => MessageBody::AppendEntriesResponse {
+                success: false,
+                last_index: self.log.last_index(),
+                round,
+            },
+            MessageBody::PreVote { .. } => MessageBody::PreVoteResponse { granted: false },
+            MessageBody::RequestVote { .. } => MessageBody::RequestVoteResponse { granted: false },
+            _ => return,
+        };
+        self.send(msg.from, body);
+    }
+
+    fn handle_pre_vote(
+        &mut self,
+        now: Time,
+        from: NodeId,
+        term: Term,
+        last_log_index: LogIndex,
+        last_log_term: Term,
+    ) {
+        let granted = term > self.term
+            && !self.in_stickiness(now)
+            && self.log.is_up_to_date(last_log_index, last_log_term);
+        let reply_term = if granted { term } else { self.term };
+        self.messages.push(Message {
+            from: self.id.clone(),
+            to: from,
+            term: reply_term,
+            body: MessageBody::PreVoteResponse { granted },
+        });
+    }
+
+    fn handle_pre_vote_response(&mut self, now: Time, from: NodeId, term: Term, granted: bool) {
+        if self.role == Role::PreCandidate && term == self.term.next() {
+            self.record_vote(now, from, granted, Role::PreCandidate);
+        }
+    }
+
+    fn handle_request_vote(
+        &mut self,
+        now: Time,
+        from: NodeId,
+        last_log_index: LogIndex,
+        last_log_term: Term,
+        transfer: bool,
+    ) {
+        let can_vote = match &self.voted_for {
+            Some(v) => *v == from,
+            None => {
+                self.leader.is_none()
+                    && (transfer || !self.in_stickiness(now))
+                    && self.log.is_up_to_date(last_log_index, last_log_term)
+            }
+        };
+        if can_vote && self.voted_for.is_none() {
+            self.voted_for = Some(from.clone());
+            self.hard_state_dirty = true;
+            self.reset_election_timer(now);
+        }
+        self.send(from, MessageBody::RequestVoteResponse { granted: can_vote });
+    }
+
+    fn handle_vote_response(&mut self, now: Time, from: NodeId, granted: bool) {
+        self.record_vote(now, from, granted, Role::Candidate);
+    }
+
+    fn handle_timeout_now(&mut self, now: Time, from: NodeId) {
+        if self.lead.is_some() || !self.config.is_voter(&self.id) {
+            return;
+        }
+        if self.leader.as_ref() != Some(&from) {
+            // Only the leader of this term may hand over its term.
+            return;
+        }
+        self.campaign(now, true);
+    }
+
+    fn handle_leave(&mut self, from: NodeId) {
+        if let Some(lead) = self.lead.as_mut() {
+            if self.config.contains(&from) {
+                lead.leaving.insert(from);
+            }
+        }
+    }
+
+    // ----- role changes ---------------------------------------------------
+
+    fn become_follower(&mut self, now: Time, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.voted_for = None;
+            self.hard_state_dirty = true;
+        }
+        if self.role == Role::Leader {
+            // Stickiness continues from the last round this node led.
+            self.last_leader_contact = self.last_leader_contact.max(now);
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.lead = None;
+        self.votes.clear();
+        self.reset_election_timer(now);
+    }
+
+    fn step_down(&mut self, now: Time) {
+        let term = self.term;
+        self.become_follower(now, term, None);
+    }
+
+    fn become_leader(&mut self, now: Time) {
+        self.role = Role::Leader;
+        self.leader = Some(self.id.clone());
+        self.votes.clear();
+        let noop_index = self.log.append(self.term, Payload::Noop);
+        self.hard_state_dirty = true;
+        let progress = self
+            .config
+            .members()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, _)| (id.clone(), Progress::new(self.log.last_index())))
+            .collect();
+        self.lead = Some(LeaderState {
+            progress,
+            heartbeat_due: now,
+            check_quorum_due: now + self.cfg.election_timeout_min,
+            noop_index,
+            own_round: now.as_nanos(),
+            lease_until: None,
+            lease_forfeited: false,
+            transfer: None,
+            leaving: BTreeSet::new(),
+        });
+        self.broadcast_append(now);
+        self.maybe_commit(now);
+    }
+
+    // ----- replication ----------------------------------------------------
+
+    /// Sends a heartbeat round (with any missing entries) to every member.
+    fn broadcast_append(&mut self, now: Time) {
+        let members: Vec<NodeId> = match self.lead.as_mut() {
+            Some(lead) => {
+                lead.heartbeat_due = now + self.cfg.heartbeat_interval;
+                lead.own_round = now.as_nanos();
+                lead.progress.keys().cloned().collect()
+            }
+            None => return,
+        };
+        self.last_leader_contact = now;
+        for to in members {
+            self.send_append(now, to);
+        }
+        self.update_lease();
+    }
+
+    fn send_append(&mut self, now: Time, to: NodeId) {
+        let Some(p) = self.lead.as_ref().and_then(|l| l.progress.get(&to)) else {
+            return;
+        };
+        let round = now.as_nanos();
+        let body = match self.log.term_at(p.next - 1) {
+            Some(prev_log_term) if p.next > self.log.snapshot().last_index => {
+                MessageBody::AppendEntries {
+                    prev_log_index: p.next - 1,
+                    prev_log_term,
+                    entries: self.log.slice(p.next, MAX_ENTRIES_PER_MESSAGE),
+                    leader_commit: self.commit,
+                    round,
+                }
+            }
+            _ => MessageBody::InstallSnapshot {
+                snapshot: self.log.snapshot().clone(),
+                leader_commit: self.commit,
+                round,
+            },
+        };
+        self.send(to, body);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_append_entries(
+        &mut self,
+        now: Time,
+        from: NodeId,
+        prev_log_index: LogIndex,
+        prev_log_term: Term,
+        entries: Vec<crate::raft::types::Entry>,
+        leader_commit: LogIndex,
+        round: u64,
+    ) -> Result<(), StepError> {
+        if self.role == Role::Leader {
+            return Err(StepError::SecondLeader {
+                other: from,
+                term: self.term,
+            });
+        }
+        if entries
+            .iter()
+            .enumerate()
+            .any(|(i, e)| e.index != prev_log_index + 1 + i as u64)
+        {
+            return Err(StepError::MalformedEntries {
+                prev: prev_log_index,
+            });
+        }
+        // Entries up to our snapshot are committed, hence equal to the leader's.
+        let snapshot_index = self.log.snapshot().last_index;
+        let matches = prev_log_index < snapshot_index
+            || self.log.term_at(prev_log_index) == Some(prev_log_term);
+        // Find the first entry we do not already hold; refuse before touching state.
+        let mut conflict = None;
+        if matches {
+            for e in entries.iter().filter(|e| e.index > snapshot_index) {
+                match self.log.term_at(e.index) {
+                    Some(t) if t == e.term => continue,
+                    Some(_) if e.index <= self.commit => {
+                        return Err(StepError::TruncatesCommitted {
+                            at: e.index,
+                            commit: self.commit,
+                        });
+                    }
+                    _ => {
+                        conflict = Some(e.index);
+                        break;
+                    }
+                }
+            }
+        }
+        self.hear_from_leader(now, &from);
+        if !matches {
+            let hint = self.log.last_index().min(prev_log_index.saturating_sub(1));
+            self.send(
+                from,
+                MessageBody::AppendEntriesResponse {
+                    success: false,
+                    last_index: hint,
+                    round,
+                },
+            );
+            return Ok(());
+        }
+        let last_new = prev_log_index + entries.len() as u64;
+        if let Some(at) = conflict {
+            self.log.truncate_from(at);
+            for e in entries.into_iter().filter(|e| e.index >= at) {
+                self.log.append(e.term, e.payload);
+            }
+            self.hard_state_dirty = true;
+            self.refresh_config();
+        }
+        self.advance_commit(leader_commit.min(last_new));
+        self.send(
+            from,
+            MessageBody::AppendEntriesResponse {
+                success: true,
+                last_index: last_new,
+                round,
+            },
+        );
+        Ok(())
+    }
+
+    fn handle_install_snapshot(
+        &mut self,
+        now: Time,
+        from: NodeId,
+        snapshot: Snapshot,
+        leader_commit: LogIndex,
+        round: u64,
+    ) -> Result<(), StepError> {
+        if self.role == Role::Leader {
+            return Err(StepError::SecondLeader {
+                other: from,
+                term: self.term,
+            });
+        }
+        self.hear_from_leader(now, &from);
+        let last_index = snapshot.last_index;
+        if last_index > self.commit {
+            self.log.install_snapshot(snapshot);
+            self.commit = last_index;
+            self.hard_state_dirty = true;
+            self.refresh_config();
+        }
+        self.advance_commit(leader_commit.min(self.log.last_index()));
+        self.send(
+            from,
+            MessageBody::AppendEntriesResponse {
+                success: true,
+                last_index,
+                round,
+            },
+        );
+        Ok(())
+    }
+
+    fn hear_from_leader(&mut self, now: Time, leader: &NodeId) {
+        if self.role != Role::Follower || self.leader.as_ref() != Some(leader) {
+            let term = self.term;
+            self.become_follower(now, term, Some(leader.clone()));
+        }
+        self.last_leader_contact = now;
+        self.reset_election_timer(now);
+    }
+
+    fn handle_append_response(
+        &mut self,
+        now: Time,
+        from: NodeId,
+        success: bool,
+        last_index: LogIndex,
+        round: u64,
+    ) {
+        let last = self.log.last_index();
+        let Some(lead) = self.lead.as_mut() else {
+            return;
+        };
+        let Some(p) = lead.progress.get_mut(&from) else {
+            return;
+        };
+        p.recent_active = true;
+        // Any answer in this term means the member reset its stickiness when
+        // it received `round`: it counts toward the lease either way.
+        if round <= lead.own_round {
+            p.acked_round = Some(p.acked_round.map_or(round, |r| r.max(round)));
+        }
+        let resend = if success {
+            if last_index > p.matched {
+                p.matched = last_index.min(last);
+            }
+            p.next = p.next.max(p.matched + 1);
+            p.next <= last
+        } else {
+            p.next = (last_index + 1).min(p.next.saturating_sub(1)).max(1);
+            true
+        };
+        self.update_lease();
+        self.maybe_commit(now);
+        if resend && self.lead.is_some() {
+            self.send_append(now, from);
+        }
+        self.maybe_send_timeout_now(now);
+        self.drive_membership();
+    }
+
+    fn maybe_commit(&mut self, now: Time) {
+        let Some(lead) = self.lead.as_ref() else {
+            return;
+        };
+        let mut matched: Vec<LogIndex> = self
+            .config
+            .voters
+            .keys()
+            .map(|v| {
+                if *v == self.id {
+                    self.log.last_index()
+                } else {
+                    lead.progress.get(v).map_or(0, |p| p.matched)
+                }
+            })
+            .collect();
+        if matched.is_empty() {
+            return;
+        }
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let n = matched[self.config.quorum() - 1];
+        if n > self.commit && self.log.term_at(n) == Some(self.term) {
+            self.advance_commit(n);
+            // Tell followers promptly so a new configuration takes hold fast.
+            self.broadcast_commit(now);
+        }
+        if self.config_index <= self.commit && !self.config.is_voter(&self.id) {
+            // Removed from the configuration and the removal is committed (§4.2.2).
+            self.step_down(now);
+        }
+    }
+
+    fn broadcast_commit(&mut self, now: Time) {
+        let members: Vec<NodeId> = self
+            .lead
+            .as_ref()
+            .map(|l| l.progress.keys().cloned().collect())
+            .unwrap_or_default();
+        for to in members {
+            self.send_append(now, to);
+        }
+    }
+
+    fn advance_commit(&mut self, to: LogIndex) {
+        if to <= self.commit {
+            return;
+        }
+        self.commit = to.min(self.log.last_index());
+        if self.commit - self.log.snapshot().last_index >= self.cfg.compaction_threshold {
+            self.log.compact_to(self.commit);
+            self.hard_state_dirty = true;
+        }
+    }
+
+    /// Recomputes the lease from the rounds a majority of voters acknowledged.
+    fn update_lease(&mut self) {
+        let duration = self.cfg.lease_duration();
+        let quorum = self.config.quorum();
+        let me_voter = self.config.is_voter(&self.id);
+        let Some(lead) = self.lead.as_mut() else {
+            return;
+        };
+        if lead.lease_forfeited || lead.transfer.is_some() || !me_voter {
+            lead.lease_until = None;
+            return;
+        }
+        let mut rounds: Vec<u64> = self
+            .config
+            .voters
+            .keys()
+            .filter_map(|v| {
+                if *v == self.id {
+                    Some(lead.own_round)
+                } else {
+                    lead.progress.get(v).and_then(|p| p.acked_round)
+                }
+            })
+            .collect();
+        if rounds.len() < quorum {
+            return;
+        }
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        let start = Time::from_nanos(rounds[quorum - 1]);
+        let until = start + duration;
+        if lead.lease_until.is_none_or(|u| until > u) {
+            lead.lease_until = Some(until);
+        }
+    }
+
+    fn maybe_send_timeout_now(&mut self, _now: Time) {
+        let last = self.log.last_index();
+        let Some(lead) = self.lead.as_mut() else {
+            return;
+        };
+        let Some(tr) = lead.transfer.as_mut() else {
+            return;
+        };
+        if tr.timeout_now_sent {
+            return;
+        }
+        if lead
+            .progress
+            .get(&tr.target)
+            .is_some_and(|p| p.matched >= last)
+        {
+            tr.timeout_now_sent = true;
+            lead.lease_forfeited = true;
+            lead.lease_until = None;
+            let target = tr.target.clone();
+            self.send(target, MessageBody::TimeoutNow);
+        }
+    }
+
+    // ----- membership ------------------------------------------------------
+
+    fn check_can_change_config(&self) -> Result<(), ProposeError> {
+        let Some(lead) = self.lead.as_ref() else {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader.clone(),
+            });
+        };
+        if lead.transfer.is_some() {
+            return Err(ProposeError::Transferring);
+        }
+        if self.commit < lead.noop_index {
+            return Err(ProposeError::TermNotCommitted);
+        }
+        if self.config_index > self.commit {
+            return Err(ProposeError::ChangeInProgress);
+        }
+        Ok(())
+    }
+
+    fn append_config(&mut self, config: Configuration) -> LogIndex {
+        let index = self.log.append(self.term, Payload::Config(config));
+        self.hard_state_dirty = true;
+        self.refresh_config();
+        index
+    }
+
+    /// Promotes caught-up learners while voters are below `max_voters`, and
+    /// removes members that asked to leave. One change at a time.
+    fn drive_membership(&mut self) {
+        if self.check_can_change_config().is_err() {
+            return;
+        }
+        let Some(lead) = self.lead.as_ref() else {
+            return;
+        };
+        if let Some(gone) = lead
+            .leaving
+            .iter()
+            .find(|id| self.config.contains(id) && **id != self.id)
+            .cloned()
+        {
+            if self.propose_remove(&gone).is_ok() {
+                if let Some(l) = self.lead.as_mut() {
+                    l.leaving.remove(&gone);
+                }
+            }
+            return;
+        }
+        if self.config.voters.len() >= self.cfg.max_voters {
+            return;
+        }
+        let last = self.log.last_index();
+        let ready = self.config.learners.iter().find(|(id, _)| {
+            lead.progress
+                .get(*id)
+                .is_some_and(|p| p.matched >= last && p.recent_active)
+        });
+        if let Some((id, addr)) = ready {
+            let (id, addr) = (id.clone(), addr.clone());
+            let mut next = self.config.clone();
+            next.learners.remove(&id);
+            next.voters.insert(id, addr);
+            self.append_config(next);
+        }
+    }
+
+    /// Reloads the configuration in force from the log and fits the leader's
+    /// progress table to it.
+    fn refresh_config(&mut self) {
+        let (index, config) = self.log.latest_config();
+        self.config_index = index;
+        self.config = config.clone();
+        let last = self.log.last_index();
+        let me = self.id.clone();
+        if let Some(lead) = self.lead.as_mut() {
+            lead.progress.retain(|id, _| self.config.contains(id));
+            for (id, _) in self.config.members() {
+                if *id != me && !lead.progress.contains_key(id) {
+                    lead.progress.insert(id.clone(), Progress::new(last));
+                }
+            }
+        }
+        self.update_lease();
+    }
+
+    fn send(&mut self, to: NodeId, body: MessageBody) {
+        self.messages.push(Message {
+            from: self.id.clone(),
+            to,
+            term: self.term,
+            body,
+        });
+    }
+}
+
+impl Progress {
+    fn new(last_index: LogIndex) -> Progress {
+        Progress {
+            next: last_index + 1,
+            matched: 0,
+            acked_round: None,
+            recent_active: false,
+        }
+    }
+}
