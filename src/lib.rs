@@ -8,4 +8,5 @@
 pub mod metrics;
 pub mod raft;
 pub mod runtime;
+pub mod sim;
 pub mod storage;

@@ -1,0 +1,877 @@
+//! A deterministic simulator for the Raft core (test and benchmark support).
+//!
+//! N [`RaftCore`]s run over a virtual network and a virtual clock. One seed
+//! drives everything: message delay, loss, duplication and reordering,
+//! partitions (symmetric and one-way), crashes and restarts with or without
+//! state, and a per-node clock rate within the drift bound. The same seed
+//! replays the same run, event for event.
+//!
+//! ```text
+//!   event queue (real time, seq) ──► Deliver{msg} / Tick{node} / Membership
+//!          ▲                               │
+//!          │  schedule at next_deadline    ▼
+//!          └──── Ready ◄── RaftCore::{tick, step} on the node's local clock
+//!                  │
+//!                  └──► invariant checks after every event (see [`Violation`])
+//! ```
+//!
+//! Node clocks: `local = offset + real × rate`, with `rate` drawn once per node
+//! from `[1 − drift/2, 1 + drift/2]`, so any two rates differ by at most
+//! `drift` relative to each other, which is what the lease assumes.
+
+use crate::raft::{
+    Config, Configuration, HardState, Message, MessageBody, NodeId, Payload, RaftCore, Role, Term,
+    Time,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+/// Settings of one simulated cluster.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Number of node slots ("n0", "n1", ...).
+    pub nodes: usize,
+    /// Settings of every core.
+    pub raft: Config,
+    /// One-way message delay, drawn uniformly from `[min, max]`.
+    pub delay: (Duration, Duration),
+    /// Probability a message is lost.
+    pub loss: f64,
+    /// Probability a message is delivered twice.
+    pub duplicate: f64,
+    /// Relative clock-rate spread between nodes (0.01 = 1%). Must not exceed
+    /// `raft.max_clock_drift` for the lease guarantee to hold.
+    pub drift: f64,
+    /// Seed of everything random in the run.
+    pub seed: u64,
+    /// Whether a membership driver adds live members and removes retired incarnations.
+    pub drive_membership: bool,
+}
+
+impl SimConfig {
+    /// Returns a config with defaults for `nodes` nodes and `seed`.
+    pub fn new(nodes: usize, seed: u64) -> SimConfig {
+        SimConfig {
+            nodes,
+            raft: Config::default(),
+            delay: (Duration::from_micros(500), Duration::from_micros(1500)),
+            loss: 0.0,
+            duplicate: 0.0,
+            drift: Config::default().max_clock_drift,
+            seed,
+            drive_membership: true,
+        }
+    }
+}
+
+/// A broken safety property, with the virtual time it was seen at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation {
+    /// Real (virtual) time in nanoseconds.
+    pub at_nanos: u64,
+    /// Which invariant, and the details.
+    pub what: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at {:.3} ms: {}", self.at_nanos as f64 / 1e6, self.what)
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { to: usize, msg: Message },
+    Tick { slot: usize, generation: u64 },
+    Membership,
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// One node slot: a process that can crash and come back.
+struct SimNode {
+    name: String,
+    core: Option<RaftCore>,
+    /// What the node last made durable.
+    disk: Option<HardState>,
+    rate: f64,
+    offset: u64,
+    incarnations: u64,
+    tick_generation: u64,
+    scheduled_deadline: Option<Time>,
+    /// Real time at which this node's lease ends (0: none).
+    lease_end_real: u64,
+    /// Highest index whose committed entry was checked against the record.
+    checked_commit: u64,
+    last_role: Role,
+}
+
+/// The simulated cluster.
+pub struct Sim {
+    cfg: SimConfig,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    nodes: Vec<SimNode>,
+    slot_of: HashMap<String, usize>,
+    rng: SmallRng,
+    /// blocked[from][to]: messages from `from` to `to` are dropped.
+    blocked: Vec<Vec<bool>>,
+    loss: f64,
+    // Invariant records.
+    leaders_by_term: HashMap<Term, NodeId>,
+    votes: HashMap<(NodeId, Term), NodeId>,
+    committed: BTreeMap<u64, (Term, Payload)>,
+    retired: HashMap<NodeId, u64>,
+    violations: Vec<Violation>,
+    /// Every (real time, node, term) at which a node first held a lease in a term.
+    lease_starts: Vec<(u64, NodeId, Term)>,
+    /// Count of delivered messages, for benchmarks of the simulator itself.
+    pub delivered: u64,
+}
+
+impl Sim {
+    /// Creates a cluster whose every node starts fresh and bootstraps with the
+    /// same configuration: the first `max_voters` nodes vote, the rest learn.
+    pub fn new(cfg: SimConfig) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(cfg.seed);
+        let mut nodes = Vec::with_capacity(cfg.nodes);
+        let mut slot_of = HashMap::new();
+        for i in 0..cfg.nodes {
+            let name = format!("n{i}");
+            slot_of.insert(name.clone(), i);
+            let rate = 1.0 + (rng.random::<f64>() - 0.5) * cfg.drift;
+            nodes.push(SimNode {
+                name,
+                core: None,
+                disk: None,
+                rate,
+                offset: rng.random_range(0..1_000_000_000_000),
+                incarnations: 0,
+                tick_generation: 0,
+                scheduled_deadline: None,
+                lease_end_real: 0,
+                checked_commit: 0,
+                last_role: Role::Follower,
+            });
+        }
+        let loss = cfg.loss;
+        let mut sim = Sim {
+            blocked: vec![vec![false; cfg.nodes]; cfg.nodes],
+            cfg,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            slot_of,
+            rng,
+            loss,
+            leaders_by_term: HashMap::new(),
+            votes: HashMap::new(),
+            committed: BTreeMap::new(),
+            retired: HashMap::new(),
+            violations: Vec::new(),
+            lease_starts: Vec::new(),
+            delivered: 0,
+        };
+        let mut initial = Configuration::default();
+        for slot in 0..sim.cfg.nodes {
+            sim.start_fresh(slot);
+            let id = sim.node_id(slot).expect("just started");
+            let addr = format!("{}:4041", id.name);
+            if initial.voters.len() < sim.cfg.raft.max_voters {
+                initial.voters.insert(id, addr);
+            } else {
+                initial.learners.insert(id, addr);
+            }
+        }
+        for slot in 0..sim.cfg.nodes {
+            if initial.is_voter(&sim.node_id(slot).expect("started")) {
+                let now = sim.local_now(slot);
+                if let Some(core) = sim.nodes[slot].core.as_mut() {
+                    // A fresh core always accepts a bootstrap.
+                    let _ = core.bootstrap(initial.clone(), now);
+                }
+                sim.process_ready(slot);
+            }
+        }
+        if sim.cfg.drive_membership {
+            sim.schedule(Duration::from_millis(100), Event::Membership);
+        }
+        sim
+    }
+
+    // ----- clocks ----------------------------------------------------------
+
+    /// Returns the current virtual real time in nanoseconds.
+    pub fn now_nanos(&self) -> u64 {
+        self.now
+    }
+
+    /// Returns the current virtual time as a Duration since the start.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.now)
+    }
+
+    fn local_at(&self, slot: usize, real: u64) -> Time {
+        let n = &self.nodes[slot];
+        Time::from_nanos(n.offset + (real as f64 * n.rate) as u64)
+    }
+
+    fn local_now(&self, slot: usize) -> Time {
+        self.local_at(slot, self.now)
+    }
+
+    /// Returns the earliest real time at which `slot`'s clock reads at least `local`.
+    fn real_at(&self, slot: usize, local: Time) -> u64 {
+        let n = &self.nodes[slot];
+        let since = local.as_nanos().saturating_sub(n.offset) as f64;
+        (since / n.rate).ceil() as u64 + 1
+    }
+
+    // ----- queries -----------------------------------------------------------
+
+    /// Returns the number of node slots.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Returns whether the cluster has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Returns the core of a live node.
+    pub fn core(&self, slot: usize) -> Option<&RaftCore> {
+        self.nodes[slot].core.as_ref()
+    }
+
+    /// Returns the current identity of a live node.
+    pub fn node_id(&self, slot: usize) -> Option<NodeId> {
+        self.core(slot).map(|c| c.id().clone())
+    }
+
+    /// Returns whether `slot` holds a valid lease right now.
+    pub fn has_lease(&self, slot: usize) -> bool {
+        self.core(slot)
+            .is_some_and(|c| c.has_lease(self.local_now(slot)))
+    }
+
+    /// Returns the slot that holds a valid lease right now, if any.
+    pub fn lease_holder(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|s| self.has_lease(*s))
+    }
+
+    /// Returns the slot of a live leader of the highest term, if any.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.nodes.len())
+            .filter(|s| self.core(*s).is_some_and(|c| c.role() == Role::Leader))
+            .max_by_key(|s| self.core(*s).map(|c| c.term()))
+    }
+
+    /// Returns the highest term of any live node.
+    pub fn max_term(&self) -> Term {
+        (0..self.nodes.len())
+            .filter_map(|s| self.core(s).map(|c| c.term()))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Returns the safety violations seen so far.
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// Returns when each node first held a lease in each term: (real ns, node, term).
+    pub fn lease_starts(&self) -> &[(u64, NodeId, Term)] {
+        &self.lease_starts
+    }
+
+    /// Returns the real time at which `slot`'s current lease ends (0: none).
+    pub fn lease_end_nanos(&self, slot: usize) -> u64 {
+        self.nodes[slot].lease_end_real
+    }
+
+    /// Returns whether `slot` is alive.
+    pub fn is_alive(&self, slot: usize) -> bool {
+        self.nodes[slot].core.is_some()
+    }
+
+    /// Returns the most advanced configuration (of the node with the highest commit).
+    pub fn committed_configuration(&self) -> Option<Configuration> {
+        (0..self.nodes.len())
+            .filter_map(|s| self.core(s))
+            .max_by_key(|c| c.commit_index())
+            .map(|c| c.log().config_at(c.commit_index()).1.clone())
+    }
+
+    // ----- faults --------------------------------------------------------------
+
+    /// Crashes a node: its volatile state is gone, its disk stays.
+    pub fn crash(&mut self, slot: usize) {
+        let n = &mut self.nodes[slot];
+        n.core = None;
+        n.lease_end_real = 0;
+        n.tick_generation += 1;
+        n.scheduled_deadline = None;
+    }
+
+    /// Restarts a crashed node from what it persisted, or fresh if it never did.
+    pub fn restart_with_state(&mut self, slot: usize) {
+        if self.nodes[slot].core.is_some() {
+            return;
+        }
+        let Some(state) = self.nodes[slot].disk.clone() else {
+            self.start_fresh(slot);
+            return;
+        };
+        self.new_clock_origin(slot);
+        let now = self.local_now(slot);
+        let seed = self.rng.random();
+        let addr = format!("{}:4041", self.nodes[slot].name);
+        match RaftCore::restore(self.cfg.raft.clone(), state, addr, seed, now) {
+            Ok(core) => {
+                let n = &mut self.nodes[slot];
+                n.checked_commit = core.commit_index();
+                n.core = Some(core);
+                self.process_ready(slot);
+            }
+            Err(e) => self.violation(format!("n{slot}: persisted state does not restore: {e}")),
+        }
+    }
+
+    /// Restarts a crashed node with its disk wiped: a new incarnation.
+    pub fn restart_without_state(&mut self, slot: usize) {
+        if self.nodes[slot].core.is_some() {
+            return;
+        }
+        if let Some(old) = self.nodes[slot].disk.take() {
+            self.retired.insert(old.id, self.now);
+        }
+        self.start_fresh(slot);
+    }
+
+    fn start_fresh(&mut self, slot: usize) {
+        self.new_clock_origin(slot);
+        let now = self.local_now(slot);
+        let seed = self.rng.random();
+        let n = &mut self.nodes[slot];
+        n.incarnations += 1;
+        let id = NodeId::new(n.name.clone(), n.incarnations);
+        let addr = format!("{}:4041", n.name);
+        n.core = Some(RaftCore::fresh(self.cfg.raft.clone(), id, addr, seed, now));
+        n.checked_commit = 0;
+        self.process_ready(slot);
+    }
+
+    fn new_clock_origin(&mut self, slot: usize) {
+        // A new process has a new monotonic clock origin; the rate is the hardware's.
+        let offset = self.rng.random_range(0..1_000_000_000_000u64);
+        self.nodes[slot].offset = offset;
+    }
+
+    /// Drops messages between the two groups in both directions.
+    pub fn partition(&mut self, group: &[usize]) {
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if group.contains(&a) != group.contains(&b) {
+                    self.blocked[a][b] = true;
+                }
+            }
+        }
+    }
+
+    /// Drops messages from `from` to `to` only.
+    pub fn block_one_way(&mut self, from: usize, to: usize) {
+        self.blocked[from][to] = true;
+    }
+
+    /// Removes every partition.
+    pub fn heal(&mut self) {
+        for row in &mut self.blocked {
+            row.iter_mut().for_each(|b| *b = false);
+        }
+    }
+
+    /// Sets the message loss probability.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.loss = loss;
+    }
+
+    /// Asks the leader in `slot` to hand over leadership.
+    pub fn transfer_leadership(&mut self, slot: usize) -> bool {
+        let now = self.local_now(slot);
+        let ok = self.nodes[slot]
+            .core
+            .as_mut()
+            .is_some_and(|c| c.transfer_leadership(now, None).is_ok());
+        self.process_ready(slot);
+        ok
+    }
+
+    // ----- running -------------------------------------------------------------
+
+    /// Runs until virtual time `until` (since the start).
+    pub fn run_until(&mut self, until: Duration) {
+        let until = until.as_nanos() as u64;
+        while let Some(Reverse(next)) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(Reverse(ev)) = self.queue.pop() else {
+                break;
+            };
+            self.now = ev.at;
+            self.handle(ev.event);
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Runs for `d` more virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now() + d;
+        self.run_until(until);
+    }
+
+    /// Runs until some node holds a valid lease or `limit` passes; returns the
+    /// virtual time it took.
+    pub fn run_until_lease(&mut self, limit: Duration) -> Option<Duration> {
+        let start = self.now;
+        let until = start + limit.as_nanos() as u64;
+        if self.lease_holder().is_some() {
+            return Some(Duration::ZERO);
+        }
+        while let Some(Reverse(next)) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(Reverse(ev)) = self.queue.pop() else {
+                break;
+            };
+            self.now = ev.at;
+            let touched = match &ev.event {
+                Event::Deliver { to, .. } => Some(*to),
+                Event::Tick { slot, .. } => Some(*slot),
+                Event::Membership => None,
+            };
+            self.handle(ev.event);
+            if touched.is_some_and(|s| self.has_lease(s)) {
+                return Some(Duration::from_nanos(self.now - start));
+            }
+        }
+        self.now = self.now.max(until);
+        None
+    }
+
+    fn schedule(&mut self, after: Duration, event: Event) {
+        self.schedule_at(self.now + after.as_nanos() as u64, event);
+    }
+
+    fn schedule_at(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        }));
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { to, msg } => {
+                let now = self.local_now(to);
+                let Some(core) = self.nodes[to].core.as_mut() else {
+                    return;
+                };
+                self.delivered += 1;
+                // Refusals (e.g. for an old incarnation) change nothing; that is the point.
+                let _ = core.step(now, msg);
+                self.process_ready(to);
+            }
+            Event::Tick { slot, generation } => {
+                if self.nodes[slot].tick_generation != generation {
+                    return;
+                }
+                self.nodes[slot].scheduled_deadline = None;
+                let now = self.local_now(slot);
+                if let Some(core) = self.nodes[slot].core.as_mut() {
+                    core.tick(now);
+                    self.process_ready(slot);
+                }
+            }
+            Event::Membership => {
+                self.drive_membership();
+                self.schedule(Duration::from_millis(100), Event::Membership);
+            }
+        }
+    }
+
+    /// Adds live members missing from the leader's configuration and removes
+    /// retired incarnations, one change at a time (what the runtime's
+    /// membership driver does from discovery).
+    fn drive_membership(&mut self) {
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        let live: Vec<(NodeId, String)> = (0..self.nodes.len())
+            .filter_map(|s| self.node_id(s).map(|id| (id, format!("n{s}:4041"))))
+            .collect();
+        let Some(core) = self.nodes[leader].core.as_mut() else {
+            return;
+        };
+        let config = core.configuration().0.clone();
+        let stale = config
+            .members()
+            .map(|(id, _)| id.clone())
+            .find(|id| !live.iter().any(|(l, _)| l == id) && self.retired.contains_key(id));
+        if let Some(id) = stale {
+            let _ = core.propose_remove(&id);
+        } else if let Some((id, addr)) = live.into_iter().find(|(id, _)| !config.contains(id)) {
+            let _ = core.propose_add_learner(id, addr);
+        }
+        self.process_ready(leader);
+    }
+
+    /// Persists, sends and checks what a node produced.
+    fn process_ready(&mut self, slot: usize) {
+        let Some(core) = self.nodes[slot].core.as_mut() else {
+            return;
+        };
+        let ready = core.take_ready();
+        if let Some(hs) = ready.hard_state {
+            self.nodes[slot].disk = Some(hs);
+            self.check_configurations(slot);
+        }
+        for msg in ready.messages {
+            self.check_message(&msg);
+            self.send(slot, msg);
+        }
+        self.check_node(slot);
+        self.reschedule_tick(slot);
+    }
+
+    fn send(&mut self, from: usize, msg: Message) {
+        let Some(&to) = self.slot_of.get(&msg.to.name) else {
+            return;
+        };
+        if self.blocked[from][to] || self.rng.random::<f64>() < self.loss {
+            return;
+        }
+        let copies = if self.rng.random::<f64>() < self.cfg.duplicate {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let (lo, hi) = self.cfg.delay;
+            let delay = if hi > lo {
+                lo + Duration::from_nanos(self.rng.random_range(0..(hi - lo).as_nanos() as u64))
+            } else {
+                lo
+            };
+            self.schedule(
+                delay,
+                Event::Deliver {
+                    to,
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    fn reschedule_tick(&mut self, slot: usize) {
+        let Some(deadline) = self.nodes[slot].core.as_ref().map(|c| c.next_deadline()) else {
+            return;
+        };
+        if self.nodes[slot].scheduled_deadline == Some(deadline) {
+            return;
+        }
+        let at = self.real_at(slot, deadline).max(self.now + 1);
+        let n = &mut self.nodes[slot];
+        n.tick_generation += 1;
+        n.scheduled_deadline = Some(deadline);
+        let generation = n.tick_generation;
+        self.schedule_at(at, Event::Tick { slot, generation });
+    }
+
+    // ----- invariants ------------------------------------------------------------
+
+    fn violation(&mut self, what: String) {
+        self.violations.push(Violation {
+            at_nanos: self.now,
+            what,
+        });
+    }
+
+    fn check_node(&mut self, slot: usize) {
+        let Some(core) = self.nodes[slot].core.as_ref() else {
+            return;
+        };
+        let id = core.id().clone();
+        let term = core.term();
+        let role = core.role();
+        // At most one leader per term.
+        if role == Role::Leader {
+            match self.leaders_by_term.get(&term) {
+                Some(other) if *other != id => {
+                    let what = format!("two leaders in term {term}: {other} and {id}");
+                    self.violation(what);
+                }
+                Some(_) => {}
+                None => {
+                    self.leaders_by_term.insert(term, id.clone());
+                }
+            }
+            if self.nodes[slot].last_role != Role::Leader {
+                self.check_leader_completeness(slot);
+            }
+        }
+        self.nodes[slot].last_role = role;
+        // No two valid leases at any instant.
+        let lease_end = match self.nodes[slot].core.as_ref().and_then(|c| c.lease_until()) {
+            Some(until) if until > self.local_now(slot) => self.real_at(slot, until) - 1,
+            _ => 0,
+        };
+        let had = self.nodes[slot].lease_end_real > self.now;
+        self.nodes[slot].lease_end_real = lease_end;
+        if lease_end > self.now {
+            if !had {
+                self.lease_starts.push((self.now, id.clone(), term));
+            }
+            for other in 0..self.nodes.len() {
+                if other != slot && self.nodes[other].lease_end_real > self.now {
+                    let what = format!(
+                        "two valid leases: n{slot} (term {term}) and n{other} (until {:.3} ms)",
+                        self.nodes[other].lease_end_real as f64 / 1e6
+                    );
+                    self.violation(what);
+                }
+            }
+        }
+        self.check_commits(slot);
+    }
+
+    /// Committed entries never diverge between nodes.
+    fn check_commits(&mut self, slot: usize) {
+        let Some(core) = self.nodes[slot].core.as_ref() else {
+            return;
+        };
+        let commit = core.commit_index();
+        let from = self.nodes[slot].checked_commit + 1;
+        let mut found = Vec::new();
+        for index in from..=commit {
+            if let Some(e) = core.log().entry(index) {
+                found.push((index, e.term, Some(e.payload.clone())));
+            } else if index == core.log().snapshot().last_index {
+                found.push((index, core.log().snapshot().last_term, None));
+            }
+        }
+        self.nodes[slot].checked_commit = commit.max(self.nodes[slot].checked_commit);
+        for (index, term, payload) in found {
+            match self.committed.get(&index) {
+                Some((t, p)) => {
+                    if *t != term || payload.as_ref().is_some_and(|pl| pl != p) {
+                        let what = format!(
+                            "n{slot} committed index {index} with term {term}, others with term {t}"
+                        );
+                        self.violation(what);
+                    }
+                }
+                None => {
+                    if let Some(p) = payload {
+                        self.committed.insert(index, (term, p));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new leader holds every committed entry (Raft paper §5.4, Leader Completeness).
+    fn check_leader_completeness(&mut self, slot: usize) {
+        let Some(core) = self.nodes[slot].core.as_ref() else {
+            return;
+        };
+        let snap = core.log().snapshot().last_index;
+        let missing = self
+            .committed
+            .iter()
+            .filter(|(i, _)| **i > snap)
+            .find(|(i, (t, _))| core.log().term_at(**i) != Some(*t))
+            .map(|(i, _)| *i);
+        if let Some(index) = missing {
+            let what = format!("new leader n{slot} lacks committed index {index}");
+            self.violation(what);
+        }
+    }
+
+    /// A configuration change never lets two disjoint majorities exist: every
+    /// configuration in a node's log overlaps the one before it, and a leader
+    /// appends a configuration only once the one before it is committed.
+    fn check_configurations(&mut self, slot: usize) {
+        let Some(core) = self.nodes[slot].core.as_ref() else {
+            return;
+        };
+        let log = core.log();
+        let mut prev = &log.snapshot().config;
+        let mut prev_index = log.snapshot().last_index;
+        let mut problems = Vec::new();
+        for e in log.entries() {
+            if let Payload::Config(c) = &e.payload {
+                if !prev.voters.is_empty() && prev.has_disjoint_majority_with(c) {
+                    problems.push(format!(
+                        "n{slot}: configuration at {} has a majority disjoint from the previous one",
+                        e.index
+                    ));
+                }
+                let own_new = core.role() == Role::Leader
+                    && e.term == core.term()
+                    && e.index > core.commit_index();
+                if own_new && prev_index > core.commit_index() {
+                    problems.push(format!(
+                        "leader n{slot} appended configuration {} before {} committed",
+                        e.index, prev_index
+                    ));
+                }
+                prev = c;
+                prev_index = e.index;
+            }
+        }
+        for p in problems {
+            self.violation(p);
+        }
+    }
+
+    /// Each member votes at most once per term, and a retired incarnation never votes.
+    fn check_message(&mut self, msg: &Message) {
+        if let MessageBody::RequestVoteResponse { granted: true } = msg.body {
+            if self.retired.contains_key(&msg.from) {
+                let what = format!(
+                    "retired incarnation {} voted in term {}",
+                    msg.from, msg.term
+                );
+                self.violation(what);
+            }
+            let key = (msg.from.clone(), msg.term);
+            match self.votes.get(&key) {
+                Some(c) if *c != msg.to => {
+                    let what = format!(
+                        "{} voted twice in term {}: for {} and {}",
+                        msg.from, msg.term, c, msg.to
+                    );
+                    self.violation(what);
+                }
+                Some(_) => {}
+                None => {
+                    self.votes.insert(key, msg.to.clone());
+                }
+            }
+        }
+    }
+
+    // ----- random faults -----------------------------------------------------------
+
+    /// Runs `duration` of random faults: partitions (symmetric and one-way),
+    /// loss, crashes and restarts with and without state. Ends with every
+    /// fault still in place; call [`heal_all`](Self::heal_all) afterwards.
+    pub fn run_random_faults(&mut self, duration: Duration) {
+        let end = self.now + duration.as_nanos() as u64;
+        while self.now < end {
+            let step = Duration::from_millis(self.rng.random_range(50..400));
+            self.run_for(step);
+            self.random_fault();
+        }
+    }
+
+    fn random_fault(&mut self) {
+        let n = self.nodes.len();
+        match self.rng.random_range(0..10) {
+            0 | 1 => {
+                let size = self.rng.random_range(1..=n / 2.max(1));
+                let mut group: Vec<usize> = (0..n).collect();
+                for i in (1..n).rev() {
+                    let j = self.rng.random_range(0..=i);
+                    group.swap(i, j);
+                }
+                group.truncate(size);
+                self.partition(&group);
+            }
+            2 => {
+                let (a, b) = (self.rng.random_range(0..n), self.rng.random_range(0..n));
+                if a != b {
+                    self.block_one_way(a, b);
+                }
+            }
+            3 | 4 => self.heal(),
+            5 => {
+                let loss = [0.0, 0.01, 0.05, 0.2][self.rng.random_range(0..4)];
+                self.set_loss(loss);
+            }
+            6 => {
+                let slot = self.leader().unwrap_or_else(|| self.rng.random_range(0..n));
+                self.crash(slot);
+            }
+            7 => {
+                let slot = self.rng.random_range(0..n);
+                self.crash(slot);
+            }
+            _ => {
+                let crashed: Vec<usize> = (0..n).filter(|s| !self.is_alive(*s)).collect();
+                if crashed.is_empty() {
+                    if let Some(l) = self.leader() {
+                        self.transfer_leadership(l);
+                    }
+                    return;
+                }
+                let slot = crashed[self.rng.random_range(0..crashed.len())];
+                if self.rng.random_bool(0.25) && self.replacement_allowed() {
+                    self.restart_without_state(slot);
+                } else {
+                    self.restart_with_state(slot);
+                }
+            }
+        }
+    }
+
+    /// A new incarnation may replace a member only once every earlier
+    /// replacement has finished, so a majority of voters is never lost forever.
+    fn replacement_allowed(&self) -> bool {
+        self.committed_configuration().is_some_and(|c| {
+            c.members().all(|(id, _)| !self.retired.contains_key(id))
+                && c.voters.len() == self.cfg.nodes.min(self.cfg.raft.max_voters)
+        })
+    }
+
+    /// Removes every fault: heals partitions, stops loss, restarts crashed nodes with state.
+    pub fn heal_all(&mut self) {
+        self.heal();
+        self.set_loss(0.0);
+        for slot in 0..self.nodes.len() {
+            self.restart_with_state(slot);
+        }
+    }
+}
