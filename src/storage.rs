@@ -24,6 +24,8 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot encode hard state: {0}")]
+    Encode(String),
     #[error("state file {path} is corrupt ({reason}); move it away to start as a new member")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -88,13 +90,12 @@ impl FileStore {
 }
 
 /// Encodes hard state as the file's bytes: a header line, then JSON.
-pub fn encode(state: &HardState) -> Vec<u8> {
-    // Serializing plain data with string keys cannot fail.
-    let body = serde_json::to_vec(state).unwrap_or_default();
+pub fn encode(state: &HardState) -> Result<Vec<u8>, StorageError> {
+    let body = serde_json::to_vec(state).map_err(|e| StorageError::Encode(e.to_string()))?;
     let crc = crc32fast::hash(&body);
     let mut out = format!("{MAGIC} crc32={crc:08x} len={}\n", body.len()).into_bytes();
     out.extend_from_slice(&body);
-    out
+    Ok(out)
 }
 
 /// Decodes the file's bytes, refusing anything truncated or altered.
@@ -165,7 +166,8 @@ impl HardStateStore for FileStore {
             .truncate(true)
             .open(&tmp)
             .map_err(io("create", &tmp))?;
-        f.write_all(&encode(state)).map_err(io("write", &tmp))?;
+        let bytes = encode(state)?;
+        f.write_all(&bytes).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("fsync", &tmp))?;
         drop(f);
         fs::rename(&tmp, &self.path).map_err(io("rename into place", &self.path))?;

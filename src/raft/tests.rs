@@ -1,1 +1,671 @@
+//! Per-rule tests: one event into a fixture core, then the exact effect.
 
+use super::*;
+use std::time::Duration;
+
+fn id(name: &str) -> NodeId {
+    NodeId::new(name, 1)
+}
+
+fn ms(v: u64) -> Time {
+    Time::from_nanos(v * 1_000_000)
+}
+
+fn three_voters() -> Configuration {
+    Configuration::with_voters(["a", "b", "c"].map(|n| (id(n), format!("{n}:4041"))))
+}
+
+/// A fresh node `name`, bootstrapped into {a, b, c} at t = 1000 ms.
+fn node(name: &str) -> RaftCore {
+    let mut core = RaftCore::fresh(
+        Config::default(),
+        id(name),
+        format!("{name}:4041"),
+        7,
+        ms(1000),
+    );
+    core.bootstrap(three_voters(), ms(1000)).unwrap();
+    core.take_ready();
+    core
+}
+
+fn msg(from: &str, to: &str, term: u64, body: MessageBody) -> Message {
+    Message {
+        from: id(from),
+        to: id(to),
+        term: Term(term),
+        body,
+    }
+}
+
+/// Makes `a` the leader of term 1 at t = 2000 ms, with votes from b.
+fn leader_a() -> RaftCore {
+    let mut a = node("a");
+    a.tick(ms(2000));
+    assert_eq!(a.role(), Role::PreCandidate);
+    a.step(
+        ms(2000),
+        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
+    )
+    .unwrap();
+    assert_eq!(a.role(), Role::Candidate);
+    a.step(
+        ms(2000),
+        msg(
+            "b",
+            "a",
+            1,
+            MessageBody::RequestVoteResponse { granted: true },
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.role(), Role::Leader);
+    a.take_ready();
+    a
+}
+
+fn ack(from: &str, term: u64, last_index: u64, round: Time) -> Message {
+    msg(
+        from,
+        "a",
+        term,
+        MessageBody::AppendEntriesResponse {
+            success: true,
+            last_index,
+            round: round.as_nanos(),
+        },
+    )
+}
+
+fn sent_kinds(ready: &Ready) -> Vec<(String, &'static str)> {
+    ready
+        .messages
+        .iter()
+        .map(|m| (m.to.name.clone(), m.body.kind()))
+        .collect()
+}
+
+#[test]
+fn stale_term_message_is_answered_with_the_current_term_and_changes_nothing() {
+    let mut b = node("b");
+    b.step(
+        ms(1500),
+        msg(
+            "c",
+            "b",
+            3,
+            MessageBody::RequestVoteResponse { granted: false },
+        ),
+    )
+    .unwrap();
+    b.take_ready();
+    let append = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: vec![],
+        leader_commit: 1,
+        round: 9,
+    };
+    b.step(ms(1600), msg("a", "b", 2, append)).unwrap();
+    let ready = b.take_ready();
+    assert!(ready.hard_state.is_none());
+    assert_eq!(b.leader(), None, "a stale leader is not followed");
+    assert_eq!(ready.messages.len(), 1);
+    assert_eq!(ready.messages[0].term, Term(3));
+    assert!(matches!(
+        ready.messages[0].body,
+        MessageBody::AppendEntriesResponse { success: false, .. }
+    ));
+}
+
+#[test]
+fn a_node_votes_once_per_term() {
+    let mut c = node("c");
+    let t = ms(1000) + Duration::from_millis(400); // past stickiness
+    let req = |from| {
+        msg(
+            from,
+            "c",
+            2,
+            MessageBody::RequestVote {
+                last_log_index: 1,
+                last_log_term: Term(0),
+                transfer: false,
+            },
+        )
+    };
+    c.step(t, req("a")).unwrap();
+    let first = c.take_ready();
+    assert_eq!(first.hard_state.as_ref().unwrap().voted_for, Some(id("a")));
+    assert_eq!(
+        first.messages[0].body,
+        MessageBody::RequestVoteResponse { granted: true }
+    );
+    c.step(t, req("b")).unwrap();
+    let second = c.take_ready();
+    assert_eq!(
+        second.messages[0].body,
+        MessageBody::RequestVoteResponse { granted: false }
+    );
+    // A duplicate request from the same candidate is granted again (idempotent).
+    c.step(t, req("a")).unwrap();
+    assert_eq!(
+        c.take_ready().messages[0].body,
+        MessageBody::RequestVoteResponse { granted: true }
+    );
+}
+
+#[test]
+fn a_candidate_with_an_older_log_gets_no_vote() {
+    let mut a = leader_a(); // a's log: bootstrap (1, t0) + no-op (2, t1)
+    let mut b = node("b");
+    let t = ms(3000);
+    // b learns a's log.
+    let entries = a.log().entries().to_vec();
+    b.step(
+        t,
+        msg(
+            "a",
+            "b",
+            1,
+            MessageBody::AppendEntries {
+                prev_log_index: 1,
+                prev_log_term: Term(0),
+                entries,
+                leader_commit: 1,
+                round: 1,
+            },
+        ),
+    )
+    .unwrap();
+    b.take_ready();
+    let later = t + Duration::from_millis(400);
+    b.step(
+        later,
+        msg(
+            "c",
+            "b",
+            2,
+            MessageBody::RequestVote {
+                last_log_index: 1,
+                last_log_term: Term(0),
+                transfer: false,
+            },
+        ),
+    )
+    .unwrap();
+    let ready = b.take_ready();
+    assert_eq!(b.term(), Term(2));
+    assert_eq!(
+        ready.messages[0].body,
+        MessageBody::RequestVoteResponse { granted: false }
+    );
+    a.take_ready();
+}
+
+#[test]
+fn pre_vote_does_not_bump_the_term_or_record_a_vote() {
+    let mut c = node("c");
+    let t = ms(1000) + Duration::from_millis(400);
+    c.step(
+        t,
+        msg(
+            "a",
+            "c",
+            5,
+            MessageBody::PreVote {
+                last_log_index: 1,
+                last_log_term: Term(0),
+            },
+        ),
+    )
+    .unwrap();
+    let ready = c.take_ready();
+    assert_eq!(c.term(), Term(0));
+    assert!(ready.hard_state.is_none(), "a pre-vote persists nothing");
+    assert_eq!(ready.messages[0].term, Term(5));
+    assert_eq!(
+        ready.messages[0].body,
+        MessageBody::PreVoteResponse { granted: true }
+    );
+}
+
+#[test]
+fn a_follower_that_heard_from_its_leader_recently_ignores_candidates() {
+    let mut b = node("b");
+    let t = ms(5000);
+    b.step(
+        t,
+        msg(
+            "a",
+            "b",
+            1,
+            MessageBody::AppendEntries {
+                prev_log_index: 1,
+                prev_log_term: Term(0),
+                entries: vec![],
+                leader_commit: 1,
+                round: 1,
+            },
+        ),
+    )
+    .unwrap();
+    b.take_ready();
+    let vote = MessageBody::RequestVote {
+        last_log_index: 9,
+        last_log_term: Term(9),
+        transfer: false,
+    };
+    b.step(
+        t + Duration::from_millis(100),
+        msg("c", "b", 2, vote.clone()),
+    )
+    .unwrap();
+    let ready = b.take_ready();
+    assert!(
+        ready.messages.is_empty(),
+        "ignored inside the stickiness window"
+    );
+    assert_eq!(b.term(), Term(1));
+    // After election_timeout_min without the leader, the vote is granted.
+    b.step(t + Duration::from_millis(151), msg("c", "b", 2, vote))
+        .unwrap();
+    let ready = b.take_ready();
+    assert_eq!(
+        ready.messages[0].body,
+        MessageBody::RequestVoteResponse { granted: true }
+    );
+}
+
+#[test]
+fn a_restarted_node_does_not_vote_until_a_stickiness_window_has_passed() {
+    let state = node("b").hard_state();
+    let start = ms(50_000);
+    let mut b = RaftCore::restore(Config::default(), state, "b:4041".into(), 3, start).unwrap();
+    let vote = MessageBody::RequestVote {
+        last_log_index: 1,
+        last_log_term: Term(0),
+        transfer: false,
+    };
+    b.step(
+        start + Duration::from_millis(10),
+        msg("c", "b", 4, vote.clone()),
+    )
+    .unwrap();
+    assert!(b.take_ready().messages.is_empty());
+    b.step(start + Duration::from_millis(160), msg("c", "b", 4, vote))
+        .unwrap();
+    assert_eq!(
+        b.take_ready().messages[0].body,
+        MessageBody::RequestVoteResponse { granted: true }
+    );
+}
+
+#[test]
+fn a_message_for_an_old_incarnation_is_refused_without_change() {
+    let mut b = node("b");
+    let mut m = msg(
+        "a",
+        "b",
+        9,
+        MessageBody::RequestVote {
+            last_log_index: 1,
+            last_log_term: Term(0),
+            transfer: true,
+        },
+    );
+    m.to = NodeId::new("b", 0);
+    let err = b.step(ms(9000), m).unwrap_err();
+    assert_eq!(err.metric_label(), "wrong_recipient");
+    assert_eq!(b.term(), Term(0));
+    assert!(b.take_ready().is_empty());
+}
+
+#[test]
+fn a_leader_holds_a_lease_only_after_a_majority_acknowledged_a_round() {
+    let mut a = leader_a();
+    let round = ms(2000);
+    assert!(!a.has_lease(round), "no acknowledgement yet");
+    a.step(ms(2001), ack("b", 1, 2, round)).unwrap();
+    let lease = Config::default().lease_duration();
+    assert_eq!(a.lease_until(), Some(round + lease));
+    assert!(a.has_lease(round + lease - Duration::from_millis(1)));
+    assert!(!a.has_lease(round + lease));
+}
+
+#[test]
+fn a_leader_without_a_quorum_steps_down_at_the_check_quorum_deadline() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    // Heartbeats continue; b and c never answer again.
+    let mut t = ms(2000);
+    while t < ms(2000) + Duration::from_millis(149) {
+        t = a.next_deadline();
+        a.tick(t);
+        a.take_ready();
+    }
+    assert_eq!(a.role(), Role::Leader, "b answered in the first period");
+    while a.role() == Role::Leader && t < ms(3000) {
+        t = a.next_deadline();
+        a.tick(t);
+    }
+    assert_eq!(a.role(), Role::Follower);
+    assert!(
+        t <= ms(2000) + Duration::from_millis(301),
+        "stepped down at {t:?}"
+    );
+    assert_eq!(a.lease_until(), None);
+}
+
+#[test]
+fn leadership_transfer_gives_up_the_lease_and_sends_timeout_now_to_a_caught_up_voter() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    a.take_ready();
+    assert!(a.has_lease(ms(2002)));
+    let target = a.transfer_leadership(ms(2002), None).unwrap();
+    assert_eq!(target, id("b"), "b is the most up-to-date voter");
+    assert!(!a.has_lease(ms(2002)));
+    let ready = a.take_ready();
+    assert_eq!(sent_kinds(&ready), vec![("b".to_string(), "timeout_now")]);
+    // A later acknowledgement does not bring the lease back in this term.
+    a.step(ms(2003), ack("c", 1, 2, ms(2002))).unwrap();
+    assert!(!a.has_lease(ms(2004)));
+    // Without a takeover, a steps down after election_timeout_min.
+    a.tick(ms(2002) + Duration::from_millis(150));
+    assert_eq!(a.role(), Role::Follower);
+}
+
+#[test]
+fn timeout_now_makes_the_target_campaign_at_once_and_voters_ignore_stickiness() {
+    let mut b = node("b");
+    let t = ms(4000);
+    let hb = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: vec![],
+        leader_commit: 1,
+        round: 1,
+    };
+    b.step(t, msg("a", "b", 1, hb.clone())).unwrap();
+    b.take_ready();
+    b.step(t, msg("a", "b", 1, MessageBody::TimeoutNow))
+        .unwrap();
+    assert_eq!(b.role(), Role::Candidate);
+    assert_eq!(b.term(), Term(2));
+    let ready = b.take_ready();
+    let vote = ready
+        .messages
+        .iter()
+        .find(|m| m.to == id("c"))
+        .unwrap()
+        .clone();
+    assert!(matches!(
+        vote.body,
+        MessageBody::RequestVote { transfer: true, .. }
+    ));
+    // c heard from a a millisecond ago and still votes for the transfer target.
+    let mut c = node("c");
+    c.step(t, msg("a", "c", 1, hb)).unwrap();
+    c.take_ready();
+    c.step(t + Duration::from_millis(1), vote).unwrap();
+    assert_eq!(
+        c.take_ready().messages[0].body,
+        MessageBody::RequestVoteResponse { granted: true }
+    );
+}
+
+#[test]
+fn timeout_now_from_a_node_that_is_not_the_leader_is_ignored() {
+    let mut b = node("b");
+    b.step(ms(4000), msg("c", "b", 0, MessageBody::TimeoutNow))
+        .unwrap();
+    assert_eq!(b.role(), Role::Follower);
+    assert_eq!(b.term(), Term(0));
+}
+
+#[test]
+fn a_new_leader_changes_membership_only_after_committing_its_no_op() {
+    let mut a = leader_a();
+    let d = NodeId::new("d", 1);
+    assert_eq!(
+        a.propose_add_learner(d.clone(), "d:4041".into()),
+        Err(ProposeError::TermNotCommitted)
+    );
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    assert_eq!(a.commit_index(), 2);
+    let index = a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
+    assert_eq!(index, 3);
+    assert!(a.configuration().0.is_learner(&d));
+    assert_eq!(
+        a.propose_remove(&id("c")),
+        Err(ProposeError::ChangeInProgress),
+        "one change at a time"
+    );
+}
+
+#[test]
+fn a_caught_up_learner_is_promoted_while_voters_are_below_max() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    let d = NodeId::new("d", 1);
+    a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
+    a.step(ms(2002), ack("b", 1, 3, ms(2000))).unwrap();
+    assert_eq!(a.commit_index(), 3);
+    assert!(a.configuration().0.is_learner(&d), "not caught up yet");
+    let ack_d = Message {
+        from: d.clone(),
+        ..ack("b", 1, 3, ms(2000))
+    };
+    a.step(ms(2003), ack_d).unwrap();
+    let (config, index) = a.configuration();
+    assert!(config.is_voter(&d), "promoted once caught up");
+    assert_eq!(index, 4);
+}
+
+#[test]
+fn learners_beyond_max_voters_stay_learners() {
+    let cfg = Config {
+        max_voters: 3,
+        ..Config::default()
+    };
+    let mut a = RaftCore::fresh(cfg, id("a"), "a:4041".into(), 1, ms(1000));
+    a.bootstrap(three_voters(), ms(1000)).unwrap();
+    a.tick(ms(2000));
+    a.step(
+        ms(2000),
+        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
+    )
+    .unwrap();
+    a.step(
+        ms(2000),
+        msg(
+            "b",
+            "a",
+            1,
+            MessageBody::RequestVoteResponse { granted: true },
+        ),
+    )
+    .unwrap();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    let d = NodeId::new("d", 1);
+    a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
+    a.step(ms(2002), ack("b", 1, 3, ms(2000))).unwrap();
+    let ack_d = Message {
+        from: d.clone(),
+        ..ack("b", 1, 3, ms(2000))
+    };
+    a.step(ms(2003), ack_d).unwrap();
+    assert!(a.configuration().0.is_learner(&d));
+    assert_eq!(a.configuration().0.voters.len(), 3);
+}
+
+#[test]
+fn a_leader_that_removed_itself_steps_down_once_the_removal_commits() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    a.propose_remove(&id("a")).unwrap();
+    assert!(!a.has_lease(ms(2002)), "a non-voter holds no lease");
+    assert_eq!(a.role(), Role::Leader, "leads until the change commits");
+    a.step(ms(2002), ack("b", 1, 3, ms(2001))).unwrap();
+    a.step(ms(2002), ack("c", 1, 3, ms(2001))).unwrap();
+    assert_eq!(a.commit_index(), 3);
+    assert_eq!(a.role(), Role::Follower);
+}
+
+#[test]
+fn the_log_is_compacted_to_a_snapshot_and_a_lagging_follower_gets_it() {
+    let cfg = Config {
+        compaction_threshold: 2,
+        ..Config::default()
+    };
+    let mut a = RaftCore::fresh(cfg, id("a"), "a:4041".into(), 1, ms(1000));
+    a.bootstrap(three_voters(), ms(1000)).unwrap();
+    a.tick(ms(2000));
+    a.step(
+        ms(2000),
+        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
+    )
+    .unwrap();
+    a.step(
+        ms(2000),
+        msg(
+            "b",
+            "a",
+            1,
+            MessageBody::RequestVoteResponse { granted: true },
+        ),
+    )
+    .unwrap();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    a.propose_add_learner(NodeId::new("d", 1), "d:4041".into())
+        .unwrap();
+    a.step(ms(2002), ack("b", 1, 3, ms(2000))).unwrap();
+    assert_eq!(a.log().snapshot().last_index, 3, "compacted at commit");
+    assert!(a.log().entries().is_empty());
+    a.take_ready();
+    // c never answered: its next index is behind the snapshot.
+    a.step(
+        ms(2003),
+        msg(
+            "c",
+            "a",
+            1,
+            MessageBody::AppendEntriesResponse {
+                success: false,
+                last_index: 0,
+                round: 0,
+            },
+        ),
+    )
+    .unwrap();
+    let ready = a.take_ready();
+    let to_c = ready.messages.iter().find(|m| m.to == id("c")).unwrap();
+    let MessageBody::InstallSnapshot { snapshot, .. } = &to_c.body else {
+        panic!("expected a snapshot, got {to_c}");
+    };
+    let mut c = node("c");
+    c.step(ms(2004), to_c.clone()).unwrap();
+    assert_eq!(c.commit_index(), 3);
+    assert_eq!(c.configuration().0, &snapshot.config);
+}
+
+#[test]
+fn bootstrap_is_refused_once_a_node_has_state() {
+    let mut b = node("b");
+    assert!(matches!(
+        b.bootstrap(three_voters(), ms(1)),
+        Err(BootstrapError::AlreadyInitialized(_))
+    ));
+    let mut x = RaftCore::fresh(Config::default(), id("x"), "x:1".into(), 1, ms(1));
+    assert_eq!(
+        x.bootstrap(three_voters(), ms(1)),
+        Err(BootstrapError::SelfNotVoter)
+    );
+}
+
+#[test]
+fn a_single_voter_elects_itself_and_holds_a_lease() {
+    let mut a = RaftCore::fresh(Config::default(), id("a"), "a:4041".into(), 1, ms(0));
+    a.bootstrap(
+        Configuration::with_voters([(id("a"), "a:4041".to_string())]),
+        ms(0),
+    )
+    .unwrap();
+    let t = a.next_deadline();
+    a.tick(t);
+    assert_eq!(a.role(), Role::Leader);
+    assert!(a.has_lease(t));
+}
+
+#[test]
+fn append_entries_that_would_truncate_committed_entries_is_refused() {
+    let a = leader_a();
+    let mut b = node("b");
+    let replicate = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: a.log().entries().to_vec(),
+        leader_commit: 2,
+        round: 1,
+    };
+    b.step(ms(2002), msg("a", "b", 1, replicate)).unwrap();
+    assert_eq!(b.commit_index(), 2);
+    let bad = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: vec![Entry {
+            index: 2,
+            term: Term(3),
+            payload: Payload::Noop,
+        }],
+        leader_commit: 2,
+        round: 1,
+    };
+    let err = b.step(ms(2003), msg("c", "b", 3, bad)).unwrap_err();
+    assert_eq!(err.metric_label(), "truncates_committed");
+    assert_eq!(b.log().term_at(2), Some(Term(1)));
+}
+
+#[test]
+fn invalid_timing_settings_are_refused_with_what_to_fix() {
+    let bad = Config {
+        election_timeout_min: Duration::from_millis(300),
+        election_timeout_max: Duration::from_millis(150),
+        ..Config::default()
+    };
+    assert!(matches!(
+        bad.validate(),
+        Err(ConfigError::TimeoutRange { .. })
+    ));
+    let bad = Config {
+        heartbeat_interval: Duration::from_millis(150),
+        ..Config::default()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("heartbeat"));
+    assert!(Config::default().validate().is_ok());
+}
+
+#[test]
+fn majorities_of_configurations_that_differ_by_one_voter_intersect() {
+    let abc = three_voters();
+    let mut abcd = abc.clone();
+    abcd.voters.insert(id("d"), "d".into());
+    assert!(!abc.has_disjoint_majority_with(&abcd));
+    let mut de = Configuration::default();
+    de.voters.insert(id("d"), "d".into());
+    de.voters.insert(id("e"), "e".into());
+    assert!(abc.has_disjoint_majority_with(&de));
+    let mut ab_de =
+        Configuration::with_voters([(id("a"), String::new()), (id("b"), String::new())]);
+    ab_de.voters.insert(id("d"), "d".into());
+    ab_de.voters.insert(id("e"), "e".into());
+    assert!(
+        abc.has_disjoint_majority_with(&ab_de),
+        "two voters changed at once"
+    );
+}

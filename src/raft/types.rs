@@ -37,7 +37,7 @@ pub type LogIndex = u64;
 /// so it is a *new* member and can never vote as its old self (the
 /// architecture's "incarnations" rule). The old incarnation is removed from
 /// the configuration like any member that is gone.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId {
     /// Stable name, e.g. the pod name.
     pub name: String,
@@ -52,6 +52,37 @@ impl NodeId {
             name: name.into(),
             incarnation,
         }
+    }
+}
+
+impl std::str::FromStr for NodeId {
+    type Err = String;
+
+    /// Parses `name#incarnation-hex`, the form [`Display`](fmt::Display) writes.
+    fn from_str(s: &str) -> Result<NodeId, String> {
+        let (name, inc) = s
+            .rsplit_once('#')
+            .ok_or_else(|| format!("node id {s:?} is not of the form name#incarnation"))?;
+        if name.is_empty() {
+            return Err(format!("node id {s:?} has an empty name"));
+        }
+        let incarnation = u64::from_str_radix(inc, 16)
+            .map_err(|_| format!("node id {s:?} has a bad incarnation {inc:?}"))?;
+        Ok(NodeId::new(name, incarnation))
+    }
+}
+
+// Serialized as its string form so it can key JSON maps.
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NodeId, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
