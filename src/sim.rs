@@ -113,6 +113,27 @@ impl Ord for Scheduled {
     }
 }
 
+/// Counts of what a run did, so tests can show their faults really happened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Messages delivered to a live node.
+    pub delivered: u64,
+    /// Node crashes.
+    pub crashes: u64,
+    /// Restarts from persisted state.
+    pub restarts_with_state: u64,
+    /// Restarts with a wiped disk (new incarnations).
+    pub restarts_without_state: u64,
+    /// Partitions and one-way blocks started.
+    pub partitions: u64,
+    /// Leadership transfers started.
+    pub transfers: u64,
+    /// Distinct leaders (terms with a leader).
+    pub leaders: u64,
+    /// Configuration entries committed after bootstrap.
+    pub config_changes_committed: u64,
+}
+
 /// One node slot: a process that can crash and come back.
 struct SimNode {
     name: String,
@@ -151,8 +172,7 @@ pub struct Sim {
     violations: Vec<Violation>,
     /// Every (real time, node, term) at which a node first held a lease in a term.
     lease_starts: Vec<(u64, NodeId, Term)>,
-    /// Count of delivered messages, for benchmarks of the simulator itself.
-    pub delivered: u64,
+    stats: SimStats,
 }
 
 impl Sim {
@@ -197,7 +217,7 @@ impl Sim {
             retired: HashMap::new(),
             violations: Vec::new(),
             lease_starts: Vec::new(),
-            delivered: 0,
+            stats: SimStats::default(),
         };
         let mut initial = Configuration::default();
         for slot in 0..sim.cfg.nodes {
@@ -302,6 +322,18 @@ impl Sim {
             .unwrap_or_default()
     }
 
+    /// Returns what the run did so far.
+    pub fn stats(&self) -> SimStats {
+        let mut s = self.stats.clone();
+        s.leaders = self.leaders_by_term.len() as u64;
+        s.config_changes_committed = self
+            .committed
+            .values()
+            .filter(|(_, p)| matches!(p, Payload::Config(_)))
+            .count() as u64;
+        s
+    }
+
     /// Returns the safety violations seen so far.
     pub fn violations(&self) -> &[Violation] {
         &self.violations
@@ -334,6 +366,9 @@ impl Sim {
 
     /// Crashes a node: its volatile state is gone, its disk stays.
     pub fn crash(&mut self, slot: usize) {
+        if self.nodes[slot].core.is_some() {
+            self.stats.crashes += 1;
+        }
         let n = &mut self.nodes[slot];
         n.core = None;
         n.lease_end_real = 0;
@@ -356,6 +391,7 @@ impl Sim {
         let addr = format!("{}:4041", self.nodes[slot].name);
         match RaftCore::restore(self.cfg.raft.clone(), state, addr, seed, now) {
             Ok(core) => {
+                self.stats.restarts_with_state += 1;
                 let n = &mut self.nodes[slot];
                 n.checked_commit = core.commit_index();
                 n.core = Some(core);
@@ -373,6 +409,7 @@ impl Sim {
         if let Some(old) = self.nodes[slot].disk.take() {
             self.retired.insert(old.id, self.now);
         }
+        self.stats.restarts_without_state += 1;
         self.start_fresh(slot);
     }
 
@@ -397,6 +434,7 @@ impl Sim {
 
     /// Drops messages between the two groups in both directions.
     pub fn partition(&mut self, group: &[usize]) {
+        self.stats.partitions += 1;
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
                 if group.contains(&a) != group.contains(&b) {
@@ -408,6 +446,7 @@ impl Sim {
 
     /// Drops messages from `from` to `to` only.
     pub fn block_one_way(&mut self, from: usize, to: usize) {
+        self.stats.partitions += 1;
         self.blocked[from][to] = true;
     }
 
@@ -430,6 +469,28 @@ impl Sim {
             .core
             .as_mut()
             .is_some_and(|c| c.transfer_leadership(now, None).is_ok());
+        if ok {
+            self.stats.transfers += 1;
+        }
+        self.process_ready(slot);
+        ok
+    }
+
+    /// Changes the election timeout range of every node from now on (the
+    /// running cores keep their state; restarted ones use the new range).
+    pub fn set_timeouts(&mut self, min: Duration, max: Duration) {
+        self.cfg.raft.election_timeout_min = min;
+        self.cfg.raft.election_timeout_max = max;
+        for n in &mut self.nodes {
+            if let Some(core) = n.core.as_mut() {
+                core.set_election_timeouts(min, max);
+            }
+        }
+    }
+
+    /// Asks the node in `slot` to leave the cluster (graceful shutdown).
+    pub fn leave(&mut self, slot: usize) -> bool {
+        let ok = self.nodes[slot].core.as_mut().is_some_and(|c| c.leave());
         self.process_ready(slot);
         ok
     }
@@ -488,6 +549,35 @@ impl Sim {
         None
     }
 
+    /// Runs until `done` returns true (checked after every event) or `limit`
+    /// passes; returns the virtual time it took.
+    pub fn run_until_condition(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Sim) -> bool,
+    ) -> Option<Duration> {
+        let start = self.now;
+        let until = start + limit.as_nanos() as u64;
+        if done(self) {
+            return Some(Duration::ZERO);
+        }
+        while let Some(Reverse(next)) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(Reverse(ev)) = self.queue.pop() else {
+                break;
+            };
+            self.now = ev.at;
+            self.handle(ev.event);
+            if done(self) {
+                return Some(Duration::from_nanos(self.now - start));
+            }
+        }
+        self.now = self.now.max(until);
+        None
+    }
+
     fn schedule(&mut self, after: Duration, event: Event) {
         self.schedule_at(self.now + after.as_nanos() as u64, event);
     }
@@ -508,7 +598,7 @@ impl Sim {
                 let Some(core) = self.nodes[to].core.as_mut() else {
                     return;
                 };
-                self.delivered += 1;
+                self.stats.delivered += 1;
                 // Refusals (e.g. for an old incarnation) change nothing; that is the point.
                 let _ = core.step(now, msg);
                 self.process_ready(to);
@@ -811,7 +901,7 @@ impl Sim {
         let n = self.nodes.len();
         match self.rng.random_range(0..10) {
             0 | 1 => {
-                let size = self.rng.random_range(1..=n / 2.max(1));
+                let size = self.rng.random_range(1..=(n / 2).max(1));
                 let mut group: Vec<usize> = (0..n).collect();
                 for i in (1..n).rev() {
                     let j = self.rng.random_range(0..=i);

@@ -3,7 +3,7 @@
 //! Replay one failing run with `SIM_SEED=<seed> SIM_NODES=<n> cargo test --test sim_invariants`.
 //! `SIM_SEEDS=<count>` changes how many seeds per cluster size run (default 1000).
 
-use raft_elector::sim::{Sim, SimConfig};
+use raft_elector::sim::{Sim, SimConfig, SimStats};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -34,6 +34,7 @@ fn faulty_config(nodes: usize, seed: u64) -> SimConfig {
 struct Outcome {
     violations: Vec<String>,
     recovery: Option<Duration>,
+    stats: SimStats,
 }
 
 fn run_one(nodes: usize, seed: u64) -> Outcome {
@@ -47,6 +48,7 @@ fn run_one(nodes: usize, seed: u64) -> Outcome {
     Outcome {
         violations: sim.violations().iter().map(|v| v.to_string()).collect(),
         recovery,
+        stats: sim.stats(),
     }
 }
 
@@ -58,8 +60,16 @@ fn check_many(nodes: usize) {
     };
     let mut failures = Vec::new();
     let mut recoveries = Vec::new();
+    let mut total = SimStats::default();
     for &seed in &seeds {
         let out = run_one(nodes, seed);
+        total.crashes += out.stats.crashes;
+        total.restarts_with_state += out.stats.restarts_with_state;
+        total.restarts_without_state += out.stats.restarts_without_state;
+        total.partitions += out.stats.partitions;
+        total.transfers += out.stats.transfers;
+        total.leaders += out.stats.leaders;
+        total.config_changes_committed += out.stats.config_changes_committed;
         if !out.violations.is_empty() {
             failures.push(format!(
                 "seed {seed}: {} (replay: SIM_SEED={seed} SIM_NODES={nodes})",
@@ -82,6 +92,7 @@ fn check_many(nodes: usize) {
             max
         );
     }
+    println!("{nodes} nodes, faults injected over all seeds: {total:?}");
     assert!(
         failures.is_empty(),
         "{} of {} seeds failed for {nodes} nodes:\n{}",
@@ -89,6 +100,16 @@ fn check_many(nodes: usize) {
         seeds.len(),
         failures.join("\n")
     );
+    if seeds.len() >= 100 {
+        // The faults really happened, so the invariants were really exercised.
+        let n = seeds.len() as u64;
+        assert!(total.crashes >= n, "{total:?}");
+        assert!(total.restarts_without_state >= n / 10, "{total:?}");
+        assert!(total.partitions >= n, "{total:?}");
+        assert!(total.transfers >= n / 10, "{total:?}");
+        assert!(total.leaders >= 2 * n, "{total:?}");
+        assert!(total.config_changes_committed >= n / 10, "{total:?}");
+    }
 }
 
 #[test]

@@ -644,6 +644,13 @@ impl RaftCore {
         }
     }
 
+    /// Changes the election timeout range; takes effect at the next timer reset.
+    /// The range MUST keep `min <= max` and `heartbeat < min`.
+    pub fn set_election_timeouts(&mut self, min: Duration, max: Duration) {
+        self.cfg.election_timeout_min = min;
+        self.cfg.election_timeout_max = max.max(min);
+    }
+
     // ----- timers --------------------------------------------------------
 
     fn reset_election_timer(&mut self, now: Time) {

@@ -13,9 +13,8 @@ impl RaftLog {
     /// Restores a log from persisted parts. Entries MUST follow the snapshot
     /// contiguously; anything else is refused.
     pub fn restore(snapshot: Snapshot, entries: Vec<Entry>) -> Result<RaftLog, String> {
-        let mut expected = snapshot.last_index + 1;
         let mut last_term = snapshot.last_term;
-        for e in &entries {
+        for (expected, e) in (snapshot.last_index + 1..).zip(entries.iter()) {
             if e.index != expected {
                 return Err(format!(
                     "log entry index {} where {} was expected",
@@ -29,7 +28,6 @@ impl RaftLog {
                 ));
             }
             last_term = e.term;
-            expected += 1;
         }
         Ok(RaftLog { snapshot, entries })
     }
