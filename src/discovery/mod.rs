@@ -16,8 +16,8 @@
 //! (NXDOMAIN or no records) empties it only when the next lookup agrees, so a
 //! single glitch never makes a node forget its peers.
 //!
-//! Modules: [`address`] validates names and `host:port` entries, [`dns`] runs
-//! one lookup round, [`task`] is the periodic loop.
+//! Modules: `address` validates names and `host:port` entries, `dns` runs
+//! one lookup round, `task` is the periodic loop.
 
 mod address;
 mod dns;
