@@ -5,6 +5,8 @@
 //! - [`storage`]: durable hard state (atomic file writes, corruption detection).
 //! - [`runtime`]: the task that owns the core and publishes [`runtime::LeaderState`].
 //! - [`metrics`]: Prometheus metrics.
+//! - [`discovery`]: finds peer addresses (headless-Service DNS or a static list).
+pub mod discovery;
 pub mod metrics;
 pub mod raft;
 pub mod runtime;

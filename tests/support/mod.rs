@@ -1,0 +1,2 @@
+//! Shared test support; one module per fake or fixture.
+pub mod dns;
