@@ -98,7 +98,10 @@ async fn is_leader(
 /// Streams one `leader` event now and one on every change of the answer.
 async fn events(State(api): State<ApiState>) -> impl IntoResponse {
     let stream = leader_events(api.leadership.clone());
-    (no_store(), Sse::new(stream).keep_alive(KeepAlive::default()))
+    (
+        no_store(),
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
 }
 
 /// Where an event stream is: the receiver and the answer last sent.

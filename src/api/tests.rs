@@ -55,7 +55,10 @@ async fn body_text(response: Response) -> String {
 async fn status_of(response: Response) -> (StatusCode, LeaderStatus) {
     let code = response.status();
     let text = body_text(response).await;
-    (code, serde_json::from_str(&text).expect("LeaderStatus JSON"))
+    (
+        code,
+        serde_json::from_str(&text).expect("LeaderStatus JSON"),
+    )
 }
 
 #[tokio::test(start_paused = true)]
@@ -87,7 +90,10 @@ async fn is_leader_answers_503_once_the_lease_has_run_out() {
     let (code, status) = status_of(get_path(&router, "/is-leader").await).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert!(!status.is_leader);
-    assert_eq!((status.role.as_str(), status.lease_remaining_ms), ("leader", 0));
+    assert_eq!(
+        (status.role.as_str(), status.lease_remaining_ms),
+        ("leader", 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -187,7 +193,10 @@ async fn events_send_the_current_answer_then_each_change_including_lease_expiry(
     let response = get_path(&router, "/events").await;
     assert_eq!(response.status(), StatusCode::OK);
     let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-    assert_eq!(content_type, Some(HeaderValue::from_static("text/event-stream")));
+    assert_eq!(
+        content_type,
+        Some(HeaderValue::from_static("text/event-stream"))
+    );
     let mut body = response.into_body().into_data_stream();
     let first = next_event(&mut body).await;
     assert_eq!((first.term, first.is_leader), (1, false));
@@ -272,7 +281,10 @@ async fn metrics_are_served_in_the_prometheus_text_format() {
 #[tokio::test(start_paused = true)]
 async fn unknown_paths_are_404_and_wrong_methods_405() {
     let (_tx, router, _) = app(follower(1, None));
-    assert_eq!(get_path(&router, "/nope").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        get_path(&router, "/nope").await.status(),
+        StatusCode::NOT_FOUND
+    );
     let post = Request::builder()
         .method(Method::POST)
         .uri("/is-leader")

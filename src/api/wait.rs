@@ -197,7 +197,14 @@ mod tests {
 
     #[test]
     fn bad_wait_values_are_rejected_with_the_value_named() {
-        for bad in ["", "abc", "-1", "1.5", "10 parsecs", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "abc",
+            "-1",
+            "1.5",
+            "10 parsecs",
+            "99999999999999999999999",
+        ] {
             let err = parse_wait(bad).expect_err(bad);
             assert!(err.to_string().contains("500ms"), "{err}");
         }
@@ -210,7 +217,9 @@ mod tests {
             term: Some("7".into()),
             ..IsLeaderQuery::default()
         };
-        let req = WaitRequest::parse(&query).expect("valid").expect("wait asked");
+        let req = WaitRequest::parse(&query)
+            .expect("valid")
+            .expect("wait asked");
         let current = Answer {
             is_leader: true,
             leader: Some("b".into()),
