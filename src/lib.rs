@@ -1,11 +1,17 @@
 //! raft-elector: a Kubernetes leader-election sidecar built on a Raft core.
 //!
-//! Modules:
+//! Modules, in the direction data flows:
+//! - [`discovery`]: peers from a headless Service's DNS records or a static list.
+//! - [`transport`]: authenticated peer RPC (HTTP/JSON, HMAC-signed).
 //! - [`raft`]: the pure election core (no I/O, no clock, no randomness of its own).
 //! - [`storage`]: durable hard state (atomic file writes, corruption detection).
 //! - [`runtime`]: the task that owns the core and publishes [`runtime::LeaderState`].
+//! - [`api`]: the app-facing HTTP API (`/is-leader`, `/leader`, wait, `/metrics`).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`discovery`]: finds peer addresses (headless-Service DNS or a static list).
+//! - [`cli`]: flags, env twins and their validation.
+//! - [`sim`]: a deterministic simulator of many cores (tests and benchmarks).
+pub mod api;
+pub mod cli;
 pub mod discovery;
 pub mod metrics;
 pub mod raft;
