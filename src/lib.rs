@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod raft;
 pub mod runtime;
 pub mod storage;
+pub mod transport;
