@@ -84,11 +84,10 @@ impl AuthHeaders {
         let timestamp = text(TIMESTAMP_HEADER)?;
         let nonce = text(NONCE_HEADER)?;
         let signature = text(SIGNATURE_HEADER)?;
-        let timestamp_ok = !timestamp.is_empty()
-            && timestamp.len() <= 20
-            && timestamp.bytes().all(|b| b.is_ascii_digit());
+        // Canonical decimal only (no sign, no leading zeros), so the
+        // signed string is exactly the header.
         let timestamp_ms = match timestamp.parse::<u64>() {
-            Ok(t) if timestamp_ok => t,
+            Ok(t) if t.to_string() == timestamp => t,
             _ => return Err(AuthFailure::Malformed),
         };
         let nonce_ok = (MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&nonce.len())
@@ -120,8 +119,6 @@ pub enum AuthFailure {
     StaleTimestamp,
     /// The HMAC does not match (wrong secret or tampered content).
     BadSignature,
-    /// The nonce was seen before within the skew window.
-    Replayed,
 }
 
 /// Returns milliseconds since the UNIX epoch on the wall clock (0 if the
@@ -145,7 +142,14 @@ pub fn response_scope(request_nonce: &str) -> String {
 }
 
 /// Returns the MAC over the canonical string, keyed with `secret`.
-fn mac(secret: &[u8], cluster_id: &str, timestamp_ms: u64, nonce: &str, scope: &str, body: &[u8]) -> HmacSha256 {
+fn mac(
+    secret: &[u8],
+    cluster_id: &str,
+    timestamp_ms: u64,
+    nonce: &str,
+    scope: &str,
+    body: &[u8],
+) -> HmacSha256 {
     let mut mac =
         HmacSha256::new_from_slice(secret).expect("invariant: HMAC accepts keys of any length");
     mac.update(cluster_id.as_bytes());
@@ -162,11 +166,24 @@ fn mac(secret: &[u8], cluster_id: &str, timestamp_ms: u64, nonce: &str, scope: &
 
 /// Signs `body` for `scope` with an explicit timestamp and nonce. Tests use
 /// it to forge stale or replayed requests; senders use [`sign`].
-pub fn sign_at(cfg: &TransportConfig, scope: &str, body: &[u8], timestamp_ms: u64, nonce: &str) -> AuthHeaders {
+pub fn sign_at(
+    cfg: &TransportConfig,
+    scope: &str,
+    body: &[u8],
+    timestamp_ms: u64,
+    nonce: &str,
+) -> AuthHeaders {
     let signature = hex::encode(
-        mac(&cfg.secret, &cfg.cluster_id, timestamp_ms, nonce, scope, body)
-            .finalize()
-            .into_bytes(),
+        mac(
+            &cfg.secret,
+            &cfg.cluster_id,
+            timestamp_ms,
+            nonce,
+            scope,
+            body,
+        )
+        .finalize()
+        .into_bytes(),
     );
     AuthHeaders {
         cluster_id: cfg.cluster_id.clone(),
@@ -184,14 +201,24 @@ pub fn sign(cfg: &TransportConfig, scope: &str, body: &[u8]) -> AuthHeaders {
 /// Returns the authentication headers for a request to `method_path`
 /// (e.g. `"POST /raft/v1/message"`) carrying `body`. For integration tests
 /// that craft raw requests.
-pub fn sign_headers(cfg: &TransportConfig, method_path: &str, body: &[u8]) -> Vec<(String, String)> {
+pub fn sign_headers(
+    cfg: &TransportConfig,
+    method_path: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
     sign(cfg, method_path, body).to_pairs()
 }
 
 /// Checks cluster id, timestamp window and signature of `auth` (in that
 /// order: cheapest first). Does NOT check the nonce for replays; the server
 /// does that with its [`NonceCache`] after this passes.
-pub fn verify(cfg: &TransportConfig, auth: &AuthHeaders, scope: &str, body: &[u8], now_ms: u64) -> Result<(), AuthFailure> {
+pub fn verify(
+    cfg: &TransportConfig,
+    auth: &AuthHeaders,
+    scope: &str,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<(), AuthFailure> {
     if auth.cluster_id != cfg.cluster_id {
         return Err(AuthFailure::ForeignCluster);
     }
@@ -200,9 +227,16 @@ pub fn verify(cfg: &TransportConfig, auth: &AuthHeaders, scope: &str, body: &[u8
         return Err(AuthFailure::StaleTimestamp);
     }
     let expected = hex::decode(&auth.signature).map_err(|_| AuthFailure::Malformed)?;
-    mac(&cfg.secret, &auth.cluster_id, auth.timestamp_ms, &auth.nonce, scope, body)
-        .verify_slice(&expected)
-        .map_err(|_| AuthFailure::BadSignature)
+    mac(
+        &cfg.secret,
+        &auth.cluster_id,
+        auth.timestamp_ms,
+        &auth.nonce,
+        scope,
+        body,
+    )
+    .verify_slice(&expected)
+    .map_err(|_| AuthFailure::BadSignature)
 }
 
 /// Nonces of accepted requests, remembered while their timestamp is inside
@@ -336,20 +370,44 @@ mod tests {
         let c = cfg("prod", b"0123456789abcdef");
         let h = sign(&c, "POST /x", b"body");
         let now = h.timestamp_ms;
-        assert_eq!(verify(&c, &h, "POST /x", b"bodY", now), Err(AuthFailure::BadSignature));
-        assert_eq!(verify(&c, &h, "POST /y", b"body", now), Err(AuthFailure::BadSignature));
+        assert_eq!(
+            verify(&c, &h, "POST /x", b"bodY", now),
+            Err(AuthFailure::BadSignature)
+        );
+        assert_eq!(
+            verify(&c, &h, "POST /y", b"body", now),
+            Err(AuthFailure::BadSignature)
+        );
         let other = cfg("prod", b"fedcba9876543210");
-        assert_eq!(verify(&other, &h, "POST /x", b"body", now), Err(AuthFailure::BadSignature));
+        assert_eq!(
+            verify(&other, &h, "POST /x", b"body", now),
+            Err(AuthFailure::BadSignature)
+        );
     }
 
     #[test]
     fn foreign_cluster_and_stale_timestamps_are_refused() {
         let c = cfg("prod", b"0123456789abcdef");
-        let h = sign_at(&c, "POST /x", b"", 1_000_000, "00112233445566778899aabbccddeeff");
+        let h = sign_at(
+            &c,
+            "POST /x",
+            b"",
+            1_000_000,
+            "00112233445566778899aabbccddeeff",
+        );
         let foreign = cfg("staging", b"0123456789abcdef");
-        assert_eq!(verify(&foreign, &h, "POST /x", b"", 1_000_000), Err(AuthFailure::ForeignCluster));
-        assert_eq!(verify(&c, &h, "POST /x", b"", 1_000_000 + 30_001), Err(AuthFailure::StaleTimestamp));
-        assert_eq!(verify(&c, &h, "POST /x", b"", 1_000_000 - 30_001), Err(AuthFailure::StaleTimestamp));
+        assert_eq!(
+            verify(&foreign, &h, "POST /x", b"", 1_000_000),
+            Err(AuthFailure::ForeignCluster)
+        );
+        assert_eq!(
+            verify(&c, &h, "POST /x", b"", 1_000_000 + 30_001),
+            Err(AuthFailure::StaleTimestamp)
+        );
+        assert_eq!(
+            verify(&c, &h, "POST /x", b"", 1_000_000 - 30_001),
+            Err(AuthFailure::StaleTimestamp)
+        );
         assert_eq!(verify(&c, &h, "POST /x", b"", 1_000_000 + 30_000), Ok(()));
     }
 
@@ -366,6 +424,8 @@ mod tests {
         }
         assert!(AuthHeaders::parse(&map).is_ok());
         map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("-5"));
+        assert_eq!(AuthHeaders::parse(&map), Err(AuthFailure::Malformed));
+        map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("05"));
         assert_eq!(AuthHeaders::parse(&map), Err(AuthFailure::Malformed));
         map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("5"));
         map.insert(NONCE_HEADER, http::HeaderValue::from_static("short"));
@@ -390,7 +450,10 @@ mod tests {
         assert!(cache.insert("b", 200, 0));
         assert!(cache.insert("c", 300, 0), "evicts a, floor becomes 100");
         assert_eq!(cache.len(), 2);
-        assert!(!cache.insert("a", 100, 0), "a replay of the evicted nonce is refused");
+        assert!(
+            !cache.insert("a", 100, 0),
+            "a replay of the evicted nonce is refused"
+        );
         assert!(cache.insert("d", 400, 0));
         assert!(!cache.insert("b", 200, 0));
     }
@@ -400,9 +463,18 @@ mod tests {
         let warn = RateLimitedWarn::default();
         let t0 = Instant::now();
         assert_eq!(warn.permit("bad_signature", t0), Some(0));
-        assert_eq!(warn.permit("bad_signature", t0 + Duration::from_secs(1)), None);
-        assert_eq!(warn.permit("bad_signature", t0 + Duration::from_secs(2)), None);
-        assert_eq!(warn.permit("stale_timestamp", t0 + Duration::from_secs(2)), Some(0));
+        assert_eq!(
+            warn.permit("bad_signature", t0 + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            warn.permit("bad_signature", t0 + Duration::from_secs(2)),
+            None
+        );
+        assert_eq!(
+            warn.permit("stale_timestamp", t0 + Duration::from_secs(2)),
+            Some(0)
+        );
         assert_eq!(warn.permit("bad_signature", t0 + WARN_INTERVAL), Some(2));
     }
 }

@@ -66,8 +66,19 @@ impl PeerClient {
     /// Creates a client; MUST be called inside a tokio runtime, where the
     /// per-peer sender tasks will run. Fails when `cfg` is invalid.
     pub fn new(cfg: Arc<TransportConfig>, metrics: Metrics) -> Result<PeerClient, TransportError> {
+        PeerClient::with_idle_timeout(cfg, metrics, PEER_IDLE_TIMEOUT)
+    }
+
+    /// Creates a client whose per-peer sender tasks end after
+    /// `idle_timeout` without a message (see [`PeerClient::new`]).
+    pub fn with_idle_timeout(
+        cfg: Arc<TransportConfig>,
+        metrics: Metrics,
+        idle_timeout: Duration,
+    ) -> Result<PeerClient, TransportError> {
         cfg.validate()?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
@@ -88,7 +99,7 @@ impl PeerClient {
                 },
                 runtime,
                 queues: Mutex::new(HashMap::new()),
-                idle_timeout: PEER_IDLE_TIMEOUT,
+                idle_timeout,
                 live_tasks: Arc::new(AtomicUsize::new(0)),
             }),
         })
@@ -96,8 +107,9 @@ impl PeerClient {
 
     /// Queues `msg` for `addr` (`host:port`) and returns at once. Drops the
     /// message and counts `peer_rpc_errors{reason}` when the queue is full
-    /// or the address is invalid; delivery failures are counted by the
-    /// peer's sender task.
+    /// or the address is invalid. The peer's sender task counts delivery
+    /// failures, and drops (as `expired`) messages that waited in the queue
+    /// longer than the request timeout: Raft would have moved on by then.
     pub fn send(&self, addr: &str, msg: raft::Message) {
         if let Err(err) = self.try_queue(addr, msg) {
             self.shared.ctx.record_error(&err);
@@ -121,21 +133,6 @@ impl PeerClient {
     /// Returns how many per-peer sender tasks are running.
     pub fn sender_tasks(&self) -> usize {
         self.shared.live_tasks.load(Ordering::Relaxed)
-    }
-
-    /// Sets how long a peer's sender task waits for a message before it
-    /// ends (default [`PEER_IDLE_TIMEOUT`]). Only before the first send.
-    pub fn with_peer_idle_timeout(self, idle_timeout: Duration) -> PeerClient {
-        match Arc::try_unwrap(self.shared) {
-            Ok(mut shared) => {
-                shared.idle_timeout = idle_timeout;
-                PeerClient {
-                    shared: Arc::new(shared),
-                }
-            }
-            // Already cloned: keep the shared state as it is.
-            Err(shared) => PeerClient { shared },
-        }
     }
 
     /// Puts `msg` on the queue of `addr`, starting its sender task if none runs.
@@ -236,7 +233,11 @@ impl PeerSender {
             return;
         }
         let started = Instant::now();
-        match self.ctx.post_message(&self.addr, &self.url, &item.msg).await {
+        match self
+            .ctx
+            .post_message(&self.addr, &self.url, &item.msg)
+            .await
+        {
             Ok(()) => self.ctx.observe(item.msg.body.kind(), started.elapsed()),
             Err(err) => self.ctx.record_error(&err),
         }
@@ -245,7 +246,12 @@ impl PeerSender {
 
 impl SenderContext {
     /// Posts one signed message and expects 204.
-    async fn post_message(&self, addr: &str, url: &reqwest::Url, msg: &raft::Message) -> Result<(), TransportError> {
+    async fn post_message(
+        &self,
+        addr: &str,
+        url: &reqwest::Url,
+        msg: &raft::Message,
+    ) -> Result<(), TransportError> {
         let body = serde_json::to_vec(msg).map_err(TransportError::Encode)?;
         let signed = auth::sign(&self.cfg, &format!("POST {MESSAGE_PATH}"), &body);
         let response = self
@@ -271,10 +277,17 @@ impl SenderContext {
         if response.status() != StatusCode::OK {
             return Err(self.rejected(addr, response).await);
         }
-        let answer = AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
-            addr: addr.to_string(),
-        })?;
-        let body = read_limited(addr, self.cfg.request_timeout, response, self.cfg.max_body_bytes).await?;
+        let answer =
+            AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
+                addr: addr.to_string(),
+            })?;
+        let body = read_limited(
+            addr,
+            self.cfg.request_timeout,
+            response,
+            self.cfg.max_body_bytes,
+        )
+        .await?;
         let scope = auth::response_scope(&signed.nonce);
         auth::verify(&self.cfg, &answer, &scope, &body, auth::now_ms()).map_err(|f| match f {
             AuthFailure::ForeignCluster => TransportError::ForeignCluster {
@@ -288,10 +301,11 @@ impl SenderContext {
                 addr: addr.to_string(),
             },
         })?;
-        let info: PeerInfo = serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
-            addr: addr.to_string(),
-            reason: format!("hello answer is not a PeerInfo: {e}"),
-        })?;
+        let info: PeerInfo =
+            serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
+                addr: addr.to_string(),
+                reason: format!("hello answer is not a PeerInfo: {e}"),
+            })?;
         if info.cluster_id != self.cfg.cluster_id {
             return Err(TransportError::ForeignCluster {
                 addr: addr.to_string(),
@@ -302,7 +316,12 @@ impl SenderContext {
     }
 
     /// Builds a POST of `body` with the auth headers attached.
-    fn signed_post(&self, url: reqwest::Url, signed: &AuthHeaders, body: Vec<u8>) -> reqwest::RequestBuilder {
+    fn signed_post(
+        &self,
+        url: reqwest::Url,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
         let mut request = self
             .http
             .post(url)
@@ -344,7 +363,10 @@ impl SenderContext {
     /// Counts a failure and logs it, at most once per reason per interval.
     fn record_error(&self, err: &TransportError) {
         let reason = err.metric_label();
-        self.metrics.peer_rpc_errors.with_label_values(&[reason]).inc();
+        self.metrics
+            .peer_rpc_errors
+            .with_label_values(&[reason])
+            .inc();
         if let Some(suppressed) = self.warn.permit(reason, std::time::Instant::now()) {
             tracing::warn!(
                 reason,
@@ -362,7 +384,9 @@ fn peer_url(addr: &str, path: &str) -> Result<reqwest::Url, TransportError> {
         addr: addr.chars().take(MAX_ADDRESS_BYTES).collect(),
     };
     if addr.len() > MAX_ADDRESS_BYTES
-        || addr.chars().any(|c| c.is_whitespace() || c.is_control() || "/?#@\\".contains(c))
+        || addr
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "/?#@\\".contains(c))
     {
         return Err(invalid());
     }
@@ -397,7 +421,11 @@ async fn read_limited(
     limit: usize,
 ) -> Result<Vec<u8>, TransportError> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| classify(addr, timeout, e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| classify(addr, timeout, e))?
+    {
         if body.len() + chunk.len() > limit {
             return Err(TransportError::BadResponse {
                 addr: addr.to_string(),
@@ -407,4 +435,340 @@ async fn read_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::testing::{config, eventually, heartbeat, identity, start_peer};
+    use axum::http::HeaderMap;
+    use std::net::SocketAddr;
+
+    fn client(cfg: &Arc<TransportConfig>) -> (PeerClient, Metrics) {
+        let metrics = Metrics::new();
+        let client = PeerClient::new(cfg.clone(), metrics.clone()).expect("valid client");
+        (client, metrics)
+    }
+
+    fn errors(metrics: &Metrics, reason: &str) -> u64 {
+        metrics.peer_rpc_errors.with_label_values(&[reason]).get()
+    }
+
+    /// Returns an address on which nothing listens.
+    async fn dead_address() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        listener.local_addr().expect("local addr")
+    }
+
+    /// Serves a hello endpoint that answers with a PeerInfo signed by
+    /// `signer`, for the request's nonce or, when `wrong_nonce`, another one.
+    async fn forged_hello_server(signer: TransportConfig, wrong_nonce: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let signer = Arc::new(signer);
+        let handler = move |headers: HeaderMap| {
+            let signer = signer.clone();
+            async move {
+                let nonce = match headers
+                    .get(auth::NONCE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(n) if !wrong_nonce => n.to_string(),
+                    _ => auth::new_nonce(),
+                };
+                let body =
+                    serde_json::to_vec(&identity(&signer.cluster_id, addr)).expect("encodes");
+                let signed = auth::sign(&signer, &auth::response_scope(&nonce), &body);
+                let mut out = HeaderMap::new();
+                for (k, v) in signed.to_pairs() {
+                    out.insert(
+                        axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                        axum::http::HeaderValue::from_str(&v).expect("value"),
+                    );
+                }
+                (out, body)
+            }
+        };
+        let app = axum::Router::new().route(HELLO_PATH, axum::routing::post(handler));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn sent_messages_arrive_in_order() {
+        let mut peer = start_peer(config(1), 64).await;
+        let (client, metrics) = client(&peer.cfg);
+        for round in 0..50 {
+            client.send(&peer.addr.to_string(), heartbeat(round));
+        }
+        for round in 0..50 {
+            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
+            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+        }
+        let samples = || {
+            metrics
+                .peer_rpc_seconds
+                .with_label_values(&["append_entries"])
+                .get_sample_count()
+        };
+        assert!(
+            eventually(Duration::from_secs(1), || samples() == 50).await,
+            "latency recorded per message: {}",
+            samples()
+        );
+        assert_eq!(client.sender_tasks(), 1, "one task per peer address");
+    }
+
+    #[tokio::test]
+    async fn hello_round_trip_returns_the_identity() {
+        let peer = start_peer(config(1), 8).await;
+        let (client, metrics) = client(&peer.cfg);
+        let info = client
+            .hello(&peer.addr.to_string())
+            .await
+            .expect("hello answered");
+        assert_eq!(info, identity("test", peer.addr));
+        let mut changed = info.clone();
+        changed.term = 9;
+        peer.identity.send_replace(changed.clone());
+        let info = client
+            .hello(&peer.addr.to_string())
+            .await
+            .expect("hello answered");
+        assert_eq!(info, changed, "answers the current identity");
+        assert_eq!(
+            metrics
+                .peer_rpc_seconds
+                .with_label_values(&["hello"])
+                .get_sample_count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn hello_to_a_server_with_another_secret_fails() {
+        let peer = start_peer(config(1), 8).await;
+        let (client, metrics) = client(&Arc::new(config(2)));
+        let err = client
+            .hello(&peer.addr.to_string())
+            .await
+            .expect_err("other secret");
+        assert!(
+            matches!(&err, TransportError::Rejected { status: 401, reason, .. } if reason == "bad_signature"),
+            "{err}"
+        );
+        assert_eq!(errors(&metrics, "rejected"), 1);
+    }
+
+    #[tokio::test]
+    async fn hello_answer_signed_with_another_secret_is_refused() {
+        let addr = forged_hello_server(config(2), false).await;
+        let (client, metrics) = client(&Arc::new(config(1)));
+        let err = client
+            .hello(&addr.to_string())
+            .await
+            .expect_err("forged answer");
+        assert!(matches!(err, TransportError::BadSignature { .. }), "{err}");
+        assert_eq!(errors(&metrics, "bad_signature"), 1);
+    }
+
+    #[tokio::test]
+    async fn hello_answer_signed_for_another_request_is_refused() {
+        let addr = forged_hello_server(config(1), true).await;
+        let (client, _) = client(&Arc::new(config(1)));
+        let err = client
+            .hello(&addr.to_string())
+            .await
+            .expect_err("replayed answer");
+        assert!(matches!(err, TransportError::BadSignature { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn hello_answer_from_another_cluster_is_refused() {
+        let addr = forged_hello_server(TransportConfig::new("other", vec![1; 32]), false).await;
+        let (client, _) = client(&Arc::new(config(1)));
+        let err = client
+            .hello(&addr.to_string())
+            .await
+            .expect_err("foreign answer");
+        assert!(
+            matches!(err, TransportError::ForeignCluster { ref cluster, .. } if cluster == "other"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_to_a_dead_address_counts_an_error_and_does_not_block() {
+        let addr = dead_address().await.to_string();
+        let (client, metrics) = client(&Arc::new(config(1)));
+        let started = std::time::Instant::now();
+        for round in 0..10 {
+            client.send(&addr, heartbeat(round));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "send returned at once"
+        );
+        assert!(
+            eventually(Duration::from_secs(2), || errors(&metrics, "connect") == 10).await,
+            "connect errors: {}",
+            errors(&metrics, "connect")
+        );
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_messages_and_counts_them() {
+        // A peer that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr").to_string();
+        let (client, metrics) = client(&Arc::new(config(1)));
+        let extra = 40;
+        for round in 0..(PEER_QUEUE_CAPACITY + 1 + extra) as u64 {
+            client.send(&addr, heartbeat(round));
+        }
+        // At most one message is in flight, the queue holds the capacity.
+        assert!(
+            errors(&metrics, "queue_full") >= extra as u64,
+            "{}",
+            errors(&metrics, "queue_full")
+        );
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn stale_queued_messages_are_dropped_not_sent() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr").to_string();
+        let mut cfg = config(1);
+        cfg.request_timeout = Duration::from_millis(100);
+        let (client, metrics) = client(&Arc::new(cfg));
+        for round in 0..5 {
+            client.send(&addr, heartbeat(round));
+        }
+        // The first times out after 100 ms; the other four have waited as long.
+        assert!(
+            eventually(Duration::from_secs(2), || errors(&metrics, "timeout") == 1
+                && errors(&metrics, "expired") == 4)
+            .await,
+            "timeout {} expired {}",
+            errors(&metrics, "timeout"),
+            errors(&metrics, "expired")
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_addresses_are_counted_and_start_no_task() {
+        let (client, metrics) = client(&Arc::new(config(1)));
+        for addr in [
+            "",
+            "nohost",
+            ":4041",
+            "host:0",
+            "host:99999",
+            "a/b:1",
+            "user@h:1",
+            "h:1/x",
+            "h:1 ",
+        ] {
+            client.send(addr, heartbeat(1));
+        }
+        assert_eq!(errors(&metrics, "invalid_address"), 9);
+        assert_eq!(client.sender_tasks(), 0);
+        let err = client.hello("no-port").await.expect_err("invalid");
+        assert!(
+            matches!(err, TransportError::InvalidAddress { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sender_tasks_end_when_every_client_clone_is_dropped() {
+        let peer = start_peer(config(1), 64).await;
+        let (client, _) = client(&peer.cfg);
+        let live = client.shared.live_tasks.clone();
+        let clone = client.clone();
+        client.send(&peer.addr.to_string(), heartbeat(1));
+        clone.send(&dead_address().await.to_string(), heartbeat(2));
+        assert_eq!(live.load(Ordering::Relaxed), 2);
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            live.load(Ordering::Relaxed),
+            2,
+            "a clone still holds the queues"
+        );
+        drop(clone);
+        assert!(eventually(Duration::from_secs(2), || live.load(Ordering::Relaxed) == 0).await);
+    }
+
+    #[tokio::test]
+    async fn idle_sender_task_ends_and_the_next_send_starts_a_new_one() {
+        let mut peer = start_peer(config(1), 64).await;
+        let client = PeerClient::with_idle_timeout(
+            peer.cfg.clone(),
+            Metrics::new(),
+            Duration::from_millis(50),
+        )
+        .expect("valid client");
+        let addr = peer.addr.to_string();
+        client.send(&addr, heartbeat(1));
+        assert_eq!(peer.inbound.recv().await, Some(heartbeat(1)));
+        assert!(eventually(Duration::from_secs(2), || client.sender_tasks() == 0).await);
+        client.send(&addr, heartbeat(2));
+        assert_eq!(client.sender_tasks(), 1);
+        let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
+        assert_eq!(got.ok().flatten(), Some(heartbeat(2)));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_an_invalid_config() {
+        let err = PeerClient::new(
+            Arc::new(TransportConfig::new("test", vec![1; 4])),
+            Metrics::new(),
+        )
+        .err()
+        .expect("short secret refused");
+        assert_eq!(err.metric_label(), "invalid_config");
+    }
+
+    #[test]
+    fn client_outside_a_runtime_is_refused() {
+        let err = PeerClient::new(Arc::new(config(1)), Metrics::new())
+            .err()
+            .expect("no runtime");
+        assert!(matches!(err, TransportError::NoRuntime));
+    }
+
+    #[tokio::test]
+    async fn loopback_delivery_takes_well_under_a_millisecond() {
+        let mut peer = start_peer(config(1), 64).await;
+        let (client, _) = client(&peer.cfg);
+        let addr = peer.addr.to_string();
+        let mut samples = Vec::new();
+        for round in 0..300 {
+            let started = std::time::Instant::now();
+            client.send(&addr, heartbeat(round));
+            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
+            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+            if round >= 50 {
+                samples.push(started.elapsed());
+            }
+        }
+        samples.sort();
+        let p50 = samples[samples.len() / 2];
+        println!(
+            "loopback send->inbound p50 {p50:?} p90 {:?}",
+            samples[samples.len() * 9 / 10]
+        );
+        // Generous bound so a busy CI machine passes; typical is ~100 µs.
+        assert!(p50 < Duration::from_millis(2), "p50 {p50:?}");
+    }
 }

@@ -247,7 +247,9 @@ mod tests {
             let cfg = TransportConfig::new(bad, vec![7; 32]);
             assert!(cfg.validate().is_err(), "{bad:?}");
         }
-        assert!(TransportConfig::new("prod-eu.1_a", vec![7; 32]).validate().is_ok());
+        assert!(TransportConfig::new("prod-eu.1_a", vec![7; 32])
+            .validate()
+            .is_ok());
     }
 
     #[test]

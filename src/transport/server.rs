@@ -5,7 +5,9 @@
 //! nothing. Checks run cheapest first and the body is never read past
 //! [`TransportConfig::max_body_bytes`].
 
-use super::auth::{self, AuthFailure, AuthHeaders, NonceCache, RateLimitedWarn, NONCE_CACHE_CAPACITY};
+use super::auth::{
+    self, AuthFailure, AuthHeaders, NonceCache, RateLimitedWarn, NONCE_CACHE_CAPACITY,
+};
 use super::{PeerInfo, TransportConfig};
 use crate::metrics::Metrics;
 use crate::raft;
@@ -38,6 +40,8 @@ pub enum Rejection {
     BodyTooLarge,
     /// The body could not be read, e.g. the peer hung up (400).
     BodyUnreadable,
+    /// The body did not arrive within the request timeout (408).
+    BodyTimeout,
     /// No authentication headers (401).
     MissingAuth,
     /// Authentication headers absent or badly formatted (401).
@@ -65,6 +69,7 @@ impl Rejection {
     pub fn status(self) -> StatusCode {
         match self {
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::BodyUnreadable | Rejection::MalformedMessage | Rejection::BadNodeName => {
                 StatusCode::BAD_REQUEST
             }
@@ -83,6 +88,7 @@ impl Rejection {
         match self {
             Rejection::BodyTooLarge => "body_too_large",
             Rejection::BodyUnreadable => "body_unreadable",
+            Rejection::BodyTimeout => "body_timeout",
             Rejection::MissingAuth => "missing_auth",
             Rejection::MalformedAuth => "malformed_auth",
             Rejection::BadSignature => "bad_signature",
@@ -105,7 +111,6 @@ impl From<AuthFailure> for Rejection {
             AuthFailure::ForeignCluster => Rejection::ForeignCluster,
             AuthFailure::StaleTimestamp => Rejection::StaleTimestamp,
             AuthFailure::BadSignature => Rejection::BadSignature,
-            AuthFailure::Replayed => Rejection::ReplayedNonce,
         }
     }
 }
@@ -146,6 +151,8 @@ pub fn router(
     Router::new()
         .route(MESSAGE_PATH, post(handle_message))
         .route(HELLO_PATH, post(handle_hello))
+        // The handlers read the body themselves with the same limit (to
+        // count refusals); this layer keeps any future extractor bounded too.
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -213,13 +220,24 @@ impl PeerServer {
 
     /// Checks size, headers, cluster, clock, signature and nonce of a
     /// request to `path`; returns its auth headers and body.
-    async fn authenticate(&self, req: Request, path: &str) -> Result<(AuthHeaders, Bytes), Rejection> {
+    async fn authenticate(
+        &self,
+        req: Request,
+        path: &str,
+    ) -> Result<(AuthHeaders, Bytes), Rejection> {
         let (parts, body) = req.into_parts();
         if declared_length(&parts.headers).is_some_and(|n| n > self.cfg.max_body_bytes as u64) {
             return Err(Rejection::BodyTooLarge);
         }
         let auth = AuthHeaders::parse(&parts.headers)?;
-        let body = read_limited(body, self.cfg.max_body_bytes).await?;
+        // A real peer sends its whole request within its request timeout;
+        // a slow trickle only holds memory, so it gets no longer.
+        let body = tokio::time::timeout(
+            self.cfg.request_timeout,
+            read_limited(body, self.cfg.max_body_bytes),
+        )
+        .await
+        .map_err(|_| Rejection::BodyTimeout)??;
         let scope = format!("{} {path}", parts.method);
         let now = auth::now_ms();
         auth::verify(&self.cfg, &auth, &scope, &body, now)?;
@@ -248,7 +266,10 @@ impl PeerServer {
         };
         let signed = auth::sign(&self.cfg, &auth::response_scope(&request.nonce), &body);
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         for (name, value) in signed.to_pairs() {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
@@ -320,7 +341,9 @@ mod tests {
 
     /// Posts `body` with `headers` to the message path; returns the status.
     async fn post(peer: &TestPeer, headers: &[(String, String)], body: Vec<u8>) -> u16 {
-        let mut req = reqwest::Client::new().post(peer.url(MESSAGE_PATH)).body(body);
+        let mut req = reqwest::Client::new()
+            .post(peer.url(MESSAGE_PATH))
+            .body(body);
         for (k, v) in headers {
             req = req.header(k, v);
         }
@@ -334,8 +357,15 @@ mod tests {
     /// Asserts a refusal: status, exactly one count of `reason`, nothing forwarded.
     fn assert_refused(peer: &mut TestPeer, status: u16, expected: u16, reason: &str) {
         assert_eq!(status, expected, "status for {reason}");
-        assert_eq!(peer.rejected(reason), 1, "rejected_messages{{reason={reason}}}");
-        assert!(peer.inbound.try_recv().is_err(), "nothing forwarded for {reason}");
+        assert_eq!(
+            peer.rejected(reason),
+            1,
+            "rejected_messages{{reason={reason}}}"
+        );
+        assert!(
+            peer.inbound.try_recv().is_err(),
+            "nothing forwarded for {reason}"
+        );
     }
 
     #[tokio::test]
@@ -432,7 +462,9 @@ mod tests {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
-        let mut tcp = tokio::net::TcpStream::connect(peer.addr).await.expect("connect");
+        let mut tcp = tokio::net::TcpStream::connect(peer.addr)
+            .await
+            .expect("connect");
         tcp.write_all(head.as_bytes()).await.expect("write head");
         let mut answer = vec![0u8; 64];
         let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut answer))
@@ -458,7 +490,9 @@ mod tests {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
-        let mut tcp = tokio::net::TcpStream::connect(peer.addr).await.expect("connect");
+        let mut tcp = tokio::net::TcpStream::connect(peer.addr)
+            .await
+            .expect("connect");
         tcp.write_all(head.as_bytes()).await.expect("write head");
         // Two 800-byte chunks and no terminating chunk: the server must stop early.
         let chunk = format!("320\r\n{}\r\n", " ".repeat(800));
@@ -475,6 +509,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn body_that_never_arrives_is_refused_with_408() {
+        let mut cfg = config(1);
+        cfg.request_timeout = Duration::from_millis(100);
+        let mut peer = start_peer(cfg, 8).await;
+        let mut head = format!(
+            "POST {MESSAGE_PATH} HTTP/1.1\r\nhost: {}\r\ncontent-length: 100\r\n",
+            peer.addr
+        );
+        for (k, v) in sign_headers(&peer.cfg, SCOPE, b"") {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(peer.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write head");
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut answer))
+            .await
+            .expect("answered after the body timeout")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert_refused(&mut peer, 408, 408, "body_timeout");
+    }
+
+    #[tokio::test]
     async fn malformed_json_is_refused_with_400() {
         let mut peer = start_peer(config(1), 8).await;
         let body = b"{\"from\": ".to_vec();
@@ -484,7 +545,11 @@ mod tests {
 
     #[tokio::test]
     async fn message_with_empty_or_overlong_node_name_is_refused_with_400() {
-        for name in [String::new(), "x".repeat(MAX_NODE_NAME_BYTES + 1), "a\nb".to_string()] {
+        for name in [
+            String::new(),
+            "x".repeat(MAX_NODE_NAME_BYTES + 1),
+            "a\nb".to_string(),
+        ] {
             let mut peer = start_peer(config(1), 8).await;
             let mut msg = heartbeat(1);
             msg.to.name = name;
@@ -498,13 +563,19 @@ mod tests {
     async fn full_inbound_channel_answers_503() {
         let mut peer = start_peer(config(1), 1).await;
         let first = json(1);
-        assert_eq!(post(&peer, &sign_headers(&peer.cfg, SCOPE, &first), first).await, 204);
+        assert_eq!(
+            post(&peer, &sign_headers(&peer.cfg, SCOPE, &first), first).await,
+            204
+        );
         let second = json(2);
         let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &second), second).await;
         assert_eq!(status, 503);
         assert_eq!(peer.rejected("inbound_full"), 1);
         assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
-        assert!(peer.inbound.try_recv().is_err(), "the refused message is not queued");
+        assert!(
+            peer.inbound.try_recv().is_err(),
+            "the refused message is not queued"
+        );
     }
 
     #[tokio::test]
@@ -537,6 +608,7 @@ mod tests {
         let all = [
             Rejection::BodyTooLarge,
             Rejection::BodyUnreadable,
+            Rejection::BodyTimeout,
             Rejection::MissingAuth,
             Rejection::MalformedAuth,
             Rejection::BadSignature,
@@ -551,7 +623,10 @@ mod tests {
         let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
         assert_eq!(reasons.len(), all.len());
         for r in all {
-            assert!(r.status().is_client_error() || r.status().is_server_error(), "{r:?}");
+            assert!(
+                r.status().is_client_error() || r.status().is_server_error(),
+                "{r:?}"
+            );
         }
     }
 }
