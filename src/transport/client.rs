@@ -37,6 +37,21 @@ pub struct PeerClient {
     shared: Arc<Shared>,
 }
 
+// Shared between the runtime task and adapters.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PeerClient>();
+};
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("cluster_id", &self.shared.ctx.cfg.cluster_id)
+            .field("sender_tasks", &self.sender_tasks())
+            .finish()
+    }
+}
+
 /// State of all clones; dropping it closes every queue, which ends the tasks.
 struct Shared {
     ctx: SenderContext,
@@ -734,16 +749,13 @@ mod tests {
             Arc::new(TransportConfig::new("test", vec![1; 4])),
             Metrics::new(),
         )
-        .err()
-        .expect("short secret refused");
+        .expect_err("short secret refused");
         assert_eq!(err.metric_label(), "invalid_config");
     }
 
     #[test]
     fn client_outside_a_runtime_is_refused() {
-        let err = PeerClient::new(Arc::new(config(1)), Metrics::new())
-            .err()
-            .expect("no runtime");
+        let err = PeerClient::new(Arc::new(config(1)), Metrics::new()).expect_err("no runtime");
         assert!(matches!(err, TransportError::NoRuntime));
     }
 
