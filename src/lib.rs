@@ -18,3 +18,4 @@ pub mod raft;
 pub mod runtime;
 pub mod sim;
 pub mod storage;
+pub mod transport;

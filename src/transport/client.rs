@@ -1,0 +1,786 @@
+//! The peer client: one bounded queue and one sender task per peer address.
+//!
+//! [`PeerClient::send`] never waits: it puts the message on the peer's queue
+//! (dropping it when the queue is full, which Raft tolerates) and the
+//! peer's task posts queued messages one at a time, as soon as they arrive,
+//! over a keep-alive connection. A task ends when every clone of the client
+//! is dropped or its peer has been idle for [`PEER_IDLE_TIMEOUT`].
+
+use super::auth::{self, AuthFailure, AuthHeaders, RateLimitedWarn};
+use super::server::{HELLO_PATH, MESSAGE_PATH};
+use super::{PeerInfo, TransportConfig, TransportError};
+use crate::metrics::Metrics;
+use crate::raft;
+use axum::http::{header, StatusCode};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Messages waiting per peer; more are dropped and counted as `queue_full`.
+pub const PEER_QUEUE_CAPACITY: usize = 256;
+/// A peer's sender task ends after this long without a message.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Idle keep-alive connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest peer address accepted, in bytes.
+const MAX_ADDRESS_BYTES: usize = 300;
+/// Longest refusal reason kept from a peer's error answer, in bytes.
+const MAX_REASON_BYTES: usize = 128;
+
+/// Sends Raft messages to peers and asks them who they are. Cheap to clone;
+/// clones share the queues and connections.
+#[derive(Clone)]
+pub struct PeerClient {
+    shared: Arc<Shared>,
+}
+
+// Shared between the runtime task and adapters.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<PeerClient>();
+};
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("cluster_id", &self.shared.ctx.cfg.cluster_id)
+            .field("sender_tasks", &self.sender_tasks())
+            .finish()
+    }
+}
+
+/// State of all clones; dropping it closes every queue, which ends the tasks.
+struct Shared {
+    ctx: SenderContext,
+    runtime: tokio::runtime::Handle,
+    queues: Mutex<HashMap<String, mpsc::Sender<Queued>>>,
+    idle_timeout: Duration,
+    live_tasks: Arc<AtomicUsize>,
+}
+
+/// What a sender task needs; deliberately not a handle to [`Shared`], so
+/// tasks do not keep the client alive.
+#[derive(Clone)]
+struct SenderContext {
+    cfg: Arc<TransportConfig>,
+    metrics: Metrics,
+    http: reqwest::Client,
+    warn: Arc<RateLimitedWarn>,
+}
+
+/// A message and when it was queued.
+struct Queued {
+    msg: raft::Message,
+    queued_at: Instant,
+}
+
+impl PeerClient {
+    /// Creates a client; MUST be called inside a tokio runtime, where the
+    /// per-peer sender tasks will run. Fails when `cfg` is invalid.
+    pub fn new(cfg: Arc<TransportConfig>, metrics: Metrics) -> Result<PeerClient, TransportError> {
+        PeerClient::with_idle_timeout(cfg, metrics, PEER_IDLE_TIMEOUT)
+    }
+
+    /// Creates a client whose per-peer sender tasks end after
+    /// `idle_timeout` without a message (see [`PeerClient::new`]).
+    pub fn with_idle_timeout(
+        cfg: Arc<TransportConfig>,
+        metrics: Metrics,
+        idle_timeout: Duration,
+    ) -> Result<PeerClient, TransportError> {
+        cfg.validate()?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| TransportError::NoRuntime)?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .connect_timeout(cfg.request_timeout)
+            .timeout(cfg.request_timeout)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .http1_only()
+            .build()
+            .map_err(TransportError::ClientBuild)?;
+        Ok(PeerClient {
+            shared: Arc::new(Shared {
+                ctx: SenderContext {
+                    cfg,
+                    metrics,
+                    http,
+                    warn: Arc::new(RateLimitedWarn::default()),
+                },
+                runtime,
+                queues: Mutex::new(HashMap::new()),
+                idle_timeout,
+                live_tasks: Arc::new(AtomicUsize::new(0)),
+            }),
+        })
+    }
+
+    /// Queues `msg` for `addr` (`host:port`) and returns at once. Drops the
+    /// message and counts `peer_rpc_errors{reason}` when the queue is full
+    /// or the address is invalid. The peer's sender task counts delivery
+    /// failures, and drops (as `expired`) messages that waited in the queue
+    /// longer than the request timeout: Raft would have moved on by then.
+    pub fn send(&self, addr: &str, msg: raft::Message) {
+        if let Err(err) = self.try_queue(addr, msg) {
+            self.shared.ctx.record_error(&err);
+        }
+    }
+
+    /// Asks the peer at `addr` who it is. Both request and answer are
+    /// signed; the answer must carry our cluster id and a valid signature
+    /// for this very request.
+    pub async fn hello(&self, addr: &str) -> Result<PeerInfo, TransportError> {
+        let ctx = &self.shared.ctx;
+        let started = Instant::now();
+        let result = ctx.hello(addr).await;
+        match &result {
+            Ok(_) => ctx.observe("hello", started.elapsed()),
+            Err(err) => ctx.record_error(err),
+        }
+        result
+    }
+
+    /// Returns how many per-peer sender tasks are running.
+    pub fn sender_tasks(&self) -> usize {
+        self.shared.live_tasks.load(Ordering::Relaxed)
+    }
+
+    /// Puts `msg` on the queue of `addr`, starting its sender task if none runs.
+    fn try_queue(&self, addr: &str, msg: raft::Message) -> Result<(), TransportError> {
+        let mut item = Queued {
+            msg,
+            queued_at: Instant::now(),
+        };
+        let mut queues = match self.shared.queues.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(queue) = queues.get(addr) {
+            match queue.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(TransportError::QueueFull {
+                        addr: addr.to_string(),
+                    })
+                }
+                // The task ended (idle); start a new one below.
+                Err(mpsc::error::TrySendError::Closed(back)) => item = back,
+            }
+        }
+        let url = peer_url(addr, MESSAGE_PATH)?;
+        queues.retain(|_, queue| !queue.is_closed());
+        let (queue, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
+        let task = PeerSender {
+            ctx: self.shared.ctx.clone(),
+            addr: addr.to_string(),
+            url,
+            rx,
+            idle_timeout: self.shared.idle_timeout,
+            _live: LiveTask::new(&self.shared.live_tasks),
+        };
+        self.shared.runtime.spawn(task.run());
+        // A fresh queue has room, so this cannot fail.
+        let queued = queue.try_send(item).map_err(|_| TransportError::QueueFull {
+            addr: addr.to_string(),
+        });
+        queues.insert(addr.to_string(), queue);
+        queued
+    }
+}
+
+/// Counts a running sender task for as long as it lives.
+struct LiveTask(Arc<AtomicUsize>);
+
+impl LiveTask {
+    fn new(counter: &Arc<AtomicUsize>) -> LiveTask {
+        counter.fetch_add(1, Ordering::Relaxed);
+        LiveTask(counter.clone())
+    }
+}
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The task that posts one peer's queued messages in order.
+struct PeerSender {
+    ctx: SenderContext,
+    addr: String,
+    url: reqwest::Url,
+    rx: mpsc::Receiver<Queued>,
+    idle_timeout: Duration,
+    _live: LiveTask,
+}
+
+impl PeerSender {
+    /// Posts messages until every client clone is dropped or the peer idles.
+    async fn run(mut self) {
+        loop {
+            match tokio::time::timeout(self.idle_timeout, self.rx.recv()).await {
+                Ok(Some(item)) => self.deliver(item).await,
+                // Every PeerClient clone is gone.
+                Ok(None) => return,
+                // Idle: refuse new messages, then flush what raced in.
+                Err(_) => {
+                    self.rx.close();
+                    while let Ok(item) = self.rx.try_recv() {
+                        self.deliver(item).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Posts one message unless it went stale in the queue; records metrics.
+    async fn deliver(&self, item: Queued) {
+        if item.queued_at.elapsed() > self.ctx.cfg.request_timeout {
+            self.ctx.record_error(&TransportError::Expired {
+                addr: self.addr.clone(),
+            });
+            return;
+        }
+        let started = Instant::now();
+        match self
+            .ctx
+            .post_message(&self.addr, &self.url, &item.msg)
+            .await
+        {
+            Ok(()) => self.ctx.observe(item.msg.body.kind(), started.elapsed()),
+            Err(err) => self.ctx.record_error(&err),
+        }
+    }
+}
+
+impl SenderContext {
+    /// Posts one signed message and expects 204.
+    async fn post_message(
+        &self,
+        addr: &str,
+        url: &reqwest::Url,
+        msg: &raft::Message,
+    ) -> Result<(), TransportError> {
+        let body = serde_json::to_vec(msg).map_err(TransportError::Encode)?;
+        let signed = auth::sign(&self.cfg, &format!("POST {MESSAGE_PATH}"), &body);
+        let response = self
+            .signed_post(url.clone(), &signed, body)
+            .send()
+            .await
+            .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
+        if response.status() != StatusCode::NO_CONTENT {
+            return Err(self.rejected(addr, response).await);
+        }
+        Ok(())
+    }
+
+    /// Sends a signed hello and checks the signed answer.
+    async fn hello(&self, addr: &str) -> Result<PeerInfo, TransportError> {
+        let url = peer_url(addr, HELLO_PATH)?;
+        let signed = auth::sign(&self.cfg, &format!("POST {HELLO_PATH}"), b"");
+        let response = self
+            .signed_post(url, &signed, Vec::new())
+            .send()
+            .await
+            .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
+        if response.status() != StatusCode::OK {
+            return Err(self.rejected(addr, response).await);
+        }
+        let answer =
+            AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
+                addr: addr.to_string(),
+            })?;
+        let body = read_limited(
+            addr,
+            self.cfg.request_timeout,
+            response,
+            self.cfg.max_body_bytes,
+        )
+        .await?;
+        let scope = auth::response_scope(&signed.nonce);
+        auth::verify(&self.cfg, &answer, &scope, &body, auth::now_ms()).map_err(|f| match f {
+            AuthFailure::ForeignCluster => TransportError::ForeignCluster {
+                addr: addr.to_string(),
+                cluster: answer.cluster_id.clone(),
+            },
+            AuthFailure::StaleTimestamp => TransportError::StaleResponse {
+                addr: addr.to_string(),
+            },
+            _ => TransportError::BadSignature {
+                addr: addr.to_string(),
+            },
+        })?;
+        let info: PeerInfo =
+            serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
+                addr: addr.to_string(),
+                reason: format!("hello answer is not a PeerInfo: {e}"),
+            })?;
+        if info.cluster_id != self.cfg.cluster_id {
+            return Err(TransportError::ForeignCluster {
+                addr: addr.to_string(),
+                cluster: info.cluster_id,
+            });
+        }
+        Ok(info)
+    }
+
+    /// Builds a POST of `body` with the auth headers attached.
+    fn signed_post(
+        &self,
+        url: reqwest::Url,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body);
+        for (name, value) in signed.to_pairs() {
+            request = request.header(name, value);
+        }
+        request
+    }
+
+    /// Turns a non-success answer into an error carrying the peer's reason.
+    async fn rejected(&self, addr: &str, response: reqwest::Response) -> TransportError {
+        let status = response.status().as_u16();
+        let reason = read_limited(addr, self.cfg.request_timeout, response, MAX_REASON_BYTES)
+            .await
+            .map(|body| {
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        TransportError::Rejected {
+            addr: addr.to_string(),
+            status,
+            reason,
+        }
+    }
+
+    /// Records a successful RPC's latency.
+    fn observe(&self, kind: &str, elapsed: Duration) {
+        self.metrics
+            .peer_rpc_seconds
+            .with_label_values(&[kind])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failure and logs it, at most once per reason per interval.
+    fn record_error(&self, err: &TransportError) {
+        let reason = err.metric_label();
+        self.metrics
+            .peer_rpc_errors
+            .with_label_values(&[reason])
+            .inc();
+        if let Some(suppressed) = self.warn.permit(reason, std::time::Instant::now()) {
+            tracing::warn!(
+                reason,
+                suppressed,
+                "peer RPC failed: {err} ({suppressed} more like it suppressed in the last {}s)",
+                auth::WARN_INTERVAL.as_secs()
+            );
+        }
+    }
+}
+
+/// Returns the URL of `path` on the peer at `addr`, which must be `host:port`.
+fn peer_url(addr: &str, path: &str) -> Result<reqwest::Url, TransportError> {
+    let invalid = || TransportError::InvalidAddress {
+        addr: addr.chars().take(MAX_ADDRESS_BYTES).collect(),
+    };
+    if addr.len() > MAX_ADDRESS_BYTES
+        || addr
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "/?#@\\".contains(c))
+    {
+        return Err(invalid());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(invalid)?;
+    if host.is_empty() || !port.parse::<u16>().is_ok_and(|p| p != 0) {
+        return Err(invalid());
+    }
+    let url = reqwest::Url::parse(&format!("http://{addr}{path}")).map_err(|_| invalid())?;
+    if url.host_str().is_none() || url.path() != path {
+        return Err(invalid());
+    }
+    Ok(url)
+}
+
+/// Classifies a reqwest failure.
+fn classify(addr: &str, timeout: Duration, err: reqwest::Error) -> TransportError {
+    let addr = addr.to_string();
+    if err.is_timeout() {
+        TransportError::Timeout { addr, timeout }
+    } else if err.is_connect() {
+        TransportError::Connect { addr, source: err }
+    } else {
+        TransportError::Request { addr, source: err }
+    }
+}
+
+/// Reads a response body, failing once it exceeds `limit` bytes.
+async fn read_limited(
+    addr: &str,
+    timeout: Duration,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, TransportError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| classify(addr, timeout, e))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(TransportError::BadResponse {
+                addr: addr.to_string(),
+                reason: format!("answer is larger than {limit} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::testing::{config, eventually, heartbeat, identity, start_peer};
+    use axum::http::HeaderMap;
+    use std::net::SocketAddr;
+
+    fn client(cfg: &Arc<TransportConfig>) -> (PeerClient, Metrics) {
+        let metrics = Metrics::new();
+        let client = PeerClient::new(cfg.clone(), metrics.clone()).expect("valid client");
+        (client, metrics)
+    }
+
+    fn errors(metrics: &Metrics, reason: &str) -> u64 {
+        metrics.peer_rpc_errors.with_label_values(&[reason]).get()
+    }
+
+    /// Returns an address on which nothing listens.
+    async fn dead_address() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        listener.local_addr().expect("local addr")
+    }
+
+    /// Serves a hello endpoint that answers with a PeerInfo signed by
+    /// `signer`, for the request's nonce or, when `wrong_nonce`, another one.
+    async fn forged_hello_server(signer: TransportConfig, wrong_nonce: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let signer = Arc::new(signer);
+        let handler = move |headers: HeaderMap| {
+            let signer = signer.clone();
+            async move {
+                let nonce = match headers
+                    .get(auth::NONCE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(n) if !wrong_nonce => n.to_string(),
+                    _ => auth::new_nonce(),
+                };
+                let body =
+                    serde_json::to_vec(&identity(&signer.cluster_id, addr)).expect("encodes");
+                let signed = auth::sign(&signer, &auth::response_scope(&nonce), &body);
+                let mut out = HeaderMap::new();
+                for (k, v) in signed.to_pairs() {
+                    out.insert(
+                        axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                        axum::http::HeaderValue::from_str(&v).expect("value"),
+                    );
+                }
+                (out, body)
+            }
+        };
+        let app = axum::Router::new().route(HELLO_PATH, axum::routing::post(handler));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn sent_messages_arrive_in_order() {
+        let mut peer = start_peer(config(1), 64).await;
+        let (client, metrics) = client(&peer.cfg);
+        for round in 0..50 {
+            client.send(&peer.addr.to_string(), heartbeat(round));
+        }
+        for round in 0..50 {
+            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
+            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+        }
+        let samples = || {
+            metrics
+                .peer_rpc_seconds
+                .with_label_values(&["append_entries"])
+                .get_sample_count()
+        };
+        assert!(
+            eventually(Duration::from_secs(1), || samples() == 50).await,
+            "latency recorded per message: {}",
+            samples()
+        );
+        assert_eq!(client.sender_tasks(), 1, "one task per peer address");
+    }
+
+    #[tokio::test]
+    async fn hello_round_trip_returns_the_identity() {
+        let peer = start_peer(config(1), 8).await;
+        let (client, metrics) = client(&peer.cfg);
+        let info = client
+            .hello(&peer.addr.to_string())
+            .await
+            .expect("hello answered");
+        assert_eq!(info, identity("test", peer.addr));
+        let mut changed = info.clone();
+        changed.term = 9;
+        peer.identity.send_replace(changed.clone());
+        let info = client
+            .hello(&peer.addr.to_string())
+            .await
+            .expect("hello answered");
+        assert_eq!(info, changed, "answers the current identity");
+        assert_eq!(
+            metrics
+                .peer_rpc_seconds
+                .with_label_values(&["hello"])
+                .get_sample_count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn hello_to_a_server_with_another_secret_fails() {
+        let peer = start_peer(config(1), 8).await;
+        let (client, metrics) = client(&Arc::new(config(2)));
+        let err = client
+            .hello(&peer.addr.to_string())
+            .await
+            .expect_err("other secret");
+        assert!(
+            matches!(&err, TransportError::Rejected { status: 401, reason, .. } if reason == "bad_signature"),
+            "{err}"
+        );
+        assert_eq!(errors(&metrics, "rejected"), 1);
+    }
+
+    #[tokio::test]
+    async fn hello_answer_signed_with_another_secret_is_refused() {
+        let addr = forged_hello_server(config(2), false).await;
+        let (client, metrics) = client(&Arc::new(config(1)));
+        let err = client
+            .hello(&addr.to_string())
+            .await
+            .expect_err("forged answer");
+        assert!(matches!(err, TransportError::BadSignature { .. }), "{err}");
+        assert_eq!(errors(&metrics, "bad_signature"), 1);
+    }
+
+    #[tokio::test]
+    async fn hello_answer_signed_for_another_request_is_refused() {
+        let addr = forged_hello_server(config(1), true).await;
+        let (client, _) = client(&Arc::new(config(1)));
+        let err = client
+            .hello(&addr.to_string())
+            .await
+            .expect_err("replayed answer");
+        assert!(matches!(err, TransportError::BadSignature { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn hello_answer_from_another_cluster_is_refused() {
+        let addr = forged_hello_server(TransportConfig::new("other", vec![1; 32]), false).await;
+        let (client, _) = client(&Arc::new(config(1)));
+        let err = client
+            .hello(&addr.to_string())
+            .await
+            .expect_err("foreign answer");
+        assert!(
+            matches!(err, TransportError::ForeignCluster { ref cluster, .. } if cluster == "other"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_to_a_dead_address_counts_an_error_and_does_not_block() {
+        let addr = dead_address().await.to_string();
+        let (client, metrics) = client(&Arc::new(config(1)));
+        let started = std::time::Instant::now();
+        for round in 0..10 {
+            client.send(&addr, heartbeat(round));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "send returned at once"
+        );
+        assert!(
+            eventually(Duration::from_secs(2), || errors(&metrics, "connect") == 10).await,
+            "connect errors: {}",
+            errors(&metrics, "connect")
+        );
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_messages_and_counts_them() {
+        // A peer that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr").to_string();
+        let (client, metrics) = client(&Arc::new(config(1)));
+        let extra = 40;
+        for round in 0..(PEER_QUEUE_CAPACITY + 1 + extra) as u64 {
+            client.send(&addr, heartbeat(round));
+        }
+        // At most one message is in flight, the queue holds the capacity.
+        assert!(
+            errors(&metrics, "queue_full") >= extra as u64,
+            "{}",
+            errors(&metrics, "queue_full")
+        );
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn stale_queued_messages_are_dropped_not_sent() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr").to_string();
+        let mut cfg = config(1);
+        cfg.request_timeout = Duration::from_millis(100);
+        let (client, metrics) = client(&Arc::new(cfg));
+        for round in 0..5 {
+            client.send(&addr, heartbeat(round));
+        }
+        // The first times out after 100 ms; the other four have waited as long.
+        assert!(
+            eventually(Duration::from_secs(2), || errors(&metrics, "timeout") == 1
+                && errors(&metrics, "expired") == 4)
+            .await,
+            "timeout {} expired {}",
+            errors(&metrics, "timeout"),
+            errors(&metrics, "expired")
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_addresses_are_counted_and_start_no_task() {
+        let (client, metrics) = client(&Arc::new(config(1)));
+        for addr in [
+            "",
+            "nohost",
+            ":4041",
+            "host:0",
+            "host:99999",
+            "a/b:1",
+            "user@h:1",
+            "h:1/x",
+            "h:1 ",
+        ] {
+            client.send(addr, heartbeat(1));
+        }
+        assert_eq!(errors(&metrics, "invalid_address"), 9);
+        assert_eq!(client.sender_tasks(), 0);
+        let err = client.hello("no-port").await.expect_err("invalid");
+        assert!(
+            matches!(err, TransportError::InvalidAddress { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sender_tasks_end_when_every_client_clone_is_dropped() {
+        let peer = start_peer(config(1), 64).await;
+        let (client, _) = client(&peer.cfg);
+        let live = client.shared.live_tasks.clone();
+        let clone = client.clone();
+        client.send(&peer.addr.to_string(), heartbeat(1));
+        clone.send(&dead_address().await.to_string(), heartbeat(2));
+        assert_eq!(live.load(Ordering::Relaxed), 2);
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            live.load(Ordering::Relaxed),
+            2,
+            "a clone still holds the queues"
+        );
+        drop(clone);
+        assert!(eventually(Duration::from_secs(2), || live.load(Ordering::Relaxed) == 0).await);
+    }
+
+    #[tokio::test]
+    async fn idle_sender_task_ends_and_the_next_send_starts_a_new_one() {
+        let mut peer = start_peer(config(1), 64).await;
+        let client = PeerClient::with_idle_timeout(
+            peer.cfg.clone(),
+            Metrics::new(),
+            Duration::from_millis(50),
+        )
+        .expect("valid client");
+        let addr = peer.addr.to_string();
+        client.send(&addr, heartbeat(1));
+        assert_eq!(peer.inbound.recv().await, Some(heartbeat(1)));
+        assert!(eventually(Duration::from_secs(2), || client.sender_tasks() == 0).await);
+        client.send(&addr, heartbeat(2));
+        assert_eq!(client.sender_tasks(), 1);
+        let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
+        assert_eq!(got.ok().flatten(), Some(heartbeat(2)));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_an_invalid_config() {
+        let err = PeerClient::new(
+            Arc::new(TransportConfig::new("test", vec![1; 4])),
+            Metrics::new(),
+        )
+        .expect_err("short secret refused");
+        assert_eq!(err.metric_label(), "invalid_config");
+    }
+
+    #[test]
+    fn client_outside_a_runtime_is_refused() {
+        let err = PeerClient::new(Arc::new(config(1)), Metrics::new()).expect_err("no runtime");
+        assert!(matches!(err, TransportError::NoRuntime));
+    }
+
+    #[tokio::test]
+    async fn loopback_delivery_takes_well_under_a_millisecond() {
+        let mut peer = start_peer(config(1), 64).await;
+        let (client, _) = client(&peer.cfg);
+        let addr = peer.addr.to_string();
+        let mut samples = Vec::new();
+        for round in 0..300 {
+            let started = std::time::Instant::now();
+            client.send(&addr, heartbeat(round));
+            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
+            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+            if round >= 50 {
+                samples.push(started.elapsed());
+            }
+        }
+        samples.sort();
+        let p50 = samples[samples.len() / 2];
+        println!(
+            "loopback send->inbound p50 {p50:?} p90 {:?}",
+            samples[samples.len() * 9 / 10]
+        );
+        // Generous bound so a busy CI machine passes; typical is ~100 µs.
+        assert!(p50 < Duration::from_millis(2), "p50 {p50:?}");
+    }
+}

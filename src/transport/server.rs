@@ -1,0 +1,632 @@
+//! The peer server: accepts signed Raft messages and answers `hello`.
+//!
+//! Every refusal answers a 4xx (or 503), increments
+//! `rejected_messages{reason}`, logs a rate-limited warning and forwards
+//! nothing. Checks run cheapest first and the body is never read past
+//! [`TransportConfig::max_body_bytes`].
+
+use super::auth::{
+    self, AuthFailure, AuthHeaders, NonceCache, RateLimitedWarn, NONCE_CACHE_CAPACITY,
+};
+use super::{PeerInfo, TransportConfig};
+use crate::metrics::Metrics;
+use crate::raft;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::serve::ListenerExt;
+use axum::Router;
+use futures::StreamExt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
+
+/// Path Raft messages are posted to.
+pub const MESSAGE_PATH: &str = "/raft/v1/message";
+/// Path a peer asks "who are you" at.
+pub const HELLO_PATH: &str = "/raft/v1/hello";
+/// Longest accepted node name in a message, in bytes (a DNS name's length).
+pub const MAX_NODE_NAME_BYTES: usize = 253;
+
+/// Why the server refused a request. Each maps to one status code and one
+/// stable `rejected_messages{reason}` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The body is larger than `max_body_bytes` (413).
+    BodyTooLarge,
+    /// The body could not be read, e.g. the peer hung up (400).
+    BodyUnreadable,
+    /// The body did not arrive within the request timeout (408).
+    BodyTimeout,
+    /// No authentication headers (401).
+    MissingAuth,
+    /// Authentication headers absent or badly formatted (401).
+    MalformedAuth,
+    /// HMAC mismatch: wrong secret or tampered request (401).
+    BadSignature,
+    /// Signed for another cluster id (403).
+    ForeignCluster,
+    /// Timestamp outside the allowed clock skew (401).
+    StaleTimestamp,
+    /// Nonce seen before: a replayed request (409).
+    ReplayedNonce,
+    /// The body is not one JSON Raft message (400).
+    MalformedMessage,
+    /// `from` or `to` has an empty, overlong or unprintable name (400).
+    BadNodeName,
+    /// The runtime is not keeping up; the message was not queued (503).
+    InboundFull,
+    /// The runtime has stopped (503).
+    InboundClosed,
+}
+
+impl Rejection {
+    /// Returns the HTTP status answered for this refusal.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Rejection::BodyUnreadable | Rejection::MalformedMessage | Rejection::BadNodeName => {
+                StatusCode::BAD_REQUEST
+            }
+            Rejection::MissingAuth
+            | Rejection::MalformedAuth
+            | Rejection::BadSignature
+            | Rejection::StaleTimestamp => StatusCode::UNAUTHORIZED,
+            Rejection::ForeignCluster => StatusCode::FORBIDDEN,
+            Rejection::ReplayedNonce => StatusCode::CONFLICT,
+            Rejection::InboundFull | Rejection::InboundClosed => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Returns the stable snake_case label for `rejected_messages{reason}`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::BodyUnreadable => "body_unreadable",
+            Rejection::BodyTimeout => "body_timeout",
+            Rejection::MissingAuth => "missing_auth",
+            Rejection::MalformedAuth => "malformed_auth",
+            Rejection::BadSignature => "bad_signature",
+            Rejection::ForeignCluster => "foreign_cluster",
+            Rejection::StaleTimestamp => "stale_timestamp",
+            Rejection::ReplayedNonce => "replayed_nonce",
+            Rejection::MalformedMessage => "malformed_message",
+            Rejection::BadNodeName => "bad_node_name",
+            Rejection::InboundFull => "inbound_full",
+            Rejection::InboundClosed => "inbound_closed",
+        }
+    }
+}
+
+impl From<AuthFailure> for Rejection {
+    fn from(f: AuthFailure) -> Rejection {
+        match f {
+            AuthFailure::Missing => Rejection::MissingAuth,
+            AuthFailure::Malformed => Rejection::MalformedAuth,
+            AuthFailure::ForeignCluster => Rejection::ForeignCluster,
+            AuthFailure::StaleTimestamp => Rejection::StaleTimestamp,
+            AuthFailure::BadSignature => Rejection::BadSignature,
+        }
+    }
+}
+
+/// Everything the handlers share.
+struct PeerServer {
+    cfg: Arc<TransportConfig>,
+    metrics: Metrics,
+    inbound: mpsc::Sender<raft::Message>,
+    identity: watch::Receiver<PeerInfo>,
+    nonces: Mutex<NonceCache>,
+    warn: RateLimitedWarn,
+}
+
+/// Builds the peer router: `POST /raft/v1/message` (body: one JSON
+/// [`raft::Message`]) answers 204 once the message is queued on `inbound`;
+/// `POST /raft/v1/hello` (signed, empty body) answers 200 with a signed JSON
+/// [`PeerInfo`] read from `identity`.
+///
+/// `cfg` MUST have passed [`TransportConfig::validate`]. Serve it with
+/// [`serve`] (or with `into_make_service_with_connect_info::<SocketAddr>()`
+/// so refusals are logged with the peer's address).
+pub fn router(
+    cfg: Arc<TransportConfig>,
+    metrics: Metrics,
+    inbound: mpsc::Sender<raft::Message>,
+    identity: watch::Receiver<PeerInfo>,
+) -> Router {
+    let limit = cfg.max_body_bytes;
+    let state = Arc::new(PeerServer {
+        cfg,
+        metrics,
+        inbound,
+        identity,
+        nonces: Mutex::new(NonceCache::new(NONCE_CACHE_CAPACITY)),
+        warn: RateLimitedWarn::default(),
+    });
+    Router::new()
+        .route(MESSAGE_PATH, post(handle_message))
+        .route(HELLO_PATH, post(handle_hello))
+        // The handlers read the body themselves with the same limit (to
+        // count refusals); this layer keeps any future extractor bounded too.
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` with TCP_NODELAY on every connection until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        // Small request/response pairs: Nagle would add up to 40 ms each.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY on a peer connection");
+        }
+    });
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// Handles `POST /raft/v1/message`.
+async fn handle_message(State(server): State<Arc<PeerServer>>, req: Request) -> Response {
+    let peer = peer_addr(&req);
+    match server.accept_message(req).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(rejection) => server.refuse(rejection, peer),
+    }
+}
+
+/// Handles `POST /raft/v1/hello`.
+async fn handle_hello(State(server): State<Arc<PeerServer>>, req: Request) -> Response {
+    let peer = peer_addr(&req);
+    match server.authenticate(req, HELLO_PATH).await {
+        Ok((auth, _body)) => server.answer_hello(&auth),
+        Err(rejection) => server.refuse(rejection, peer),
+    }
+}
+
+/// Returns the peer's socket address when the server records it.
+fn peer_addr(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr)
+}
+
+impl PeerServer {
+    /// Authenticates, decodes, checks and queues one message.
+    async fn accept_message(&self, req: Request) -> Result<(), Rejection> {
+        let (_auth, body) = self.authenticate(req, MESSAGE_PATH).await?;
+        let msg: raft::Message =
+            serde_json::from_slice(&body).map_err(|_| Rejection::MalformedMessage)?;
+        if !valid_node_name(&msg.from.name) || !valid_node_name(&msg.to.name) {
+            return Err(Rejection::BadNodeName);
+        }
+        self.inbound.try_send(msg).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
+            mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
+        })
+    }
+
+    /// Checks size, headers, cluster, clock, signature and nonce of a
+    /// request to `path`; returns its auth headers and body.
+    async fn authenticate(
+        &self,
+        req: Request,
+        path: &str,
+    ) -> Result<(AuthHeaders, Bytes), Rejection> {
+        let (parts, body) = req.into_parts();
+        if declared_length(&parts.headers).is_some_and(|n| n > self.cfg.max_body_bytes as u64) {
+            return Err(Rejection::BodyTooLarge);
+        }
+        let auth = AuthHeaders::parse(&parts.headers)?;
+        // A real peer sends its whole request within its request timeout;
+        // a slow trickle only holds memory, so it gets no longer.
+        let body = tokio::time::timeout(
+            self.cfg.request_timeout,
+            read_limited(body, self.cfg.max_body_bytes),
+        )
+        .await
+        .map_err(|_| Rejection::BodyTimeout)??;
+        let scope = format!("{} {path}", parts.method);
+        let now = auth::now_ms();
+        auth::verify(&self.cfg, &auth, &scope, &body, now)?;
+        let expiry = auth
+            .timestamp_ms
+            .saturating_add(self.cfg.max_clock_skew.as_millis().min(u64::MAX as u128) as u64);
+        let fresh = match self.nonces.lock() {
+            Ok(mut cache) => cache.insert(&auth.nonce, expiry, now),
+            Err(poisoned) => poisoned.into_inner().insert(&auth.nonce, expiry, now),
+        };
+        if !fresh {
+            return Err(Rejection::ReplayedNonce);
+        }
+        Ok((auth, body))
+    }
+
+    /// Answers a verified hello with our identity, signed for that request.
+    fn answer_hello(&self, request: &AuthHeaders) -> Response {
+        let info = self.identity.borrow().clone();
+        let body = match serde_json::to_vec(&info) {
+            Ok(body) => body,
+            Err(err) => {
+                tracing::error!(%err, "cannot encode this node's identity for hello");
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        };
+        let signed = auth::sign(&self.cfg, &auth::response_scope(&request.nonce), &body);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (name, value) in signed.to_pairs() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+        (StatusCode::OK, headers, body).into_response()
+    }
+
+    /// Counts, logs (rate-limited) and answers a refusal.
+    fn refuse(&self, rejection: Rejection, peer: Option<SocketAddr>) -> Response {
+        let reason = rejection.reason();
+        self.metrics
+            .rejected_messages
+            .with_label_values(&[reason])
+            .inc();
+        if let Some(suppressed) = self.warn.permit(reason, Instant::now()) {
+            tracing::warn!(
+                reason,
+                peer = ?peer,
+                suppressed,
+                "refused a peer request ({suppressed} more like it suppressed in the last {}s)",
+                auth::WARN_INTERVAL.as_secs()
+            );
+        }
+        (rejection.status(), reason).into_response()
+    }
+}
+
+/// Returns the Content-Length the client declared, if any and valid.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Reads `body`, stopping as soon as it exceeds `limit` bytes.
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Rejection> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| Rejection::BodyUnreadable)?;
+        if buf.len() + chunk.len() > limit {
+            return Err(Rejection::BodyTooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Returns whether `name` is a plausible member name.
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NODE_NAME_BYTES && !name.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::auth::{sign_at, sign_headers};
+    use crate::transport::testing::{config, heartbeat, start_peer, TestPeer};
+    use crate::transport::TransportConfig;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SCOPE: &str = "POST /raft/v1/message";
+
+    /// Posts `body` with `headers` to the message path; returns the status.
+    async fn post(peer: &TestPeer, headers: &[(String, String)], body: Vec<u8>) -> u16 {
+        let mut req = reqwest::Client::new()
+            .post(peer.url(MESSAGE_PATH))
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.send().await.expect("request sent").status().as_u16()
+    }
+
+    fn json(round: u64) -> Vec<u8> {
+        serde_json::to_vec(&heartbeat(round)).expect("encodes")
+    }
+
+    /// Asserts a refusal: status, exactly one count of `reason`, nothing forwarded.
+    fn assert_refused(peer: &mut TestPeer, status: u16, expected: u16, reason: &str) {
+        assert_eq!(status, expected, "status for {reason}");
+        assert_eq!(
+            peer.rejected(reason),
+            1,
+            "rejected_messages{{reason={reason}}}"
+        );
+        assert!(
+            peer.inbound.try_recv().is_err(),
+            "nothing forwarded for {reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn signed_message_is_delivered_to_inbound() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
+        assert_eq!(status, 204);
+        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+    }
+
+    #[tokio::test]
+    async fn request_without_auth_headers_is_refused_with_401() {
+        let mut peer = start_peer(config(1), 8).await;
+        let status = post(&peer, &[], json(1)).await;
+        assert_refused(&mut peer, status, 401, "missing_auth");
+    }
+
+    #[tokio::test]
+    async fn request_with_malformed_auth_headers_is_refused_with_401() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let mut headers = sign_headers(&peer.cfg, SCOPE, &body);
+        headers.retain(|(k, _)| k != auth::NONCE_HEADER);
+        let status = post(&peer, &headers, body).await;
+        assert_refused(&mut peer, status, 401, "malformed_auth");
+    }
+
+    #[tokio::test]
+    async fn tampered_body_is_refused_with_401() {
+        let mut peer = start_peer(config(1), 8).await;
+        let headers = sign_headers(&peer.cfg, SCOPE, &json(1));
+        let status = post(&peer, &headers, json(2)).await;
+        assert_refused(&mut peer, status, 401, "bad_signature");
+    }
+
+    #[tokio::test]
+    async fn request_signed_with_another_secret_is_refused_with_401() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let status = post(&peer, &sign_headers(&config(2), SCOPE, &body), body).await;
+        assert_refused(&mut peer, status, 401, "bad_signature");
+    }
+
+    #[tokio::test]
+    async fn request_for_another_cluster_is_refused_with_403() {
+        let mut peer = start_peer(config(1), 8).await;
+        let foreign = TransportConfig::new("other", vec![1; 32]);
+        let body = json(1);
+        let status = post(&peer, &sign_headers(&foreign, SCOPE, &body), body).await;
+        assert_refused(&mut peer, status, 403, "foreign_cluster");
+    }
+
+    #[tokio::test]
+    async fn request_with_stale_timestamp_is_refused_with_401() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let old = auth::now_ms() - 31_000;
+        let headers = sign_at(&peer.cfg, SCOPE, &body, old, &auth::new_nonce()).to_pairs();
+        let status = post(&peer, &headers, body).await;
+        assert_refused(&mut peer, status, 401, "stale_timestamp");
+    }
+
+    #[tokio::test]
+    async fn replayed_request_is_refused_with_409() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let headers = sign_headers(&peer.cfg, SCOPE, &body);
+        assert_eq!(post(&peer, &headers, body.clone()).await, 204);
+        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        let status = post(&peer, &headers, body).await;
+        assert_refused(&mut peer, status, 409, "replayed_nonce");
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_refused_with_413() {
+        let mut cfg = config(1);
+        cfg.max_body_bytes = 1024;
+        let mut peer = start_peer(cfg, 8).await;
+        let body = vec![b' '; 2048];
+        let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
+        assert_refused(&mut peer, status, 413, "body_too_large");
+    }
+
+    #[tokio::test]
+    async fn huge_declared_body_is_refused_before_it_is_sent() {
+        let mut peer = start_peer(config(1), 8).await;
+        let headers = sign_headers(&peer.cfg, SCOPE, b"");
+        let mut head = format!(
+            "POST {MESSAGE_PATH} HTTP/1.1\r\nhost: {}\r\ncontent-length: 1000000000\r\n",
+            peer.addr
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(peer.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write head");
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut answer))
+            .await
+            .expect("answered without waiting for the body")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert_refused(&mut peer, 413, 413, "body_too_large");
+    }
+
+    #[tokio::test]
+    async fn chunked_body_over_the_limit_is_refused_with_413() {
+        let mut cfg = config(1);
+        cfg.max_body_bytes = 1024;
+        let mut peer = start_peer(cfg, 8).await;
+        let headers = sign_headers(&peer.cfg, SCOPE, b"");
+        let mut head = format!(
+            "POST {MESSAGE_PATH} HTTP/1.1\r\nhost: {}\r\ntransfer-encoding: chunked\r\n",
+            peer.addr
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(peer.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write head");
+        // Two 800-byte chunks and no terminating chunk: the server must stop early.
+        let chunk = format!("320\r\n{}\r\n", " ".repeat(800));
+        tcp.write_all(chunk.as_bytes()).await.expect("chunk 1");
+        tcp.write_all(chunk.as_bytes()).await.expect("chunk 2");
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut answer))
+            .await
+            .expect("answered before the body ended")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert_refused(&mut peer, 413, 413, "body_too_large");
+    }
+
+    #[tokio::test]
+    async fn body_that_never_arrives_is_refused_with_408() {
+        let mut cfg = config(1);
+        cfg.request_timeout = Duration::from_millis(100);
+        let mut peer = start_peer(cfg, 8).await;
+        let mut head = format!(
+            "POST {MESSAGE_PATH} HTTP/1.1\r\nhost: {}\r\ncontent-length: 100\r\n",
+            peer.addr
+        );
+        for (k, v) in sign_headers(&peer.cfg, SCOPE, b"") {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut tcp = tokio::net::TcpStream::connect(peer.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write head");
+        let mut answer = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut answer))
+            .await
+            .expect("answered after the body timeout")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert_refused(&mut peer, 408, 408, "body_timeout");
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_refused_with_400() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = b"{\"from\": ".to_vec();
+        let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
+        assert_refused(&mut peer, status, 400, "malformed_message");
+    }
+
+    #[tokio::test]
+    async fn message_with_empty_or_overlong_node_name_is_refused_with_400() {
+        for name in [
+            String::new(),
+            "x".repeat(MAX_NODE_NAME_BYTES + 1),
+            "a\nb".to_string(),
+        ] {
+            let mut peer = start_peer(config(1), 8).await;
+            let mut msg = heartbeat(1);
+            msg.to.name = name;
+            let body = serde_json::to_vec(&msg).expect("encodes");
+            let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
+            assert_refused(&mut peer, status, 400, "bad_node_name");
+        }
+    }
+
+    #[tokio::test]
+    async fn full_inbound_channel_answers_503() {
+        let mut peer = start_peer(config(1), 1).await;
+        let first = json(1);
+        assert_eq!(
+            post(&peer, &sign_headers(&peer.cfg, SCOPE, &first), first).await,
+            204
+        );
+        let second = json(2);
+        let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &second), second).await;
+        assert_eq!(status, 503);
+        assert_eq!(peer.rejected("inbound_full"), 1);
+        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert!(
+            peer.inbound.try_recv().is_err(),
+            "the refused message is not queued"
+        );
+    }
+
+    #[tokio::test]
+    async fn hello_signed_with_another_secret_is_refused_with_401() {
+        let peer = start_peer(config(1), 8).await;
+        let mut req = reqwest::Client::new().post(peer.url(HELLO_PATH));
+        for (k, v) in sign_headers(&config(2), "POST /raft/v1/hello", b"") {
+            req = req.header(k, v);
+        }
+        let response = req.send().await.expect("request sent");
+        assert_eq!(response.status().as_u16(), 401);
+        assert!(response.headers().get(auth::SIGNATURE_HEADER).is_none());
+        assert_eq!(peer.rejected("bad_signature"), 1);
+    }
+
+    #[tokio::test]
+    async fn message_signature_does_not_authorize_hello() {
+        let peer = start_peer(config(1), 8).await;
+        let mut req = reqwest::Client::new().post(peer.url(HELLO_PATH));
+        for (k, v) in sign_headers(&peer.cfg, SCOPE, b"") {
+            req = req.header(k, v);
+        }
+        let status = req.send().await.expect("request sent").status().as_u16();
+        assert_eq!(status, 401);
+        assert_eq!(peer.rejected("bad_signature"), 1);
+    }
+
+    #[test]
+    fn every_rejection_has_a_distinct_reason_and_an_error_status() {
+        let all = [
+            Rejection::BodyTooLarge,
+            Rejection::BodyUnreadable,
+            Rejection::BodyTimeout,
+            Rejection::MissingAuth,
+            Rejection::MalformedAuth,
+            Rejection::BadSignature,
+            Rejection::ForeignCluster,
+            Rejection::StaleTimestamp,
+            Rejection::ReplayedNonce,
+            Rejection::MalformedMessage,
+            Rejection::BadNodeName,
+            Rejection::InboundFull,
+            Rejection::InboundClosed,
+        ];
+        let reasons: std::collections::HashSet<_> = all.iter().map(|r| r.reason()).collect();
+        assert_eq!(reasons.len(), all.len());
+        for r in all {
+            assert!(
+                r.status().is_client_error() || r.status().is_server_error(),
+                "{r:?}"
+            );
+        }
+    }
+}
