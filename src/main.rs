@@ -29,8 +29,9 @@ fn main() -> ExitCode {
 fn run(args: raft_elector::cli::RunArgs) -> anyhow::Result<()> {
     let cfg = args.validate()?;
     init_logging(cfg.log_format, &cfg.log_level);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a sidecar's work is a few small messages every heartbeat,
+    // and cross-thread wakeups would cost more CPU than the work itself.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(raft_elector::runtime::run(cfg, shutdown_signal()))
