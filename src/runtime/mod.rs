@@ -157,6 +157,9 @@ pub async fn run(
         stopped(),
     ));
 
+    if cfg.kubernetes {
+        info!("Kubernetes publishing (pod label, LeaderElection status) is not in this build; /is-leader, /leader and the status file carry leadership");
+    }
     if cfg.bootstrap_expect.is_none() && core.log().is_empty() {
         info!("no --bootstrap-expect: this node joins an existing cluster when its leader adds it");
     }
