@@ -55,20 +55,31 @@ async fn five_nodes_found_through_dns_have_exactly_one_leader_in_steady_state() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_started_at_once_form_one_cluster_that_agrees_on_leader_and_term() {
     let mut cluster = Cluster::start(5, ClusterConfig::default()).await;
-    let leader = cluster.wait_for_single_leader(ELECT).await;
-    let statuses = cluster.statuses().await;
-    let leader_status = statuses[leader].1.clone().expect("leader answers");
-    for (slot, status) in statuses {
+    cluster.start_sampling(SAMPLE_EVERY);
+    cluster
+        .wait_until(ELECT, "one cluster of 5 that agrees on leader and term", || async {
+            if cluster.steady_leader().await.is_none() {
+                return false;
+            }
+            let mut all_in = true;
+            for (slot, status) in cluster.statuses().await {
+                all_in &= status.is_some_and(|s| s.voters + s.learners == 5)
+                    && cluster.is_ready(slot).await;
+            }
+            all_in
+        })
+        .await;
+    let timeline = cluster.stop_sampling().await;
+
+    let leader = cluster.steady_leader().await.expect("still one leader");
+    let leader_status = cluster.status(leader).await.expect("leader answers");
+    for (slot, status) in cluster.statuses().await {
         let status = status.unwrap_or_else(|| panic!("node-{slot} does not answer"));
         assert_eq!(status.leader.as_deref(), Some(leader_status.node.as_str()));
         assert_eq!(status.term, leader_status.term, "{status:?}");
-        assert_eq!(
-            status.voters + status.learners,
-            5,
-            "one cluster of 5: {status:?}"
-        );
-        assert!(cluster.is_ready(slot).await, "node-{slot} joined");
     }
+    // Two clusters would each have had a leader answering 200 at once.
+    assert_no_double_leader(&timeline);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
