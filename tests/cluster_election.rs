@@ -57,17 +57,21 @@ async fn nodes_started_at_once_form_one_cluster_that_agrees_on_leader_and_term()
     let mut cluster = Cluster::start(5, ClusterConfig::default()).await;
     cluster.start_sampling(SAMPLE_EVERY);
     cluster
-        .wait_until(ELECT, "one cluster of 5 that agrees on leader and term", || async {
-            if cluster.steady_leader().await.is_none() {
-                return false;
-            }
-            let mut all_in = true;
-            for (slot, status) in cluster.statuses().await {
-                all_in &= status.is_some_and(|s| s.voters + s.learners == 5)
-                    && cluster.is_ready(slot).await;
-            }
-            all_in
-        })
+        .wait_until(
+            ELECT,
+            "one cluster of 5 that agrees on leader and term",
+            || async {
+                if cluster.steady_leader().await.is_none() {
+                    return false;
+                }
+                let mut all_in = true;
+                for (slot, status) in cluster.statuses().await {
+                    all_in &= status.is_some_and(|s| s.voters + s.learners == 5)
+                        && cluster.is_ready(slot).await;
+                }
+                all_in
+            },
+        )
         .await;
     let timeline = cluster.stop_sampling().await;
 

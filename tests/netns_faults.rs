@@ -289,9 +289,12 @@ async fn twenty_ms_rtt_and_five_percent_loss_cause_no_leader_flapping() {
     let Some(hosts) = hosts_or_skip(test, "ne", 20, 21) else {
         return;
     };
-    hosts
-        .impair("10ms", "5%")
-        .expect("add netem to every peer link");
+    if let Err(reason) = hosts.impair("10ms", "5%") {
+        eprintln!(
+            "SKIPPED {test}: cannot add a netem qdisc ({reason}); the kernel needs sch_netem"
+        );
+        return;
+    }
     let mut cluster = Cluster::start_placed(hosts.placements(), static_config()).await;
     cluster
         .wait_for_single_leader(Duration::from_secs(15))
