@@ -253,7 +253,16 @@ async fn bench(trials: usize) {
     }
     eprintln!("SIGTERM handoff series, 5 nodes ...");
     let (handoff, mut cluster) = handoff_series(5, trials).await;
-    eprintln!("idle measurement, 5 nodes ...");
+    drop(cluster);
+    eprintln!("idle measurement, 5 nodes with default flags ...");
+    let quiet = ClusterConfig {
+        extra_args: Vec::new(),
+        ..ClusterConfig::default()
+    };
+    let mut cluster = Cluster::start(5, quiet).await;
+    wait_steady(&mut cluster, 5).await;
+    // Let the startup's membership changes and DNS lookups settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = measure_idle(&mut cluster, 5).await;
     drop(cluster);
 
@@ -283,7 +292,7 @@ async fn bench(trials: usize) {
         .iter()
         .map(|f| f.1)
         .fold(idle.leader.1, f64::max);
-    println!("\n| idle (5 nodes, {IDLE_WINDOW:?}) | CPU millicores | RSS MiB |");
+    println!("\n| idle (5 nodes, default flags, {IDLE_WINDOW:?}) | CPU millicores | RSS MiB |");
     println!("| --- | --- | --- |");
     println!("| leader | {:.2} | {:.1} |", idle.leader.0, idle.leader.1);
     for (i, (cpu, rss)) in idle.followers.iter().enumerate() {
