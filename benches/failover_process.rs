@@ -125,8 +125,8 @@ async fn kill_series(size: usize, trials: usize) -> Series {
 /// Hands leadership over with SIGTERM `trials` times; returns the upper
 /// bound of the leaderless gap (old leader's last 200 sent → new leader's
 /// first 200 received). The stopped node comes back as a new incarnation,
-/// as a replaced pod would. Returns the cluster for the idle measurement.
-async fn handoff_series(size: usize, trials: usize) -> (Series, Cluster) {
+/// as a replaced pod would.
+async fn handoff_series(size: usize, trials: usize) -> Series {
     let mut cluster = Cluster::start(size, bench_config()).await;
     let mut series = Series::default();
     let mut unclean_exits = 0;
@@ -156,7 +156,7 @@ async fn handoff_series(size: usize, trials: usize) -> (Series, Cluster) {
         cluster.restart(old, false).await;
     }
     assert_eq!(unclean_exits, 0, "some leaders did not exit 0 on SIGTERM");
-    (series, cluster)
+    series
 }
 
 /// Returns utime + stime of `pid` in clock ticks.
@@ -252,8 +252,7 @@ async fn bench(trials: usize) {
         kills.push((size, kill_series(size, trials).await));
     }
     eprintln!("SIGTERM handoff series, 5 nodes ...");
-    let (handoff, mut cluster) = handoff_series(5, trials).await;
-    drop(cluster);
+    let handoff = handoff_series(5, trials).await;
     eprintln!("idle measurement, 5 nodes with default flags ...");
     let quiet = ClusterConfig {
         extra_args: Vec::new(),
