@@ -94,7 +94,20 @@ async fn bad_peer_messages_are_refused_counted_and_change_nothing() {
     let original = post(&client, &url, &signed, body.clone()).await;
     let replay = post(&client, &url, &signed, body.clone()).await;
     let big = vec![b' '; OVERSIZED];
-    let oversized = post(&client, &url, &sign_headers(&ours, SCOPE, &big), big).await;
+    // The server refuses on Content-Length and may close before the client
+    // finished writing the body: a reset connection is a refusal too.
+    let oversized = {
+        let headers = sign_headers(&ours, SCOPE, &big);
+        let mut request = client.post(&url).body(big);
+        for (name, value) in &headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        match request.send().await {
+            Ok(answer) => answer.status().as_u16(),
+            Err(e) if e.is_request() => 413,
+            Err(e) => panic!("oversized request failed oddly: {e}"),
+        }
+    };
     let junk = b"{\"from\": \"not a message\"".to_vec();
     let malformed = post(&client, &url, &sign_headers(&ours, SCOPE, &junk), junk).await;
     let stale_headers = sign_at(
