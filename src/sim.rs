@@ -168,6 +168,8 @@ pub struct Sim {
     leaders_by_term: HashMap<Term, NodeId>,
     votes: HashMap<(NodeId, Term), NodeId>,
     committed: BTreeMap<u64, (Term, Payload)>,
+    /// Term of every committed index seen, including snapshot points.
+    committed_terms: BTreeMap<u64, Term>,
     retired: HashMap<NodeId, u64>,
     violations: Vec<Violation>,
     /// Every (real time, node, term) at which a node first held a lease in a term.
@@ -214,6 +216,7 @@ impl Sim {
             leaders_by_term: HashMap::new(),
             votes: HashMap::new(),
             committed: BTreeMap::new(),
+            committed_terms: BTreeMap::new(),
             retired: HashMap::new(),
             violations: Vec::new(),
             lease_starts: Vec::new(),
@@ -455,6 +458,20 @@ impl Sim {
         for row in &mut self.blocked {
             row.iter_mut().for_each(|b| *b = false);
         }
+    }
+
+    /// Changes the clock rate of `slot` from now on, keeping its local time
+    /// continuous (an adversary choosing drift within the bound).
+    pub fn set_clock_rate(&mut self, slot: usize, rate: f64) {
+        let local = self.local_now(slot).as_nanos() as f64;
+        let offset = local - self.now as f64 * rate;
+        let n = &mut self.nodes[slot];
+        n.rate = rate;
+        n.offset = offset.max(0.0) as u64;
+        n.scheduled_deadline = None;
+        self.reschedule_tick(slot);
+        // The lease deadline in real time moved with the rate.
+        self.check_node(slot);
     }
 
     /// Sets the message loss probability.
@@ -742,34 +759,54 @@ impl Sim {
         self.check_commits(slot);
     }
 
-    /// Committed entries never diverge between nodes.
+    /// Committed entries never diverge: every committed index a node holds
+    /// (entries and its snapshot point) matches what any node committed there,
+    /// and a node's committed prefix never changes under it.
     fn check_commits(&mut self, slot: usize) {
         let Some(core) = self.nodes[slot].core.as_ref() else {
             return;
         };
         let commit = core.commit_index();
-        let from = self.nodes[slot].checked_commit + 1;
+        let log = core.log();
+        let snap = log.snapshot();
         let mut found = Vec::new();
+        if snap.last_index > 0 {
+            found.push((snap.last_index, snap.last_term, None));
+        }
+        let from = (self.nodes[slot].checked_commit + 1).max(snap.last_index + 1);
         for index in from..=commit {
-            if let Some(e) = core.log().entry(index) {
+            if let Some(e) = log.entry(index) {
                 found.push((index, e.term, Some(e.payload.clone())));
-            } else if index == core.log().snapshot().last_index {
-                found.push((index, core.log().snapshot().last_term, None));
+            }
+        }
+        // Re-check the newest committed index every time: it must not change.
+        if commit > snap.last_index && commit < from {
+            if let Some(t) = log.term_at(commit) {
+                found.push((commit, t, None));
             }
         }
         self.nodes[slot].checked_commit = commit.max(self.nodes[slot].checked_commit);
         for (index, term, payload) in found {
-            match self.committed.get(&index) {
-                Some((t, p)) => {
-                    if *t != term || payload.as_ref().is_some_and(|pl| pl != p) {
-                        let what = format!(
-                            "n{slot} committed index {index} with term {term}, others with term {t}"
-                        );
+            match self.committed_terms.get(&index) {
+                Some(t) if *t != term => {
+                    let what = format!(
+                        "n{slot} committed index {index} with term {term}, others with term {t}"
+                    );
+                    self.violation(what);
+                }
+                Some(_) => {}
+                None => {
+                    self.committed_terms.insert(index, term);
+                }
+            }
+            if let Some(p) = payload {
+                match self.committed.get(&index) {
+                    Some((_, q)) if *q != p => {
+                        let what = format!("n{slot} committed a different entry at index {index}");
                         self.violation(what);
                     }
-                }
-                None => {
-                    if let Some(p) = payload {
+                    Some(_) => {}
+                    None => {
                         self.committed.insert(index, (term, p));
                     }
                 }

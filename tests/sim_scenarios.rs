@@ -263,3 +263,72 @@ fn a_node_that_leaves_is_removed_from_the_configuration() {
         assert_eq!(config.voters.len(), 4);
     }
 }
+
+/// Partitions the leader right after a majority acknowledged a round, with
+/// its clock as slow and the others' as fast as `drift` allows, the least
+/// message delay and a near-fixed timeout: the tightest race the lease
+/// argument has. Returns the simulator after a new leader took over.
+fn tightest_lease_race(seed: u64, lease_drift: f64, clock_drift: f64) -> Sim {
+    let mut cfg = SimConfig::new(5, seed);
+    cfg.raft.max_clock_drift = lease_drift;
+    cfg.raft.election_timeout_max = cfg.raft.election_timeout_min + Duration::from_micros(200);
+    cfg.delay = (Duration::from_micros(1), Duration::from_micros(2));
+    cfg.drift = 0.0;
+    let mut sim = Sim::new(cfg);
+    sim.run_until_lease(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("seed {seed}: no first leader"));
+    sim.run_for(Duration::from_millis(300));
+    let old = sim
+        .lease_holder()
+        .unwrap_or_else(|| panic!("seed {seed}: no leader"));
+    for n in 0..5 {
+        let rate = if n == old {
+            1.0 - clock_drift / 2.0
+        } else {
+            1.0 + clock_drift / 2.0
+        };
+        sim.set_clock_rate(n, rate);
+    }
+    // Wait for the lease to be extended by a fresh majority acknowledgement.
+    let before = sim.lease_end_nanos(old);
+    sim.run_until_condition(Duration::from_millis(200), |s| {
+        s.lease_end_nanos(old) > before
+    })
+    .unwrap_or_else(|| panic!("seed {seed}: lease never extended"));
+    sim.partition(&[old]);
+    sim.run_until_condition(Duration::from_secs(3), |s| {
+        (0..5).any(|n| n != old && s.has_lease(n))
+    })
+    .unwrap_or_else(|| panic!("seed {seed}: no new leader"));
+    sim.run_for(Duration::from_millis(200));
+    sim
+}
+
+#[test]
+fn the_lease_holds_in_the_tightest_race_the_drift_bound_allows() {
+    for seed in 0..200 {
+        let sim = tightest_lease_race(seed, 0.01, 0.01);
+        assert!(
+            sim.violations().is_empty(),
+            "seed {seed}: {:?}",
+            sim.violations()
+        );
+    }
+}
+
+#[test]
+fn the_checker_catches_a_lease_that_ignores_clock_drift() {
+    // The same race with a lease of the full election_timeout_min (no drift
+    // allowance) on clocks 1% apart: the invariant check must fire.
+    let caught = (0..200)
+        .filter(|seed| {
+            !tightest_lease_race(*seed, 0.0, 0.01)
+                .violations()
+                .is_empty()
+        })
+        .count();
+    assert!(
+        caught >= 100,
+        "only {caught}/200 races caught the overlong lease"
+    );
+}

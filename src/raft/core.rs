@@ -111,6 +111,8 @@ pub enum StepError {
     TruncatesCommitted { at: LogIndex, commit: LogIndex },
     #[error("append entries carries entries that do not follow index {prev}")]
     MalformedEntries { prev: LogIndex },
+    #[error("snapshot up to {index} is beyond the leader's commit index {commit} or term")]
+    MalformedSnapshot { index: LogIndex, commit: LogIndex },
     #[error("a second leader {other} claims term {term}")]
     SecondLeader { other: NodeId, term: Term },
 }
@@ -123,6 +125,7 @@ impl StepError {
             StepError::FromSelf(_) => "from_self",
             StepError::TruncatesCommitted { .. } => "truncates_committed",
             StepError::MalformedEntries { .. } => "malformed_entries",
+            StepError::MalformedSnapshot { .. } => "malformed_snapshot",
             StepError::SecondLeader { .. } => "second_leader",
         }
     }
@@ -598,6 +601,10 @@ impl RaftCore {
         let Some(lead) = self.lead.as_ref() else {
             return Err(TransferError::NotLeader);
         };
+        if let Some(tr) = &lead.transfer {
+            // Already handing over: keep the first target and deadline.
+            return Ok(tr.target.clone());
+        }
         let target = match target {
             Some(t) if !self.config.is_voter(&t) || t == self.id => {
                 return Err(TransferError::NotVoter(t))
@@ -611,8 +618,8 @@ impl RaftCore {
                 .max_by_key(|v| {
                     let p = lead.progress.get(*v);
                     (
-                        p.map_or(0, |p| p.matched),
                         p.is_some_and(|p| p.recent_active),
+                        p.map_or(0, |p| p.matched),
                     )
                 })
                 .cloned()
@@ -654,6 +661,11 @@ impl RaftCore {
     pub fn set_election_timeouts(&mut self, min: Duration, max: Duration) {
         self.cfg.election_timeout_min = min;
         self.cfg.election_timeout_max = max.max(min);
+        // A lease computed with a longer window must not outlive the new one.
+        if let Some(lead) = self.lead.as_mut() {
+            lead.lease_until = None;
+        }
+        self.update_lease();
     }
 
     // ----- timers --------------------------------------------------------
@@ -823,11 +835,14 @@ impl RaftCore {
                 self.become_follower(now, msg.term, None);
                 false
             }
-            MessageBody::AppendEntries { .. }
-            | MessageBody::InstallSnapshot { .. }
-            | MessageBody::TimeoutNow => {
+            MessageBody::AppendEntries { .. } | MessageBody::InstallSnapshot { .. } => {
                 self.become_follower(now, msg.term, Some(msg.from.clone()));
                 true
+            }
+            MessageBody::TimeoutNow => {
+                // Only the known leader of our own term may hand its term over.
+                self.become_follower(now, msg.term, None);
+                false
             }
             _ => {
                 self.become_follower(now, msg.term, None);
@@ -953,13 +968,16 @@ impl RaftCore {
         self.role = Role::Leader;
         self.leader = Some(self.id.clone());
         self.votes.clear();
+        // Probe from the log as it was before the no-op, so the first append
+        // carries the no-op and usually succeeds at once.
+        let before_noop = self.log.last_index();
         let noop_index = self.log.append(self.term, Payload::Noop);
         self.hard_state_dirty = true;
         let progress = self
             .config
             .members()
             .filter(|(id, _)| **id != self.id)
-            .map(|(id, _)| (id.clone(), Progress::new(self.log.last_index())))
+            .map(|(id, _)| (id.clone(), Progress::new(before_noop)))
             .collect();
         self.lead = Some(LeaderState {
             progress,
@@ -1036,15 +1054,12 @@ impl RaftCore {
                 term: self.term,
             });
         }
-        if entries
-            .iter()
-            .enumerate()
-            .any(|(i, e)| e.index != prev_log_index + 1 + i as u64)
-        {
+        if !entries_follow(prev_log_index, prev_log_term, self.term, &entries) {
             return Err(StepError::MalformedEntries {
                 prev: prev_log_index,
             });
         }
+        self.check_same_leader(&from)?;
         // Entries up to our snapshot are committed, hence equal to the leader's.
         let snapshot_index = self.log.snapshot().last_index;
         let matches = prev_log_index < snapshot_index
@@ -1081,6 +1096,7 @@ impl RaftCore {
             );
             return Ok(());
         }
+        // Cannot overflow: entries_follow checked every index.
         let last_new = prev_log_index + entries.len() as u64;
         if let Some(at) = conflict {
             self.log.truncate_from(at);
@@ -1116,6 +1132,13 @@ impl RaftCore {
                 term: self.term,
             });
         }
+        if snapshot.last_index > leader_commit || snapshot.last_term > self.term {
+            return Err(StepError::MalformedSnapshot {
+                index: snapshot.last_index,
+                commit: leader_commit,
+            });
+        }
+        self.check_same_leader(&from)?;
         self.hear_from_leader(now, &from);
         let last_index = snapshot.last_index;
         if last_index > self.commit {
@@ -1124,7 +1147,9 @@ impl RaftCore {
             self.hard_state_dirty = true;
             self.refresh_config();
         }
-        self.advance_commit(leader_commit.min(self.log.last_index()));
+        // Entries we kept after the snapshot were not checked against the
+        // leader's log: commit only what the snapshot itself vouches for.
+        self.advance_commit(leader_commit.min(last_index));
         self.send(
             from,
             MessageBody::AppendEntriesResponse {
@@ -1134,6 +1159,17 @@ impl RaftCore {
             },
         );
         Ok(())
+    }
+
+    /// Refuses a second leader in the same term (evidence of a bug or a forgery).
+    fn check_same_leader(&self, from: &NodeId) -> Result<(), StepError> {
+        match &self.leader {
+            Some(l) if l != from && self.role == Role::Follower => Err(StepError::SecondLeader {
+                other: from.clone(),
+                term: self.term,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn hear_from_leader(&mut self, now: Time, leader: &NodeId) {
@@ -1173,8 +1209,15 @@ impl RaftCore {
             p.next = p.next.max(p.matched + 1);
             p.next <= last
         } else {
-            p.next = (last_index + 1).min(p.next.saturating_sub(1)).max(1);
-            true
+            // Move next down to just past the follower's hint, never below
+            // what it already matched; a stale or duplicate reply changes nothing.
+            let hinted = last_index.saturating_add(1).max(p.matched + 1);
+            if hinted < p.next {
+                p.next = hinted;
+                true
+            } else {
+                false
+            }
         };
         self.update_lease();
         self.maybe_commit(now);
@@ -1353,17 +1396,31 @@ impl RaftCore {
             }
             return;
         }
-        if self.config.voters.len() >= self.cfg.max_voters {
+        let voters = self.config.voters.len();
+        if voters >= self.cfg.max_voters {
             return;
         }
         let last = self.log.last_index();
-        let ready = self.config.learners.iter().find(|(id, _)| {
-            lead.progress
-                .get(*id)
-                .is_some_and(|p| p.matched >= last && p.recent_active)
-        });
-        if let Some((id, addr)) = ready {
-            let (id, addr) = (id.clone(), addr.clone());
+        let ready: Vec<(&NodeId, &String)> = self
+            .config
+            .learners
+            .iter()
+            .filter(|(id, _)| {
+                lead.progress
+                    .get(*id)
+                    .is_some_and(|p| p.matched >= last && p.recent_active)
+            })
+            .collect();
+        // Grow the voter set in pairs to an odd size: an even size tolerates
+        // no more failures than the odd size below it, and two voters would
+        // wedge for good if either were lost.
+        let promote = if voters % 2 == 0 {
+            !ready.is_empty()
+        } else {
+            ready.len() >= 2 && voters + 2 <= self.cfg.max_voters
+        };
+        if let Some((id, addr)) = ready.first().filter(|_| promote) {
+            let (id, addr) = ((*id).clone(), (*addr).clone());
             let mut next = self.config.clone();
             next.learners.remove(&id);
             next.voters.insert(id, addr);
@@ -1413,4 +1470,28 @@ impl Progress {
             recent_active: false,
         }
     }
+}
+
+/// Returns whether `entries` directly follow (`prev_index`, `prev_term`):
+/// consecutive indexes without overflow, terms never falling and never above
+/// the sender's term `term`.
+fn entries_follow(
+    prev_index: LogIndex,
+    prev_term: Term,
+    term: Term,
+    entries: &[crate::raft::types::Entry],
+) -> bool {
+    let mut expected = prev_index;
+    let mut last_term = prev_term;
+    for e in entries {
+        match expected.checked_add(1) {
+            Some(next) if e.index == next => expected = next,
+            _ => return false,
+        }
+        if e.term < last_term || e.term > term {
+            return false;
+        }
+        last_term = e.term;
+    }
+    true
 }

@@ -451,23 +451,43 @@ fn a_new_leader_changes_membership_only_after_committing_its_no_op() {
     );
 }
 
+/// Acknowledges everything up to `index` from `from` (a member of leader a).
+fn ack_from(from: &NodeId, index: u64) -> Message {
+    Message {
+        from: from.clone(),
+        ..ack("b", 1, index, ms(2000))
+    }
+}
+
 #[test]
-fn a_caught_up_learner_is_promoted_while_voters_are_below_max() {
+fn caught_up_learners_are_promoted_in_pairs_to_an_odd_number_of_voters() {
     let mut a = leader_a();
     a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
-    let d = NodeId::new("d", 1);
+    let (d, e) = (NodeId::new("d", 1), NodeId::new("e", 1));
     a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
     a.step(ms(2002), ack("b", 1, 3, ms(2000))).unwrap();
-    assert_eq!(a.commit_index(), 3);
-    assert!(a.configuration().0.is_learner(&d), "not caught up yet");
-    let ack_d = Message {
-        from: d.clone(),
-        ..ack("b", 1, 3, ms(2000))
-    };
-    a.step(ms(2003), ack_d).unwrap();
-    let (config, index) = a.configuration();
-    assert!(config.is_voter(&d), "promoted once caught up");
-    assert_eq!(index, 4);
+    a.step(ms(2002), ack_from(&d, 3)).unwrap();
+    assert!(
+        a.configuration().0.is_learner(&d),
+        "one learner alone would make four voters: no better than three"
+    );
+    a.propose_add_learner(e.clone(), "e:4041".into()).unwrap();
+    a.step(ms(2003), ack("b", 1, 4, ms(2000))).unwrap();
+    a.step(ms(2003), ack_from(&d, 4)).unwrap();
+    a.step(ms(2003), ack_from(&e, 4)).unwrap();
+    assert!(
+        a.configuration().0.is_voter(&d),
+        "promoted once two are caught up"
+    );
+    assert_eq!(a.configuration().1, 5);
+    // The second promotion follows once the first commits.
+    for from in ["b", "c"] {
+        a.step(ms(2004), ack(from, 1, 5, ms(2000))).unwrap();
+    }
+    a.step(ms(2004), ack_from(&d, 5)).unwrap();
+    a.step(ms(2004), ack_from(&e, 5)).unwrap();
+    assert!(a.configuration().0.is_voter(&e));
+    assert_eq!(a.configuration().0.voters.len(), 5);
 }
 
 #[test]
@@ -641,4 +661,154 @@ fn majorities_of_configurations_that_differ_by_one_voter_intersect() {
         abc.has_disjoint_majority_with(&ab_de),
         "two voters changed at once"
     );
+}
+
+#[test]
+fn an_installed_snapshot_commits_no_further_than_its_own_index() {
+    // c holds a term-2 entry at 4 that never committed; the leader of term 3
+    // sends a snapshot up to 3 with commit 4. Entry 4 is unverified.
+    let mut c = node("c");
+    let entries = vec![
+        Entry {
+            index: 2,
+            term: Term(1),
+            payload: Payload::Noop,
+        },
+        Entry {
+            index: 3,
+            term: Term(1),
+            payload: Payload::Noop,
+        },
+        Entry {
+            index: 4,
+            term: Term(2),
+            payload: Payload::Noop,
+        },
+    ];
+    let append = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries,
+        leader_commit: 3,
+        round: 1,
+    };
+    c.step(ms(2000), msg("b", "c", 2, append)).unwrap();
+    assert_eq!(c.commit_index(), 3);
+    let snapshot = Snapshot {
+        last_index: 3,
+        last_term: Term(1),
+        config: three_voters(),
+    };
+    let install = MessageBody::InstallSnapshot {
+        snapshot,
+        leader_commit: 4,
+        round: 2,
+    };
+    c.step(ms(2100), msg("a", "c", 3, install)).unwrap();
+    assert_eq!(
+        c.commit_index(),
+        3,
+        "entry 4 (term 2) was never checked against a's log"
+    );
+}
+
+#[test]
+fn append_entries_with_falling_or_future_terms_or_overflowing_indexes_is_refused() {
+    let mut b = node("b");
+    let bad_terms = [
+        vec![
+            Entry {
+                index: 2,
+                term: Term(2),
+                payload: Payload::Noop,
+            },
+            Entry {
+                index: 3,
+                term: Term(1),
+                payload: Payload::Noop,
+            },
+        ],
+        vec![Entry {
+            index: 2,
+            term: Term(9),
+            payload: Payload::Noop,
+        }],
+    ];
+    for entries in bad_terms {
+        let append = MessageBody::AppendEntries {
+            prev_log_index: 1,
+            prev_log_term: Term(0),
+            entries,
+            leader_commit: 1,
+            round: 1,
+        };
+        let err = b.step(ms(2000), msg("a", "b", 2, append)).unwrap_err();
+        assert_eq!(err.metric_label(), "malformed_entries");
+    }
+    let overflow = MessageBody::AppendEntries {
+        prev_log_index: u64::MAX,
+        prev_log_term: Term(0),
+        entries: vec![Entry {
+            index: 0,
+            term: Term(1),
+            payload: Payload::Noop,
+        }],
+        leader_commit: 1,
+        round: 1,
+    };
+    let err = b.step(ms(2000), msg("a", "b", 2, overflow)).unwrap_err();
+    assert_eq!(err.metric_label(), "malformed_entries");
+    let huge = MessageBody::InstallSnapshot {
+        snapshot: Snapshot {
+            last_index: u64::MAX,
+            last_term: Term(1),
+            config: three_voters(),
+        },
+        leader_commit: 1,
+        round: 1,
+    };
+    let err = b.step(ms(2000), msg("a", "b", 2, huge)).unwrap_err();
+    assert_eq!(err.metric_label(), "malformed_snapshot");
+    assert_eq!(b.log().last_index(), 1, "nothing was stored");
+    assert_eq!(b.commit_index(), 1);
+}
+
+#[test]
+fn timeout_now_from_a_higher_term_only_moves_the_term() {
+    let mut b = node("b");
+    b.step(ms(4000), msg("c", "b", 5, MessageBody::TimeoutNow))
+        .unwrap();
+    assert_eq!(b.term(), Term(5));
+    assert_eq!(
+        b.role(),
+        Role::Follower,
+        "no election without the term's leader"
+    );
+}
+
+#[test]
+fn a_second_transfer_request_keeps_the_first_target_and_deadline() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    let first = a.transfer_leadership(ms(2002), Some(id("b"))).unwrap();
+    let second = a.transfer_leadership(ms(2100), Some(id("c"))).unwrap();
+    assert_eq!((first, second), (id("b"), id("b")));
+    a.tick(ms(2002) + Duration::from_millis(150));
+    assert_eq!(a.role(), Role::Follower, "the first deadline still holds");
+}
+
+#[test]
+fn a_second_leader_in_the_same_term_is_refused() {
+    let mut b = node("b");
+    let hb = |round| MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: vec![],
+        leader_commit: 1,
+        round,
+    };
+    b.step(ms(3000), msg("a", "b", 1, hb(1))).unwrap();
+    let err = b.step(ms(3001), msg("c", "b", 1, hb(2))).unwrap_err();
+    assert_eq!(err.metric_label(), "second_leader");
+    assert_eq!(b.leader(), Some(&id("a")));
 }
