@@ -401,6 +401,11 @@ impl RaftCore {
         }
     }
 
+    /// Returns when this node last heard from a live leader (or led a round).
+    pub fn last_leader_contact(&self) -> Time {
+        self.last_leader_contact
+    }
+
     /// Returns whether a leader transfer is under way.
     pub fn is_transferring(&self) -> bool {
         self.lead.as_ref().is_some_and(|l| l.transfer.is_some())
@@ -1205,6 +1210,12 @@ impl RaftCore {
             self.advance_commit(n);
             // Tell followers promptly so a new configuration takes hold fast.
             self.broadcast_commit(now);
+            if self.config_index <= self.commit {
+                let config = &self.config;
+                if let Some(lead) = self.lead.as_mut() {
+                    lead.progress.retain(|id, _| config.contains(id));
+                }
+            }
         }
         if self.config_index <= self.commit && !self.config.is_voter(&self.id) {
             // Removed from the configuration and the removal is committed (§4.2.2).
@@ -1368,8 +1379,12 @@ impl RaftCore {
         self.config = config.clone();
         let last = self.log.last_index();
         let me = self.id.clone();
+        // A member removed by a still-uncommitted change keeps receiving
+        // appends until the change commits, so it learns of its removal.
+        let pending = self.config_index > self.commit;
         if let Some(lead) = self.lead.as_mut() {
-            lead.progress.retain(|id, _| self.config.contains(id));
+            lead.progress
+                .retain(|id, _| pending || self.config.contains(id));
             for (id, _) in self.config.members() {
                 if *id != me && !lead.progress.contains_key(id) {
                     lead.progress.insert(id.clone(), Progress::new(last));

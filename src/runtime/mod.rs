@@ -1,3 +1,283 @@
-//! The node runtime: one tokio task that owns the Raft core.
+//! The sidecar runtime: wires the adapters around the node task.
+//!
+//! ```text
+//!  DNS / static peers ─► discovery ─► hello prober ─(PeerInfo)─┐
+//!                                                              ▼
+//!  peers ─► transport server ─(Message)─────────────────► NodeTask (owns RaftCore)
+//!  peers ◄─ transport client ◄─(Message)────────────────────┘   │
+//!                                                                │ watch<LeaderState>
+//!                          ┌─────────────────────────────────────┤
+//!                          ▼                                     ▼
+//!        HTTP API (/is-leader, /leader, wait, /metrics)    status file (optional)
+//! ```
+//!
+//! [`run`] takes the shutdown signal as a future, so `main` only wires
+//! signals. On shutdown the node hands leadership over and leaves the
+//! configuration first; the listeners stop after it.
+
+pub mod membership;
+pub mod node;
 pub mod state;
+
+pub use membership::{MembershipChange, MembershipDriver, MembershipPolicy};
+pub use node::{NodeError, NodeOptions, NodeTask};
 pub use state::LeaderState;
+
+use crate::api;
+use crate::cli::{Discovery, RunConfig};
+use crate::discovery::{self, DiscoveryConfig, DiscoverySource};
+use crate::metrics::Metrics;
+use crate::raft::{NodeId, RaftCore, Time};
+use crate::storage::{FileStore, HardStateStore, MemoryStore};
+use crate::transport::{self, PeerClient, PeerInfo, TransportConfig};
+use anyhow::{bail, Context};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How long a new peer must be seen before the leader adds it.
+const ADD_AFTER: Duration = Duration::from_secs(1);
+/// Longest graceful shutdown; the pod's grace period is 30 s by default.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Capacity of the inbound peer-message queue.
+const INBOUND_QUEUE: usize = 1024;
+
+/// Runs the sidecar until `shutdown` resolves and the node has left.
+pub async fn run(
+    cfg: RunConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    let metrics = Metrics::new();
+    let (store, core) = open_core(&cfg)?;
+    let epoch = Instant::now();
+    info!(
+        id = %core.id(),
+        restored = !core.log().is_empty(),
+        advertise = %cfg.advertise,
+        "starting raft-elector"
+    );
+
+    let mut tcfg = TransportConfig::new(cfg.cluster_id.clone(), cfg.secret.clone());
+    tcfg.request_timeout = cfg.raft.heartbeat_interval.max(Duration::from_millis(200));
+    tcfg.validate().context("invalid transport settings")?;
+    let tcfg = Arc::new(tcfg);
+    let client = PeerClient::new(tcfg.clone(), metrics.clone())?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let peer_listener = TcpListener::bind(cfg.peer_listen).await.with_context(|| {
+        format!(
+            "cannot listen for peers on {}: is the port in use? set --peer-listen",
+            cfg.peer_listen
+        )
+    })?;
+    let http_listener = TcpListener::bind(cfg.http_listen).await.with_context(|| {
+        format!(
+            "cannot listen for the HTTP API on {}: is the port in use? set --http-listen",
+            cfg.http_listen
+        )
+    })?;
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let (seen_tx, seen_rx) = mpsc::channel(256);
+    let (identity_tx, identity_rx) = watch::channel(PeerInfo {
+        cluster_id: cfg.cluster_id.clone(),
+        id: core.id().clone(),
+        address: cfg.advertise.clone(),
+        joined: false,
+        term: core.term().0,
+        leader: None,
+        leaving: false,
+    });
+    let (state_tx, state_rx) = watch::channel(LeaderState::initial(
+        core.id().to_string(),
+        core.id().name.clone(),
+    ));
+
+    let mut tasks = JoinSet::new();
+    let router = transport::router(tcfg.clone(), metrics.clone(), inbound_tx, identity_rx);
+    let peer_stop = stopped();
+    tasks.spawn(async move {
+        if let Err(e) = transport::serve(peer_listener, router, peer_stop).await {
+            warn!(error = %e, "peer listener failed");
+        }
+    });
+    let app = api::router(state_rx.clone(), metrics.clone());
+    let http_stop = stopped();
+    tasks.spawn(async move {
+        let served = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_stop)
+            .await;
+        if let Err(e) = served {
+            warn!(error = %e, "HTTP listener failed");
+        }
+    });
+    if let Some(path) = cfg.status_file.clone() {
+        let handle = api::spawn_status_file(path, state_rx.clone(), stopped());
+        tasks.spawn(async move {
+            let _ = handle.await;
+        });
+    }
+
+    let source = match &cfg.discovery {
+        Discovery::Dns { name, port, server } => DiscoverySource::Dns {
+            name: name.clone(),
+            port: *port,
+            server: *server,
+        },
+        Discovery::Static(list) => DiscoverySource::Static(list.clone()),
+    };
+    source
+        .validate()
+        .context("invalid discovery settings (--service / --peers)")?;
+    let mut dcfg = DiscoveryConfig::new(source);
+    dcfg.interval = cfg.dns_interval;
+    let peers = discovery::spawn(dcfg, metrics.clone(), stopped());
+    tasks.spawn(probe_peers(
+        client.clone(),
+        peers,
+        cfg.advertise.clone(),
+        seen_tx,
+        cfg.dns_interval,
+        stopped(),
+    ));
+
+    if cfg.kubernetes {
+        info!("Kubernetes publishing (pod label, LeaderElection status) is not in this build; /is-leader, /leader and the status file carry leadership");
+    }
+    if cfg.bootstrap_expect.is_none() && core.log().is_empty() {
+        info!("no --bootstrap-expect: this node joins an existing cluster when its leader adds it");
+    }
+    let opts = NodeOptions {
+        cluster_id: cfg.cluster_id.clone(),
+        advertise: cfg.advertise.clone(),
+        bootstrap_expect: cfg.bootstrap_expect,
+        membership: MembershipPolicy {
+            add_after: ADD_AFTER,
+            removal_grace: cfg.removal_grace,
+        },
+        shutdown_timeout: SHUTDOWN_TIMEOUT,
+    };
+    let node = NodeTask::new(
+        core,
+        epoch,
+        opts,
+        store,
+        client,
+        metrics,
+        state_tx,
+        identity_tx,
+    );
+    let result = node.run(inbound_rx, seen_rx, shutdown).await;
+    let _ = stop_tx.send(true);
+    // Listeners drain briefly (peers hold keep-alive connections open);
+    // nothing they do matters once the node is gone.
+    let drained = tokio::time::timeout(Duration::from_millis(200), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    result.map_err(Into::into)
+}
+
+/// Opens the state store and builds the core: restored from disk, or a new
+/// incarnation when there is no state.
+fn open_core(cfg: &RunConfig) -> anyhow::Result<(Box<dyn HardStateStore>, RaftCore)> {
+    let store: Box<dyn HardStateStore> = match &cfg.state_dir {
+        Some(dir) => Box::new(FileStore::open(dir)?),
+        None => Box::new(MemoryStore::default()),
+    };
+    let seed = rand::random();
+    let core = match store.load()? {
+        Some(state) => {
+            if state.id.name != cfg.id {
+                bail!(
+                    "the state in {:?} belongs to member {:?}, not {:?}: give each member its own --state-dir",
+                    cfg.state_dir,
+                    state.id.name,
+                    cfg.id
+                );
+            }
+            RaftCore::restore(
+                cfg.raft.clone(),
+                state,
+                cfg.advertise.clone(),
+                seed,
+                Time::ZERO,
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "persisted state is inconsistent ({e}); move it away to start as a new member"
+                )
+            })?
+        }
+        None => {
+            let id = NodeId::new(cfg.id.clone(), rand::random());
+            RaftCore::fresh(
+                cfg.raft.clone(),
+                id,
+                cfg.advertise.clone(),
+                seed,
+                Time::ZERO,
+            )
+        }
+    };
+    Ok((store, core))
+}
+
+/// Asks every discovered address who it is, each `interval` and whenever
+/// discovery changes, and hands the answers to the node.
+async fn probe_peers(
+    client: PeerClient,
+    mut peers: watch::Receiver<BTreeSet<String>>,
+    own: String,
+    seen: mpsc::Sender<PeerInfo>,
+    interval: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let addrs: Vec<String> = peers
+            .borrow_and_update()
+            .iter()
+            .filter(|a| **a != own)
+            .cloned()
+            .collect();
+        let mut asks = JoinSet::new();
+        for addr in addrs {
+            let c = client.clone();
+            asks.spawn(async move { c.hello(&addr).await });
+        }
+        while let Some(answer) = asks.join_next().await {
+            if let Ok(Ok(info)) = answer {
+                if seen.send(info).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            // Re-ask on a timer: membership needs to know who is still there.
+            _ = tokio::time::sleep(interval) => {}
+            // Discovery changed: ask the new set at once.
+            changed = peers.changed() => if changed.is_err() { return },
+            _ = &mut stop => return,
+        }
+    }
+}

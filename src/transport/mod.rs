@@ -138,6 +138,9 @@ pub struct PeerInfo {
     pub term: u64,
     /// The leader the node knows of in `term`.
     pub leader: Option<raft::NodeId>,
+    /// Whether the node is shutting down; it must not be added again.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// Failures of the peer client, and invalid transport settings.

@@ -545,17 +545,18 @@ mod tests {
 
     #[tokio::test]
     async fn message_with_empty_or_overlong_node_name_is_refused_with_400() {
-        for name in [
-            String::new(),
-            "x".repeat(MAX_NODE_NAME_BYTES + 1),
-            "a\nb".to_string(),
+        // An empty name is not even a node id ("name#incarnation") in JSON.
+        for (name, reason) in [
+            (String::new(), "malformed_message"),
+            ("x".repeat(MAX_NODE_NAME_BYTES + 1), "bad_node_name"),
+            ("a\nb".to_string(), "bad_node_name"),
         ] {
             let mut peer = start_peer(config(1), 8).await;
             let mut msg = heartbeat(1);
             msg.to.name = name;
             let body = serde_json::to_vec(&msg).expect("encodes");
             let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
-            assert_refused(&mut peer, status, 400, "bad_node_name");
+            assert_refused(&mut peer, status, 400, reason);
         }
     }
 

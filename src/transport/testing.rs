@@ -42,6 +42,7 @@ pub(crate) fn config(seed: u8) -> TransportConfig {
 /// Returns the identity a test peer advertises.
 pub(crate) fn identity(cluster: &str, addr: SocketAddr) -> PeerInfo {
     PeerInfo {
+        leaving: false,
         cluster_id: cluster.to_string(),
         id: NodeId::new("pod-b", 0xb),
         address: addr.to_string(),

@@ -1,0 +1,470 @@
+//! The node task: the one owner of the Raft core.
+//!
+//! ```text
+//!   inbound peer messages ─┐
+//!   hello answers (seen) ──┤      ┌──────────────┐  persist ─► HardStateStore
+//!   raft timer (deadline) ─┼────► │  NodeTask    │  send ────► PeerClient
+//!   housekeeping (100 ms) ─┤      │  owns core   │  publish ─► watch<LeaderState>
+//!   shutdown future ───────┘      └──────────────┘              watch<PeerInfo>
+//! ```
+//!
+//! After every input the task drains the core's `Ready` in order: hard state
+//! is saved (and fsynced) before any message that depends on it is sent. A
+//! failed save stops the node: sending after it could give a vote twice.
+
+use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
+use super::state::LeaderState;
+use crate::metrics::Metrics;
+use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
+use crate::storage::{HardStateStore, StorageError};
+use crate::transport::{PeerClient, PeerInfo};
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+/// Period of membership decisions, bootstrap checks and gauge updates.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// Period of re-sent Leave requests during shutdown.
+const LEAVE_RETRY: Duration = Duration::from_millis(200);
+/// How recently a peer must have answered to count for bootstrap.
+const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
+
+/// Settings of the node task.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Election group.
+    pub cluster_id: String,
+    /// Address peers reach this node at.
+    pub advertise: String,
+    /// Local bootstrap: form the cluster once this many members (self
+    /// included) are seen and none has joined one; the lowest id bootstraps.
+    /// `None`: only join a cluster formed elsewhere.
+    pub bootstrap_expect: Option<usize>,
+    /// Membership debounce and removal grace.
+    pub membership: MembershipPolicy,
+    /// Longest a graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
+}
+
+/// Why the node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot persist hard state, stopping so that no vote is given twice: {0}")]
+    Persist(#[from] StorageError),
+}
+
+/// The task that owns the core. Build with [`NodeTask::new`], then [`NodeTask::run`].
+pub struct NodeTask {
+    core: RaftCore,
+    epoch: Instant,
+    opts: NodeOptions,
+    store: Box<dyn HardStateStore>,
+    client: PeerClient,
+    metrics: Metrics,
+    state_tx: watch::Sender<LeaderState>,
+    identity_tx: watch::Sender<PeerInfo>,
+    membership: MembershipDriver,
+    /// Addresses of peers that are not (yet) in the configuration.
+    directory: HashMap<NodeId, String>,
+    last_view: Option<Leadership>,
+    /// When the known leader was lost (for the election-duration histogram).
+    leader_lost_at: Option<Instant>,
+    /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
+    bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
+    shutting_down: bool,
+}
+
+impl NodeTask {
+    /// Wraps a core whose clock origin is `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: RaftCore,
+        epoch: Instant,
+        opts: NodeOptions,
+        store: Box<dyn HardStateStore>,
+        client: PeerClient,
+        metrics: Metrics,
+        state_tx: watch::Sender<LeaderState>,
+        identity_tx: watch::Sender<PeerInfo>,
+    ) -> NodeTask {
+        let membership = MembershipDriver::new(opts.membership.clone(), Instant::now());
+        NodeTask {
+            core,
+            epoch,
+            opts,
+            store,
+            client,
+            metrics,
+            state_tx,
+            identity_tx,
+            membership,
+            directory: HashMap::new(),
+            last_view: None,
+            leader_lost_at: None,
+            bootstrap_seen: HashMap::new(),
+            shutting_down: false,
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then hands over leadership, leaves the
+    /// configuration and returns.
+    pub async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Message>,
+        mut seen: mpsc::Receiver<PeerInfo>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        tokio::pin!(shutdown);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.handle_ready()?;
+        loop {
+            let deadline = self.instant_of(self.core.next_deadline());
+            tokio::select! {
+                // A Raft timer: heartbeat round, election timeout, CheckQuorum.
+                _ = sleep_until(deadline) => {
+                    let now = self.now();
+                    self.core.tick(now);
+                }
+                // A peer message, already authenticated by the transport.
+                Some(msg) = inbound.recv() => self.step(msg),
+                // A peer answered hello: who is where.
+                Some(info) = seen.recv() => self.peer_seen(info),
+                // Membership, bootstrap and gauges.
+                _ = housekeeping.tick() => self.housekeeping(),
+                // SIGTERM / Ctrl-C.
+                _ = &mut shutdown => break,
+            }
+            self.handle_ready()?;
+        }
+        self.graceful_shutdown(&mut inbound, &mut seen).await
+    }
+
+    // ----- clock -----------------------------------------------------------
+
+    fn now(&self) -> Time {
+        Time::from_nanos(Instant::now().duration_since(self.epoch).as_nanos() as u64)
+    }
+
+    fn instant_of(&self, t: Time) -> Instant {
+        self.epoch + Duration::from_nanos(t.as_nanos())
+    }
+
+    // ----- inputs ------------------------------------------------------------
+
+    fn step(&mut self, msg: Message) {
+        let now = self.now();
+        let (from, kind) = (msg.from.clone(), msg.body.kind());
+        if let Err(e) = self.core.step(now, msg) {
+            self.metrics
+                .rejected_messages
+                .with_label_values(&[e.metric_label()])
+                .inc();
+            debug!(%from, kind, error = %e, "refused a peer message");
+        }
+    }
+
+    fn peer_seen(&mut self, info: PeerInfo) {
+        if info.cluster_id != self.opts.cluster_id || info.id == *self.core.id() {
+            return;
+        }
+        let now = Instant::now();
+        self.directory.insert(info.id.clone(), info.address.clone());
+        if info.leaving {
+            // A member on its way out is neither added again nor waited for.
+            self.membership.forget(&info.id);
+        } else {
+            self.membership
+                .observe(info.id.clone(), info.address.clone(), now);
+        }
+        self.bootstrap_seen
+            .insert(info.id.clone(), (info.joined, now));
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        self.maybe_bootstrap(now);
+        if self.core.role() == Role::Leader && !self.shutting_down {
+            self.drive_membership(now);
+        }
+        self.update_gauges();
+    }
+}
+
+impl NodeTask {
+    // ----- bootstrap and membership --------------------------------------------
+
+    /// Local bootstrap: once `bootstrap_expect` members (self included) answer
+    /// and none of them has joined a cluster, the lowest id forms a cluster of
+    /// itself; everyone else is then added by its membership driver.
+    fn maybe_bootstrap(&mut self, now: Instant) {
+        let Some(expect) = self.opts.bootstrap_expect else {
+            return;
+        };
+        if !self.core.log().is_empty() || self.shutting_down {
+            return;
+        }
+        let fresh: Vec<(&NodeId, bool)> = self
+            .bootstrap_seen
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) <= BOOTSTRAP_FRESHNESS)
+            .map(|(id, (joined, _))| (id, *joined))
+            .collect();
+        if fresh.iter().any(|(_, joined)| *joined) {
+            return; // a cluster exists: wait to be added to it
+        }
+        if fresh.len() + 1 < expect {
+            return;
+        }
+        let me = self.core.id().clone();
+        if fresh.iter().any(|(id, _)| **id < me) {
+            return; // a lower id bootstraps
+        }
+        let config = Configuration::with_voters([(me.clone(), self.opts.advertise.clone())]);
+        let t = self.now();
+        match self.core.bootstrap(config, t) {
+            Ok(()) => {
+                info!(node = %me, seen = fresh.len() + 1, "bootstrapped a new cluster as its first voter")
+            }
+            Err(e) => warn!(error = %e, "bootstrap refused"),
+        }
+    }
+
+    fn drive_membership(&mut self, now: Instant) {
+        let me = self.core.id().clone();
+        let config = self.core.configuration().0.clone();
+        let Some(change) = self.membership.next_change(&me, &config, now) else {
+            return;
+        };
+        let (result, kind) = match &change {
+            MembershipChange::AddLearner { id, address } => (
+                self.core.propose_add_learner(id.clone(), address.clone()),
+                "add_learner",
+            ),
+            MembershipChange::Remove { id, .. } => (self.core.propose_remove(id), "remove"),
+        };
+        match result {
+            Ok(index) => {
+                self.metrics
+                    .membership_changes
+                    .with_label_values(&[kind])
+                    .inc();
+                info!(?change, index, "proposed a configuration change");
+            }
+            Err(e) => debug!(?change, error = %e, "configuration change deferred"),
+        }
+    }
+
+    fn update_gauges(&self) {
+        let now = self.now();
+        self.metrics
+            .is_leader
+            .set(i64::from(self.core.has_lease(now) && !self.shutting_down));
+        let since = if self.core.role() == Role::Leader {
+            0.0
+        } else {
+            now.saturating_since(self.core.last_leader_contact())
+                .as_secs_f64()
+        };
+        self.metrics.last_leader_contact_seconds.set(since);
+    }
+
+    // ----- output ----------------------------------------------------------------
+
+    /// Persists, then sends, then publishes: the order the core requires.
+    fn handle_ready(&mut self) -> Result<(), NodeError> {
+        let ready = self.core.take_ready();
+        if let Some(hs) = &ready.hard_state {
+            if let Err(e) = self.store.save(hs) {
+                self.metrics.persist_errors.inc();
+                return Err(NodeError::Persist(e));
+            }
+        }
+        for msg in ready.messages {
+            self.send(msg);
+        }
+        if let Some(view) = ready.leadership {
+            self.on_leadership(view);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, msg: Message) {
+        let address = self
+            .core
+            .configuration()
+            .0
+            .address(&msg.to)
+            .map(str::to_owned)
+            .or_else(|| self.directory.get(&msg.to).cloned());
+        match address {
+            Some(addr) => self.client.send(&addr, msg),
+            None => {
+                self.metrics
+                    .peer_rpc_errors
+                    .with_label_values(&["unknown_address"])
+                    .inc();
+                debug!(to = %msg.to, kind = msg.body.kind(), "no address known for peer");
+            }
+        }
+    }
+
+    fn on_leadership(&mut self, view: Leadership) {
+        let now = Instant::now();
+        let prev = self.last_view.take();
+        let prev_role = prev.as_ref().map_or(Role::Follower, |p| p.role);
+        let prev_term = prev.as_ref().map(|p| p.term);
+        let prev_leader = prev.as_ref().and_then(|p| p.leader.clone());
+        let m = &self.metrics;
+        m.term.set(view.term.0 as i64);
+        m.voters.set(view.voters as i64);
+        m.learners.set(view.learners as i64);
+        if view.role == Role::Candidate
+            && (prev_role != Role::Candidate || prev_term != Some(view.term))
+        {
+            if prev_role == Role::Candidate {
+                m.elections_lost.inc();
+            }
+            m.elections_started.inc();
+        }
+        if prev_role == Role::Candidate && view.role != Role::Candidate {
+            if view.role == Role::Leader {
+                m.elections_won.inc();
+            } else {
+                m.elections_lost.inc();
+            }
+        }
+        if view.role == Role::Leader && prev_role != Role::Leader {
+            info!(term = %view.term, "became leader");
+            self.membership.restart_grace(now);
+        } else if prev_role == Role::Leader && view.role != Role::Leader {
+            info!(term = %view.term, "stepped down");
+        }
+        match (&prev_leader, &view.leader) {
+            (Some(_), None) => {
+                self.leader_lost_at = Some(self.instant_of(self.core.last_leader_contact()));
+            }
+            (old, Some(new)) if old.as_ref() != Some(new) => {
+                m.leader_changes.inc();
+                if let Some(lost) = self.leader_lost_at.take() {
+                    m.election_duration
+                        .observe(now.saturating_duration_since(lost).as_secs_f64());
+                }
+                info!(leader = %new, term = %view.term, "leader known");
+            }
+            _ => {}
+        }
+        self.publish(&view);
+        self.last_view = Some(view);
+    }
+
+    fn publish(&self, view: &Leadership) {
+        let joined = self.core.configuration().0.contains(self.core.id());
+        let lease_until = if self.shutting_down {
+            None
+        } else {
+            view.lease_until.map(|t| self.instant_of(t))
+        };
+        let me = self.core.id();
+        let state = LeaderState {
+            node_id: me.to_string(),
+            node_name: me.name.clone(),
+            role: view.role,
+            term: view.term.0,
+            leader: view.leader.as_ref().map(|l| l.name.clone()),
+            leader_id: view.leader.as_ref().map(|l| l.to_string()),
+            leader_address: view.leader_address.clone(),
+            lease_until,
+            is_voter: view.is_voter,
+            voters: view.voters,
+            learners: view.learners,
+            joined,
+            shutting_down: self.shutting_down,
+        };
+        self.metrics
+            .is_leader
+            .set(i64::from(state.is_leader_at(Instant::now())));
+        self.state_tx.send_replace(state);
+        self.identity_tx.send_replace(PeerInfo {
+            cluster_id: self.opts.cluster_id.clone(),
+            id: me.clone(),
+            address: self.opts.advertise.clone(),
+            joined,
+            term: view.term.0,
+            leader: view.leader.clone(),
+            leaving: self.shutting_down,
+        });
+    }
+
+    // ----- shutdown ------------------------------------------------------------------
+
+    /// Hands leadership over (TimeoutNow to the most up-to-date voter), then
+    /// asks the leader to remove this member, then returns. Bounded by
+    /// `shutdown_timeout`.
+    async fn graceful_shutdown(
+        mut self,
+        inbound: &mut mpsc::Receiver<Message>,
+        seen: &mut mpsc::Receiver<PeerInfo>,
+    ) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let deadline = started + self.opts.shutdown_timeout;
+        self.shutting_down = true;
+        // Stop claiming leadership at once: /is-leader answers 503 from here on.
+        let view = self.core.leadership();
+        self.publish(&view);
+        self.metrics.is_leader.set(0);
+        if self.core.role() == Role::Leader {
+            let now = self.now();
+            match self.core.transfer_leadership(now, None) {
+                Ok(target) => info!(%target, "shutting down: handing leadership over"),
+                Err(e) => info!(error = %e, "shutting down: no one to hand leadership to"),
+            }
+            self.handle_ready()?;
+            let handover_by = Instant::now() + self.core.config().election_timeout_max * 2;
+            while self.core.role() == Role::Leader && Instant::now() < handover_by.min(deadline) {
+                self.pump(inbound, seen, handover_by.min(deadline)).await?;
+            }
+        }
+        // Ask to be removed, and wait until a configuration without us arrives.
+        let mut next_leave = Instant::now();
+        while self.core.configuration().0.contains(self.core.id()) && Instant::now() < deadline {
+            if Instant::now() >= next_leave {
+                if self.core.leave() {
+                    debug!("asked the leader to remove this member");
+                }
+                self.handle_ready()?;
+                next_leave = Instant::now() + LEAVE_RETRY;
+            }
+            self.pump(inbound, seen, next_leave.min(deadline)).await?;
+        }
+        let removed = !self.core.configuration().0.contains(self.core.id());
+        info!(
+            removed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "left the cluster"
+        );
+        Ok(())
+    }
+
+    /// Processes inputs until `until` (used while shutting down).
+    async fn pump(
+        &mut self,
+        inbound: &mut mpsc::Receiver<Message>,
+        seen: &mut mpsc::Receiver<PeerInfo>,
+        until: Instant,
+    ) -> Result<(), NodeError> {
+        let deadline = self.instant_of(self.core.next_deadline()).min(until);
+        tokio::select! {
+            _ = sleep_until(deadline) => {
+                let now = self.now();
+                self.core.tick(now);
+            }
+            Some(msg) = inbound.recv() => self.step(msg),
+            Some(info) = seen.recv() => self.peer_seen(info),
+        }
+        self.handle_ready()
+    }
+}
