@@ -46,6 +46,8 @@ const TEND_INTERVAL: Duration = Duration::from_millis(50);
 const REDRAW_INTERVAL: Duration = Duration::from_millis(100);
 /// Most events kept for the live view.
 const MAX_EVENTS: usize = 500;
+/// Longest wait for every node to join before the fault timers start anyway.
+const JOIN_GRACE: Duration = Duration::from_secs(15);
 /// Lines of a node's log shown when every node has exited.
 const LOG_TAIL_LINES: usize = 5;
 
@@ -134,7 +136,11 @@ pub async fn run_demo_with_binary(config: DemoConfig, exe: &Path) -> anyhow::Res
         None
     };
     let mut demo = Demo {
-        timeline: Timeline::new(specs.iter().map(|s| s.name.clone()).collect(), started),
+        timeline: Timeline::new(
+            specs.iter().map(|s| s.name.clone()).collect(),
+            config.raft.max_voters,
+            started,
+        ),
         hint: format!(
             "try: curl -i 127.0.0.1:{}/is-leader   logs: {}",
             config.http_port(0),
@@ -249,8 +255,10 @@ impl Demo<'_> {
         mut keys: mpsc::Receiver<Key>,
     ) -> Result<&'static str, DemoError> {
         let deadline = self.config.duration.map(|d| self.started + d);
-        let mut kills = self.config.kill_every.map(|p| every(self.started, p));
-        let mut freezes = self.config.partition_every.map(|p| every(self.started, p));
+        // Fault timers start once every node has joined: a fault before
+        // that shows a cluster still forming, not a failover.
+        let (mut kills, mut freezes) = (None, None);
+        let mut armed = self.config.kill_every.is_none() && self.config.partition_every.is_none();
         let mut tend = interval(TEND_INTERVAL);
         tend.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut redraw = interval(REDRAW_INTERVAL);
@@ -264,6 +272,9 @@ impl Demo<'_> {
                     self.polls += 1;
                     for event in self.timeline.observe(observation) {
                         self.log(event);
+                    }
+                    if !armed && self.timeline.all_joined() {
+                        (kills, freezes, armed) = self.arm();
                     }
                 }
                 // A key press in the live view.
@@ -282,12 +293,31 @@ impl Demo<'_> {
                         self.log(event);
                     }
                     self.check_some_node_lives()?;
+                    if !armed && self.started.elapsed() >= JOIN_GRACE {
+                        self.log(Event::Failed {
+                            message: format!(
+                                "not every node joined within {}; fault timers start anyway",
+                                timeline::human(JOIN_GRACE)
+                            ),
+                        });
+                        (kills, freezes, armed) = self.arm();
+                    }
                 }
                 _ = redraw.tick(), if self.screen.is_some() => self.draw()?,
                 () = until(deadline) => return Ok("duration reached"),
                 reason = &mut shutdown => return Ok(reason),
             }
         }
+    }
+
+    /// Starts the fault timers: first faults one period from now.
+    fn arm(&self) -> (Option<Interval>, Option<Interval>, bool) {
+        let now = Instant::now();
+        (
+            self.config.kill_every.map(|period| every(now, period)),
+            self.config.partition_every.map(|period| every(now, period)),
+            true,
+        )
     }
 
     /// Injects `kind` into the current leader, if there is one running.

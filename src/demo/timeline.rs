@@ -225,6 +225,15 @@ pub enum Event {
         /// How long it was frozen.
         after: Duration,
     },
+    /// The leader reported every node as a member (voter or learner).
+    Joined {
+        /// Voters in the leader's configuration.
+        voters: usize,
+        /// Learners in it.
+        learners: usize,
+        /// Since the demo started.
+        after: Duration,
+    },
     /// A fault was asked for but there was no leader to inject it into.
     NoLeader {
         /// The fault asked for.
@@ -308,6 +317,30 @@ impl fmt::Display for Event {
             Event::Thawed { node, after } => {
                 write!(f, "thawed {node} (SIGCONT) after {}", human(*after))
             }
+            Event::Joined {
+                voters,
+                learners: 0,
+                after,
+            } => write!(
+                f,
+                "all {voters} nodes joined as voters, {} after start",
+                human(*after)
+            ),
+            Event::Joined {
+                voters,
+                learners,
+                after,
+            } => write!(
+                f,
+                "all {} nodes joined ({voters} voters, {learners} {}), {} after start",
+                voters + learners,
+                if *learners == 1 {
+                    "learner"
+                } else {
+                    "learners"
+                },
+                human(*after)
+            ),
             Event::NoLeader { kind } => write!(f, "no leader right now; {kind} skipped"),
             Event::LeaderLost { node, term } => {
                 write!(f, "{node} stopped answering 200 (term {term})")
@@ -398,11 +431,16 @@ pub struct Timeline {
     violations: Vec<Violation>,
     /// Violations already reported, so a lasting one is shown once.
     reported: BTreeSet<(usize, usize, u64, u64)>,
+    /// Voters of a complete cluster: every node, up to the voter limit.
+    full_voters: usize,
+    /// Whether a leader has reported the cluster complete.
+    joined: bool,
 }
 
 impl Timeline {
-    /// Starts an empty timeline of the nodes called `names` at `started`.
-    pub fn new(names: Vec<String>, started: Instant) -> Timeline {
+    /// Starts an empty timeline of the nodes called `names` at `started`;
+    /// at most `max_voters` of them vote.
+    pub fn new(names: Vec<String>, max_voters: usize, started: Instant) -> Timeline {
         let nodes = names.len();
         Timeline {
             names,
@@ -415,6 +453,8 @@ impl Timeline {
             failovers: Vec::new(),
             violations: Vec::new(),
             reported: BTreeSet::new(),
+            full_voters: nodes.min(max_voters),
+            joined: false,
         }
     }
 
@@ -508,7 +548,32 @@ impl Timeline {
             .unwrap_or_else(|| format!("node #{node}"))
     }
 
+    /// Returns whether a leader has reported the cluster complete: every
+    /// node a member, and as many voters as allowed.
+    pub fn all_joined(&self) -> bool {
+        self.joined
+    }
+
     fn handle_claim(&mut self, seen: &Observation, status: &LeaderStatus, events: &mut Vec<Event>) {
+        self.handle_leadership(seen, status, events);
+        let complete = status.voters >= self.full_voters
+            && status.voters + status.learners >= self.names.len();
+        if !self.joined && complete {
+            self.joined = true;
+            events.push(Event::Joined {
+                voters: status.voters,
+                learners: status.learners,
+                after: seen.received.saturating_duration_since(self.started),
+            });
+        }
+    }
+
+    fn handle_leadership(
+        &mut self,
+        seen: &Observation,
+        status: &LeaderStatus,
+        events: &mut Vec<Event>,
+    ) {
         let node = seen.node;
         let lease = Duration::from_millis(status.lease_remaining_ms);
         let claim = Claim {
@@ -662,6 +727,8 @@ mod tests {
     struct Script {
         timeline: Timeline,
         t0: Instant,
+        /// Voters the nodes report; the rest are learners.
+        voters: usize,
     }
 
     impl Script {
@@ -669,8 +736,9 @@ mod tests {
             let t0 = Instant::now();
             let names = (1..=3).map(|i| format!("node-{i}")).collect();
             Script {
-                timeline: Timeline::new(names, t0),
+                timeline: Timeline::new(names, 5, t0),
                 t0,
+                voters: 1,
             }
         }
 
@@ -691,8 +759,8 @@ mod tests {
                 leader_address: None,
                 term,
                 lease_remaining_ms,
-                voters: 3,
-                learners: 0,
+                voters: self.voters,
+                learners: 3 - self.voters,
             };
             self.timeline.observe(Observation {
                 node,
@@ -733,6 +801,32 @@ mod tests {
         );
         assert_eq!(s.timeline.current_leader(), Some(0));
         assert!(s.answer(0, 620, true, 2).is_empty(), "same leader again");
+    }
+
+    #[test]
+    fn joining_is_reported_once_when_the_leader_counts_every_node() {
+        let mut s = Script::new();
+        assert!(s.answer(0, 500, true, 2).len() == 1, "only the leader");
+        s.voters = 2;
+        assert!(s.answer(0, 550, true, 2).is_empty(), "one still a learner");
+        assert!(!s.timeline.all_joined());
+        s.voters = 3;
+        let events = s.answer(0, 600, true, 2);
+        assert_eq!(
+            texts(&events),
+            ["all 3 nodes joined as voters, 602 ms after start"]
+        );
+        assert!(s.timeline.all_joined());
+        assert!(s.answer(0, 620, true, 2).is_empty());
+        let joined = Event::Joined {
+            voters: 2,
+            learners: 1,
+            after: Duration::from_secs(3),
+        };
+        assert_eq!(
+            joined.to_string(),
+            "all 3 nodes joined (2 voters, 1 learner), 3.0 s after start"
+        );
     }
 
     #[test]
