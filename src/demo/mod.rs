@@ -400,6 +400,11 @@ impl Demo<'_> {
             events: &self.events,
             hint: &self.hint,
             schedule: &schedule,
+            lease: self
+                .config
+                .raft
+                .election_timeout_min
+                .mul_f64(1.0 - self.config.raft.max_clock_drift),
             size: Screen::size(),
         });
         match self.screen.as_mut() {
@@ -419,6 +424,9 @@ impl Demo<'_> {
         }
         if let Some(duration) = self.config.duration {
             parts.push(format!("ends after {}", timeline::human(duration)));
+        }
+        if parts.is_empty() {
+            return "no fault timers (see --kill-every, --partition-every)".into();
         }
         parts.join(" · ")
     }

@@ -85,15 +85,6 @@ impl FaultKind {
             FaultKind::Handoff => "handoff",
         }
     }
-
-    /// Returns the verb used in the event log (`killed`, `froze`, ...).
-    fn verb(self) -> &'static str {
-        match self {
-            FaultKind::Kill => "killed",
-            FaultKind::Freeze => "froze",
-            FaultKind::Handoff => "stopped",
-        }
-    }
 }
 
 impl fmt::Display for FaultKind {
@@ -313,7 +304,11 @@ impl fmt::Display for Event {
             Event::Restarted { node, pid } => {
                 write!(f, "restarted {node} from its state dir (pid {pid})")
             }
-            Event::Fault { node, kind } => write!(f, "{} {node} ({kind})", kind.verb()),
+            Event::Fault { node, kind } => match kind {
+                FaultKind::Kill => write!(f, "killed {node} (kill -9)"),
+                FaultKind::Freeze => write!(f, "froze {node} (SIGSTOP: to its peers, a partition)"),
+                FaultKind::Handoff => write!(f, "stopped {node} (SIGTERM: graceful handoff)"),
+            },
             Event::Thawed { node, after } => {
                 write!(f, "thawed {node} (SIGCONT) after {}", human(*after))
             }

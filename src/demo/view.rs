@@ -18,8 +18,14 @@ const CYAN: &str = "\x1b[36m";
 const INVERSE_GREEN: &str = "\x1b[1;30;42m";
 const ALARM: &str = "\x1b[1;97;41m";
 
-/// Lines of the screen that are not events: title, table header, stats, keys.
-const FIXED_LINES: usize = 10;
+/// Failovers drawn as bars under the stats (the newest).
+const MAX_CHART_ROWS: usize = 5;
+/// Time one cell of a failover bar stands for.
+const CHART_CELL: Duration = Duration::from_millis(20);
+/// Longest failover bar; longer failovers end in an arrow.
+const MAX_CHART_CELLS: usize = 40;
+/// Cells of the lease bar.
+const LEASE_CELLS: usize = 6;
 
 /// An event with the time it happened, counted from the demo's start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,17 +74,17 @@ pub struct Frame<'a> {
     pub hint: &'a str,
     /// Timers, e.g. `kill -9 every 10 s`; empty when none.
     pub schedule: &'a str,
+    /// Length of a full lease, for the lease bar.
+    pub lease: Duration,
     /// Terminal size in columns and rows.
     pub size: (u16, u16),
 }
 
-/// Renders `frame` as the lines of the screen (with ANSI colors, no newlines).
+/// Renders `frame` as the lines of the screen (with ANSI colors, no newlines),
+/// exactly as many as the terminal has rows (at least the fixed part).
 pub fn render(frame: &Frame<'_>) -> Vec<String> {
     let (width, height) = (usize::from(frame.size.0), usize::from(frame.size.1));
-    let mut lines = vec![
-        title(frame),
-        paint(DIM, &fit(&format!(" {}", frame.hint), width)),
-    ];
+    let mut lines = vec![title(frame), paint(DIM, &format!(" {}", frame.hint))];
     for violation in frame.violations.iter().take(2) {
         lines.push(paint(ALARM, &fit(&format!(" !! {violation} "), width)));
     }
@@ -86,30 +92,48 @@ pub fn render(frame: &Frame<'_>) -> Vec<String> {
     lines.push(paint(
         DIM,
         &format!(
-            "   {:<8} {:<7} {:<20} {:<17} {:>4}  {:<8} {:>6}",
+            "   {:<8} {:<7} {:<20} {:<17} {:>4}  {:<8} {}",
             "NODE", "PID", "PROCESS", "ROLE", "TERM", "LEADER", "LEASE"
         ),
     ));
     for (index, row) in frame.nodes.iter().enumerate() {
-        lines.push(node_line(row, frame.leader == Some(index), frame.now));
+        lines.push(node_line(row, frame.leader == Some(index), frame));
     }
     lines.push(String::new());
     lines.push(stats_line(frame));
+    let recent = frame.failovers.len().saturating_sub(MAX_CHART_ROWS);
+    for failover in &frame.failovers[recent..] {
+        lines.push(chart_line(failover));
+    }
     lines.push(String::new());
     lines.push(paint(BOLD, " events"));
-    let room = height
-        .saturating_sub(FIXED_LINES + frame.nodes.len() + frame.violations.len().min(2))
-        .max(1);
+
+    let bottom = [paint(DIM, &format!(" {}", frame.schedule)), keys_line()];
+    let room = height.saturating_sub(lines.len() + bottom.len()).max(1);
     let shown = frame.events.len().saturating_sub(room);
     for logged in &frame.events[shown..] {
         lines.push(event_line(logged, width));
     }
-    while lines.len() + 2 < height {
+    while lines.len() + bottom.len() < height {
         lines.push(String::new());
     }
-    lines.push(String::new());
-    lines.push(keys_line(frame.schedule));
+    lines.extend(bottom);
     lines.iter().map(|line| fit_painted(line, width)).collect()
+}
+
+/// Draws one failover as a bar, one cell per [`CHART_CELL`].
+fn chart_line(failover: &Failover) -> String {
+    let cells = (failover.took.as_millis() / CHART_CELL.as_millis()) as usize;
+    let bar = "█".repeat(cells.clamp(1, MAX_CHART_CELLS));
+    let more = if cells > MAX_CHART_CELLS { "▶" } else { "" };
+    format!(
+        "   {:<8} {:>7} → {:<7} {:>7}  {}",
+        failover.kind.short(),
+        failover.from,
+        failover.to,
+        human(failover.took),
+        paint(GREEN, &format!("{bar}{more}"))
+    )
 }
 
 fn title(frame: &Frame<'_>) -> String {
@@ -132,7 +156,8 @@ fn title(frame: &Frame<'_>) -> String {
     )
 }
 
-fn node_line(row: &NodeRow, is_leader: bool, now: Instant) -> String {
+fn node_line(row: &NodeRow, is_leader: bool, frame: &Frame<'_>) -> String {
+    let now = frame.now;
     let pid = row.pid.map_or("-".to_string(), |pid| pid.to_string());
     let (process, process_color) = process_text(row.life, now);
     let (role, term, leader, lease, role_color) = match row.latest.as_ref().map(|o| &o.reply) {
@@ -143,7 +168,7 @@ fn node_line(row: &NodeRow, is_leader: bool, now: Instant) -> String {
                 (false, role) => role.to_string(),
             };
             let lease = if *leading {
-                format!("{} ms", status.lease_remaining_ms)
+                lease_bar(status.lease_remaining_ms, frame.lease)
             } else {
                 String::new()
             };
@@ -172,7 +197,7 @@ fn node_line(row: &NodeRow, is_leader: bool, now: Instant) -> String {
         paint(BOLD, &name)
     };
     format!(
-        " {} {} {:<7} {} {} {:>4}  {:<8} {:>6}",
+        " {} {} {:<7} {} {} {:>4}  {:<8} {}",
         paint(GREEN, marker),
         name,
         pid,
@@ -181,6 +206,20 @@ fn node_line(row: &NodeRow, is_leader: bool, now: Instant) -> String {
         term,
         fit(&leader, 8),
         lease
+    )
+}
+
+/// Draws the lease left as a bar of the full lease, then in milliseconds.
+fn lease_bar(remaining_ms: u64, full: Duration) -> String {
+    let full_ms = full.as_millis().max(1);
+    let filled = (u128::from(remaining_ms) * LEASE_CELLS as u128).div_ceil(full_ms);
+    let filled = usize::try_from(filled)
+        .unwrap_or(LEASE_CELLS)
+        .min(LEASE_CELLS);
+    format!(
+        "{}{} {remaining_ms:>3} ms",
+        paint(GREEN, &"▰".repeat(filled)),
+        paint(DIM, &"▱".repeat(LEASE_CELLS - filled))
     )
 }
 
@@ -242,9 +281,9 @@ fn event_line(logged: &Logged, width: usize) -> String {
     format!(" {}", paint(color, &text))
 }
 
-fn keys_line(schedule: &str) -> String {
+fn keys_line() -> String {
     let key = |k: &str, what: &str| format!("{} {what}", paint(INVERSE_GREEN, &format!(" {k} ")));
-    let mut line = format!(
+    format!(
         " {}  {}  {}  {}",
         key("k", "kill -9 leader"),
         key(
@@ -253,11 +292,7 @@ fn keys_line(schedule: &str) -> String {
         ),
         key("t", "graceful handoff (SIGTERM)"),
         key("q", "quit"),
-    );
-    if !schedule.is_empty() {
-        let _ = write!(line, "  {}", paint(DIM, schedule));
-    }
-    line
+    )
 }
 
 /// Returns the plain line of `logged` printed by `--no-tui`.
@@ -476,6 +511,7 @@ mod tests {
             events,
             hint: "try: curl -i 127.0.0.1:14040/is-leader",
             schedule: "kill -9 every 10 s",
+            lease: Duration::from_millis(148),
             size: (100, 30),
         }
     }
@@ -514,7 +550,8 @@ mod tests {
             leader_row.contains('▶') && leader_row.contains("LEADER"),
             "{leader_row}"
         );
-        assert!(leader_row.contains("141 ms"), "{leader_row}");
+        assert!(leader_row.contains("▰▰▰▰▰▰ 141 ms"), "{leader_row}");
+        assert!(text.contains(" kill -9 every 10 s\n"), "{text}");
         assert!(text.contains("frozen, 1.2s left"), "{text}");
         assert!(text.contains("killed, back in 1.5s"), "{text}");
         assert!(
@@ -578,6 +615,48 @@ mod tests {
             let width = strip_ansi(line).chars().count();
             assert!(width <= 80, "{width} columns: {line}");
         }
+    }
+
+    #[test]
+    fn failovers_are_drawn_as_bars_of_twenty_ms_a_cell() {
+        let now = Instant::now();
+        let nodes = rows(now);
+        let failover = |took_ms: u64| Failover {
+            kind: FaultKind::Kill,
+            from: "node-1".into(),
+            to: "node-5".into(),
+            term: 2,
+            took: Duration::from_millis(took_ms),
+        };
+        let failovers: Vec<Failover> = [5, 203, 900, 1, 1, 1].map(failover).into();
+        let mut f = frame(&nodes, &[], &[], now);
+        f.failovers = &failovers;
+        let text = plain(&render(&f));
+        let bars: Vec<&str> = text.lines().filter(|l| l.contains(" → ")).collect();
+        assert_eq!(bars.len(), 5, "the newest five: {text}");
+        assert!(
+            bars[0].ends_with(&format!("203 ms  {}", "█".repeat(10))),
+            "{}",
+            bars[0]
+        );
+        assert!(
+            bars[1].ends_with(&format!("{}▶", "█".repeat(40))),
+            "{}",
+            bars[1]
+        );
+        assert!(
+            bars[4].ends_with("1 ms  █"),
+            "at least one cell: {}",
+            bars[4]
+        );
+    }
+
+    #[test]
+    fn the_lease_bar_shows_the_share_of_a_full_lease_left() {
+        let full = Duration::from_millis(148);
+        assert_eq!(strip_ansi(&lease_bar(70, full)), "▰▰▰▱▱▱  70 ms");
+        assert_eq!(strip_ansi(&lease_bar(0, full)), "▱▱▱▱▱▱   0 ms");
+        assert_eq!(strip_ansi(&lease_bar(500, full)), "▰▰▰▰▰▰ 500 ms");
     }
 
     #[test]
