@@ -422,12 +422,14 @@ impl Cluster {
         let exited = self.reap(index);
         let node = &mut self.nodes[index];
         let name = node.spec.name.clone();
-        match node.life {
-            Life::Running => {
-                let status = exited?;
+        if let Some(status) = exited {
+            // Killed and stopped nodes are expected to end; the others not.
+            if matches!(node.life, Life::Running | Life::Frozen { .. }) {
                 node.life = Life::Exited;
-                Some(Event::Exited { node: name, status })
+                return Some(Event::Exited { node: name, status });
             }
+        }
+        match node.life {
             Life::Frozen { since, thaw_at } if now >= thaw_at => {
                 node.life = Life::Running;
                 let pid = node.child.as_ref()?.id();
@@ -518,6 +520,7 @@ mod tests {
     use super::*;
     use crate::cli::DemoConfig;
     use crate::raft::Config;
+    use std::os::unix::fs::PermissionsExt;
 
     fn config(nodes: usize) -> DemoConfig {
         DemoConfig {
@@ -568,5 +571,158 @@ mod tests {
             crate::cli::parse_duration(&value("--heartbeat-interval")),
             Ok(Duration::from_millis(50))
         );
+    }
+
+    /// Returns the state letter of process `pid` (`S` sleeping, `T` stopped),
+    /// or `None` once it is gone.
+    fn process_state(pid: u32) -> Option<char> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("State:"))?;
+        line.split_whitespace().nth(1)?.chars().next()
+    }
+
+    /// Starts a cluster whose "nodes" are a shell script that logs its
+    /// arguments and secret, then sleeps.
+    async fn stand_in_cluster(dir: &Path, nodes: usize, prelude: &str) -> (Cluster, Vec<Event>) {
+        let exe = dir.join("node.sh");
+        std::fs::write(
+            &exe,
+            format!(
+                "#!/bin/sh\n{prelude}\necho \"args: $*\"\necho \"secret: $RAFT_ELECTOR_SECRET\"\nexec sleep 30\n"
+            ),
+        )
+        .expect("write script");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let cfg = config(nodes);
+        let launcher = Launcher::new(
+            exe,
+            dir.to_path_buf(),
+            "00112233445566778899aabbccddeeff".into(),
+            cfg.clone(),
+            plan(&cfg),
+        )
+        .expect("launcher");
+        Cluster::start(launcher).await.expect("start")
+    }
+
+    #[tokio::test]
+    async fn nodes_are_killed_frozen_stopped_and_restarted_on_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cluster, started) = stand_in_cluster(dir.path(), 2, "").await;
+        assert_eq!(started.len(), 2);
+        let pid = cluster.pid(0).expect("a pid");
+        let t0 = Instant::now();
+
+        cluster.inject(0, FaultKind::Freeze, t0).expect("freeze");
+        assert_eq!(process_state(pid), Some('T'));
+        assert!(
+            cluster.inject(0, FaultKind::Kill, t0).is_err(),
+            "one fault at a time"
+        );
+        assert!(cluster.tend(t0 + FAULT_LENGTH / 2).await.is_empty());
+        let events = cluster.tend(t0 + FAULT_LENGTH).await;
+        assert!(matches!(&events[..], [Event::Thawed { .. }]), "{events:?}");
+        assert_eq!(cluster.life(0), Some(Life::Running));
+        assert_ne!(process_state(pid), Some('T'));
+
+        cluster.inject(0, FaultKind::Kill, t0).expect("kill");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(cluster.tend(t0 + FAULT_LENGTH / 2).await.is_empty());
+        assert_eq!(cluster.pid(0), None, "reaped");
+        let events = cluster.tend(t0 + FAULT_LENGTH).await;
+        assert!(
+            matches!(&events[..], [Event::Restarted { .. }]),
+            "{events:?}"
+        );
+        let new_pid = cluster.pid(0).expect("a new pid");
+        assert_ne!(new_pid, pid);
+
+        // `sleep` ends on SIGTERM: restarted once the grace of the fault is over.
+        cluster.inject(1, FaultKind::Handoff, t0).expect("SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(cluster.tend(t0).await.is_empty());
+        let events = cluster.tend(t0 + FAULT_LENGTH).await;
+        assert!(
+            matches!(&events[..], [Event::Restarted { .. }]),
+            "{events:?}"
+        );
+
+        let log = std::fs::read_to_string(cluster.log_path(0)).expect("log");
+        assert!(log.contains("args: run --id node-1 "), "{log}");
+        assert!(
+            log.contains("secret: 00112233445566778899aabbccddeeff"),
+            "{log}"
+        );
+
+        let pids = [new_pid, cluster.pid(1).expect("pid")];
+        drop(cluster);
+        assert_eq!(
+            pids.map(process_state),
+            [None, None],
+            "dropping kills every node"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_dies_on_its_own_is_reported_and_left_down() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cluster, _) = stand_in_cluster(dir.path(), 1, "").await;
+        let pid = cluster.pid(0).expect("a pid");
+        signal_node("node-1", pid, Signal::SIGKILL).expect("kill");
+        std::thread::sleep(Duration::from_millis(100));
+        let events = cluster.tend(Instant::now()).await;
+        assert_eq!(
+            events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["node-1 exited unexpectedly (signal: 9 (SIGKILL)); see node-1.log"]
+        );
+        assert_eq!(cluster.life(0), Some(Life::Exited));
+        assert!(cluster
+            .tend(Instant::now() + HANDOFF_GRACE)
+            .await
+            .is_empty());
+        let err = cluster
+            .inject(0, FaultKind::Kill, Instant::now())
+            .expect_err("not running");
+        assert_eq!(err.to_string(), "node-1 is not running");
+    }
+
+    #[tokio::test]
+    async fn a_node_ignoring_sigterm_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cluster, _) = stand_in_cluster(dir.path(), 1, "trap '' TERM").await;
+        let pid = cluster.pid(0).expect("a pid");
+        let t0 = Instant::now();
+        cluster.inject(0, FaultKind::Handoff, t0).expect("SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            cluster.tend(t0 + FAULT_LENGTH).await.is_empty(),
+            "still running"
+        );
+        assert!(process_state(pid).is_some());
+        let events = cluster.tend(t0 + HANDOFF_GRACE).await;
+        assert_eq!(
+            events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["node-1 ignored SIGTERM; killed it (kill -9)"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let events = cluster.tend(t0 + HANDOFF_GRACE).await;
+        assert!(
+            matches!(&events[..], [Event::Restarted { .. }]),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_frozen_node_that_dies_is_reported_not_thawed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cluster, _) = stand_in_cluster(dir.path(), 1, "").await;
+        let pid = cluster.pid(0).expect("a pid");
+        let t0 = Instant::now();
+        cluster.inject(0, FaultKind::Freeze, t0).expect("freeze");
+        signal_node("node-1", pid, Signal::SIGKILL).expect("kill");
+        std::thread::sleep(Duration::from_millis(100));
+        let events = cluster.tend(t0 + FAULT_LENGTH).await;
+        assert!(matches!(&events[..], [Event::Exited { .. }]), "{events:?}");
+        assert_eq!(cluster.life(0), Some(Life::Exited));
     }
 }
