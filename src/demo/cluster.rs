@@ -581,6 +581,29 @@ mod tests {
         line.split_whitespace().nth(1)?.chars().next()
     }
 
+    /// Waits until `check` holds, for at most two seconds; returns whether it did.
+    fn eventually(check: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        check()
+    }
+
+    /// Waits until node `index` has started `starts` times (its script logged
+    /// its secret: it has set its traps and is about to exec `sleep`).
+    fn wait_started(cluster: &Cluster, index: usize, starts: usize) {
+        let log = cluster.log_path(index);
+        let started = || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|text| text.matches("secret:").count() >= starts)
+        };
+        assert!(eventually(started), "node {index} did not start");
+    }
+
     /// Starts a cluster whose "nodes" are a shell script that logs its
     /// arguments and secret, then sleeps.
     async fn stand_in_cluster(dir: &Path, nodes: usize, prelude: &str) -> (Cluster, Vec<Event>) {
@@ -611,10 +634,11 @@ mod tests {
         let (mut cluster, started) = stand_in_cluster(dir.path(), 2, "").await;
         assert_eq!(started.len(), 2);
         let pid = cluster.pid(0).expect("a pid");
+        wait_started(&cluster, 0, 1);
         let t0 = Instant::now();
 
         cluster.inject(0, FaultKind::Freeze, t0).expect("freeze");
-        assert_eq!(process_state(pid), Some('T'));
+        assert!(eventually(|| process_state(pid) == Some('T')), "stopped");
         assert!(
             cluster.inject(0, FaultKind::Kill, t0).is_err(),
             "one fault at a time"
@@ -623,10 +647,16 @@ mod tests {
         let events = cluster.tend(t0 + FAULT_LENGTH).await;
         assert!(matches!(&events[..], [Event::Thawed { .. }]), "{events:?}");
         assert_eq!(cluster.life(0), Some(Life::Running));
-        assert_ne!(process_state(pid), Some('T'));
+        assert!(
+            eventually(|| process_state(pid) != Some('T')),
+            "running again"
+        );
 
         cluster.inject(0, FaultKind::Kill, t0).expect("kill");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            eventually(|| matches!(process_state(pid), Some('Z') | None)),
+            "ended"
+        );
         assert!(cluster.tend(t0 + FAULT_LENGTH / 2).await.is_empty());
         assert_eq!(cluster.pid(0), None, "reaped");
         let events = cluster.tend(t0 + FAULT_LENGTH).await;
@@ -638,8 +668,13 @@ mod tests {
         assert_ne!(new_pid, pid);
 
         // `sleep` ends on SIGTERM: restarted once the grace of the fault is over.
+        wait_started(&cluster, 1, 1);
+        let term_pid = cluster.pid(1).expect("a pid");
         cluster.inject(1, FaultKind::Handoff, t0).expect("SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            eventually(|| matches!(process_state(term_pid), Some('Z') | None)),
+            "ended"
+        );
         assert!(cluster.tend(t0).await.is_empty());
         let events = cluster.tend(t0 + FAULT_LENGTH).await;
         assert!(
@@ -669,7 +704,10 @@ mod tests {
         let (mut cluster, _) = stand_in_cluster(dir.path(), 1, "").await;
         let pid = cluster.pid(0).expect("a pid");
         signal_node("node-1", pid, Signal::SIGKILL).expect("kill");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            eventually(|| matches!(process_state(pid), Some('Z') | None)),
+            "ended"
+        );
         let events = cluster.tend(Instant::now()).await;
         assert_eq!(
             events.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -691,6 +729,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut cluster, _) = stand_in_cluster(dir.path(), 1, "trap '' TERM").await;
         let pid = cluster.pid(0).expect("a pid");
+        wait_started(&cluster, 0, 1);
         let t0 = Instant::now();
         cluster.inject(0, FaultKind::Handoff, t0).expect("SIGTERM");
         std::thread::sleep(Duration::from_millis(100));
@@ -704,7 +743,10 @@ mod tests {
             events.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["node-1 ignored SIGTERM; killed it (kill -9)"]
         );
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            eventually(|| matches!(process_state(pid), Some('Z') | None)),
+            "ended"
+        );
         let events = cluster.tend(t0 + HANDOFF_GRACE).await;
         assert!(
             matches!(&events[..], [Event::Restarted { .. }]),
@@ -720,7 +762,10 @@ mod tests {
         let t0 = Instant::now();
         cluster.inject(0, FaultKind::Freeze, t0).expect("freeze");
         signal_node("node-1", pid, Signal::SIGKILL).expect("kill");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            eventually(|| matches!(process_state(pid), Some('Z') | None)),
+            "ended"
+        );
         let events = cluster.tend(t0 + FAULT_LENGTH).await;
         assert!(matches!(&events[..], [Event::Exited { .. }]), "{events:?}");
         assert_eq!(cluster.life(0), Some(Life::Exited));
