@@ -522,31 +522,7 @@ impl Sim {
     /// Runs until some node holds a valid lease or `limit` passes; returns the
     /// virtual time it took.
     pub fn run_until_lease(&mut self, limit: Duration) -> Option<Duration> {
-        let start = self.now;
-        let until = start + limit.as_nanos() as u64;
-        if self.lease_holder().is_some() {
-            return Some(Duration::ZERO);
-        }
-        while let Some(Reverse(next)) = self.queue.peek() {
-            if next.at > until {
-                break;
-            }
-            let Some(Reverse(ev)) = self.queue.pop() else {
-                break;
-            };
-            self.now = ev.at;
-            let touched = match &ev.event {
-                Event::Deliver { to, .. } => Some(*to),
-                Event::Tick { slot, .. } => Some(*slot),
-                Event::Membership => None,
-            };
-            self.handle(ev.event);
-            if touched.is_some_and(|s| self.has_lease(s)) {
-                return Some(Duration::from_nanos(self.now - start));
-            }
-        }
-        self.now = self.now.max(until);
-        None
+        self.run_until_condition(limit, |s| s.lease_holder().is_some())
     }
 
     /// Runs until `done` returns true (checked after every event) or `limit`

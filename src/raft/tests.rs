@@ -40,7 +40,14 @@ fn msg(from: &str, to: &str, term: u64, body: MessageBody) -> Message {
 
 /// Makes `a` the leader of term 1 at t = 2000 ms, with votes from b.
 fn leader_a() -> RaftCore {
-    let mut a = node("a");
+    leader_a_with(Config::default())
+}
+
+/// Like [`leader_a`], with settings `cfg`.
+fn leader_a_with(cfg: Config) -> RaftCore {
+    let mut a = RaftCore::fresh(cfg, id("a"), "a:4041".into(), 7, ms(1000));
+    a.bootstrap(three_voters(), ms(1000)).unwrap();
+    a.take_ready();
     a.tick(ms(2000));
     assert_eq!(a.role(), Role::PreCandidate);
     a.step(
@@ -469,24 +476,7 @@ fn learners_beyond_max_voters_stay_learners() {
         max_voters: 3,
         ..Config::default()
     };
-    let mut a = RaftCore::fresh(cfg, id("a"), "a:4041".into(), 1, ms(1000));
-    a.bootstrap(three_voters(), ms(1000)).unwrap();
-    a.tick(ms(2000));
-    a.step(
-        ms(2000),
-        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
-    )
-    .unwrap();
-    a.step(
-        ms(2000),
-        msg(
-            "b",
-            "a",
-            1,
-            MessageBody::RequestVoteResponse { granted: true },
-        ),
-    )
-    .unwrap();
+    let mut a = leader_a_with(cfg);
     a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
     let d = NodeId::new("d", 1);
     a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
@@ -519,24 +509,7 @@ fn the_log_is_compacted_to_a_snapshot_and_a_lagging_follower_gets_it() {
         compaction_threshold: 2,
         ..Config::default()
     };
-    let mut a = RaftCore::fresh(cfg, id("a"), "a:4041".into(), 1, ms(1000));
-    a.bootstrap(three_voters(), ms(1000)).unwrap();
-    a.tick(ms(2000));
-    a.step(
-        ms(2000),
-        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
-    )
-    .unwrap();
-    a.step(
-        ms(2000),
-        msg(
-            "b",
-            "a",
-            1,
-            MessageBody::RequestVoteResponse { granted: true },
-        ),
-    )
-    .unwrap();
+    let mut a = leader_a_with(cfg);
     a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
     a.propose_add_learner(NodeId::new("d", 1), "d:4041".into())
         .unwrap();

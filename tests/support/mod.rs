@@ -1,2 +1,3 @@
 //! Shared test support; one module per fake or fixture.
+pub mod cluster;
 pub mod dns;

@@ -1,0 +1,367 @@
+//! Failover of real `raft-elector run` processes on loopback: kill -9 the
+//! leader again and again (3, 5 and 7 nodes), hand leadership over with
+//! SIGTERM (5 nodes), and measure idle CPU and memory per node. Prints a
+//! markdown table, the machine, and each target as MET / NOT MET.
+//!
+//! `/is-leader` of every node is sampled every 2 ms during each trial; the
+//! double-leader rule is the one documented in `tests/support/cluster.rs`.
+//!
+//! Run with `cargo bench --bench failover_process` (about 4 minutes;
+//! `-- --trials 5` for a quick look).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+use support::cluster::{Cluster, ClusterConfig, Timeline};
+
+/// Trials per cluster size and per handoff series (`--trials N` overrides).
+const TRIALS: usize = 30;
+/// Sampling period of `/is-leader`.
+const SAMPLE_EVERY: Duration = Duration::from_millis(2);
+/// Longest wait for a steady cluster between trials.
+const STEADY: Duration = Duration::from_secs(20);
+/// How long CPU use is measured at idle.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// Steady sampling before each fault, so the old leader's 200s are recorded.
+const BEFORE_FAULT: Duration = Duration::from_millis(100);
+
+/// Targets (the product's promises on a quiet machine).
+const KILL_P50_MS: f64 = 250.0;
+const KILL_P99_MS: f64 = 350.0;
+const HANDOFF_P99_MS: f64 = 50.0;
+const IDLE_LEADER_MILLICORES: f64 = 5.0;
+const IDLE_FOLLOWER_MILLICORES: f64 = 2.0;
+const RSS_MIB: f64 = 20.0;
+
+/// Durations of one series, in milliseconds, and what the sampler saw.
+#[derive(Default)]
+struct Series {
+    millis: Vec<f64>,
+    violations: usize,
+    ambiguous: usize,
+    samples: usize,
+}
+
+impl Series {
+    fn add(&mut self, took: Duration, timeline: &Timeline) {
+        self.millis.push(took.as_secs_f64() * 1000.0);
+        self.violations += timeline.violations().len();
+        self.ambiguous += timeline.ambiguous_overlaps();
+        self.samples += timeline.samples.len();
+    }
+
+    /// Returns the `q` quantile (nearest rank) in milliseconds.
+    fn quantile(&self, q: f64) -> f64 {
+        let mut sorted = self.millis.clone();
+        sorted.sort_by(f64::total_cmp);
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1]
+    }
+
+    fn max(&self) -> f64 {
+        self.millis.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+fn bench_config() -> ClusterConfig {
+    ClusterConfig {
+        extra_args: ["--dns-interval", "500ms", "--removal-grace", "2s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..ClusterConfig::default()
+    }
+}
+
+/// Waits until one leader is agreed on, every running node is ready and
+/// the configuration holds exactly `size` members; returns the leader.
+async fn wait_steady(cluster: &mut Cluster, size: usize) -> usize {
+    let deadline = Instant::now() + STEADY;
+    loop {
+        if let Some(leader) = cluster.steady_leader().await {
+            let mut steady = true;
+            for (slot, status) in cluster.statuses().await {
+                steady &= status.is_some_and(|s| s.voters + s.learners == size)
+                    && cluster.is_ready(slot).await;
+            }
+            if steady {
+                return leader;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster of {size} not steady within {STEADY:?}: {:#?}",
+            cluster.statuses().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills the leader `trials` times; returns kill → first 200 elsewhere.
+async fn kill_series(size: usize, trials: usize) -> Series {
+    let mut cluster = Cluster::start(size, bench_config()).await;
+    let mut series = Series::default();
+    for _ in 0..trials {
+        let old = wait_steady(&mut cluster, size).await;
+        cluster.start_sampling(SAMPLE_EVERY);
+        tokio::time::sleep(BEFORE_FAULT).await;
+        let killed = cluster.kill9(old);
+        let killed_us = cluster.micros(killed);
+        cluster.wait_for_single_leader(STEADY).await;
+        let timeline = cluster.stop_sampling().await;
+        let first = timeline
+            .first_after(killed_us, |s| s.is_200() && s.slot != old)
+            .expect("another node answered 200");
+        series.add(
+            Duration::from_micros(first.received_us - killed_us),
+            &timeline,
+        );
+        cluster.restart(old, true).await;
+    }
+    series
+}
+
+/// Hands leadership over with SIGTERM `trials` times; returns the upper
+/// bound of the leaderless gap (old leader's last 200 sent → new leader's
+/// first 200 received). The stopped node comes back as a new incarnation,
+/// as a replaced pod would.
+async fn handoff_series(size: usize, trials: usize) -> Series {
+    let mut cluster = Cluster::start(size, bench_config()).await;
+    let mut series = Series::default();
+    let mut unclean_exits = 0;
+    for _ in 0..trials {
+        let old = wait_steady(&mut cluster, size).await;
+        cluster.start_sampling(SAMPLE_EVERY);
+        tokio::time::sleep(BEFORE_FAULT).await;
+        let termed = cluster.sigterm(old);
+        let termed_us = cluster.micros(termed);
+        let exit = cluster.wait_exit(old, Duration::from_secs(10)).await;
+        unclean_exits += usize::from(!exit.success());
+        cluster.wait_for_single_leader(STEADY).await;
+        let timeline = cluster.stop_sampling().await;
+        let stopped = timeline
+            .first_after(termed_us, |s| s.slot == old && !s.is_200())
+            .expect("the old leader stopped answering 200");
+        let last_claim = timeline
+            .last_before(stopped.sent_us, |s| s.slot == old && s.is_200())
+            .expect("the old leader answered 200 before");
+        let first = timeline
+            .first_after(termed_us, |s| s.is_200() && s.slot != old)
+            .expect("another node answered 200");
+        series.add(
+            Duration::from_micros(first.received_us.saturating_sub(last_claim.sent_us)),
+            &timeline,
+        );
+        cluster.restart(old, false).await;
+    }
+    assert_eq!(unclean_exits, 0, "some leaders did not exit 0 on SIGTERM");
+    series
+}
+
+/// Returns utime + stime of `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields[i - 3].parse::<u64>().expect("numeric stat field");
+    field(14) + field(15)
+}
+
+/// Returns VmRSS of `pid` in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/pid/status");
+    kib / 1024.0
+}
+
+/// Idle CPU (millicores) and RSS (MiB) of the leader and the followers.
+struct Idle {
+    leader: (f64, f64),
+    followers: Vec<(f64, f64)>,
+}
+
+async fn measure_idle(cluster: &mut Cluster, size: usize) -> Idle {
+    let leader = wait_steady(cluster, size).await;
+    let pids: Vec<(usize, u32)> = cluster
+        .running()
+        .into_iter()
+        .filter_map(|slot| cluster.node(slot).pid().map(|pid| (slot, pid)))
+        .collect();
+    let before: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_ticks(pid)).collect();
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let after: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_ticks(pid)).collect();
+    assert_eq!(
+        cluster.steady_leader().await,
+        Some(leader),
+        "the leader changed while idle"
+    );
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut idle = Idle {
+        leader: (0.0, 0.0),
+        followers: Vec::new(),
+    };
+    for (i, &(slot, pid)) in pids.iter().enumerate() {
+        let seconds = (after[i] - before[i]) as f64 / ticks_per_second;
+        let millicores = seconds / IDLE_WINDOW.as_secs_f64() * 1000.0;
+        let row = (millicores, rss_mib(pid));
+        if slot == leader {
+            idle.leader = row;
+        } else {
+            idle.followers.push(row);
+        }
+    }
+    idle
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{model}, {cores} cores")
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+async fn bench(trials: usize) {
+    println!("# failover_process: real processes on loopback\n");
+    println!("machine: {}\n", machine());
+    let mut kills = Vec::new();
+    for size in [3, 5, 7] {
+        eprintln!("kill -9 series, {size} nodes ...");
+        kills.push((size, kill_series(size, trials).await));
+    }
+    eprintln!("SIGTERM handoff series, 5 nodes ...");
+    let handoff = handoff_series(5, trials).await;
+    eprintln!("idle measurement, 5 nodes with default flags ...");
+    let quiet = ClusterConfig {
+        extra_args: Vec::new(),
+        ..ClusterConfig::default()
+    };
+    let mut cluster = Cluster::start(5, quiet).await;
+    wait_steady(&mut cluster, 5).await;
+    // Let the startup's membership changes and DNS lookups settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = measure_idle(&mut cluster, 5).await;
+    drop(cluster);
+
+    println!("| scenario | nodes | trials | p50 ms | p90 ms | p99 ms | max ms | double-200 | ambiguous overlaps | samples |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let row = |name: &str, size: usize, s: &Series| {
+        println!(
+            "| {name} | {size} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+            s.millis.len(),
+            s.quantile(0.5),
+            s.quantile(0.9),
+            s.quantile(0.99),
+            s.max(),
+            s.violations,
+            s.ambiguous,
+            s.samples
+        )
+    };
+    for (size, series) in &kills {
+        row("kill -9 → first 200 elsewhere", *size, series);
+    }
+    row("SIGTERM → old 503 → new 200", 5, &handoff);
+
+    let follower_cpu = idle.followers.iter().map(|f| f.0).fold(0.0, f64::max);
+    let max_rss = idle
+        .followers
+        .iter()
+        .map(|f| f.1)
+        .fold(idle.leader.1, f64::max);
+    println!("\n| idle (5 nodes, default flags, {IDLE_WINDOW:?}) | CPU millicores | RSS MiB |");
+    println!("| --- | --- | --- |");
+    println!("| leader | {:.2} | {:.1} |", idle.leader.0, idle.leader.1);
+    for (i, (cpu, rss)) in idle.followers.iter().enumerate() {
+        println!("| follower {i} | {cpu:.2} | {rss:.1} |");
+    }
+
+    let five = &kills[1].1;
+    let double: usize = kills.iter().map(|(_, s)| s.violations).sum::<usize>() + handoff.violations;
+    println!("\n| target | measured | verdict |");
+    println!("| --- | --- | --- |");
+    let target = |name: String, measured: String, met: bool| {
+        println!("| {name} | {measured} | {} |", verdict(met))
+    };
+    let (p50, p99) = (five.quantile(0.5), five.quantile(0.99));
+    target(
+        format!("5 nodes kill -9 p50 ≤ {KILL_P50_MS} ms"),
+        format!("{p50:.1} ms"),
+        p50 <= KILL_P50_MS,
+    );
+    target(
+        format!("5 nodes kill -9 p99 ≤ {KILL_P99_MS} ms"),
+        format!("{p99:.1} ms"),
+        p99 <= KILL_P99_MS,
+    );
+    let hp99 = handoff.quantile(0.99);
+    target(
+        format!("SIGTERM handoff p99 ≤ {HANDOFF_P99_MS} ms"),
+        format!("{hp99:.1} ms"),
+        hp99 <= HANDOFF_P99_MS,
+    );
+    target(
+        "zero double-200 instants".to_string(),
+        format!("{double}"),
+        double == 0,
+    );
+    target(
+        format!("idle leader ≤ {IDLE_LEADER_MILLICORES} millicores"),
+        format!("{:.2}", idle.leader.0),
+        idle.leader.0 <= IDLE_LEADER_MILLICORES,
+    );
+    target(
+        format!("idle follower ≤ {IDLE_FOLLOWER_MILLICORES} millicores"),
+        format!("{follower_cpu:.2} (max)"),
+        follower_cpu <= IDLE_FOLLOWER_MILLICORES,
+    );
+    target(
+        format!("RSS ≤ {RSS_MIB} MiB"),
+        format!("{max_rss:.1} MiB (max)"),
+        max_rss <= RSS_MIB,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary without it, where minutes of process trials do not belong.
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("failover_process: skipped outside `cargo bench --bench failover_process`");
+        return;
+    }
+    let trials = args
+        .iter()
+        .position(|a| a == "--trials")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TRIALS);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build the tokio runtime");
+    runtime.block_on(bench(trials));
+}
