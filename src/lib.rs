@@ -9,9 +9,11 @@
 //! - [`api`]: the app-facing HTTP API (`/is-leader`, `/leader`, wait, `/metrics`).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: flags, env twins and their validation.
+//! - [`demo`]: `raft-elector demo`, a local cluster with a live view and fault injection.
 //! - [`sim`]: a deterministic simulator of many cores (tests and benchmarks).
 pub mod api;
 pub mod cli;
+pub mod demo;
 pub mod discovery;
 pub mod metrics;
 pub mod raft;
