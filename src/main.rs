@@ -38,8 +38,12 @@ fn run(args: raft_elector::cli::RunArgs) -> anyhow::Result<()> {
 }
 
 fn demo(args: raft_elector::cli::DemoArgs) -> anyhow::Result<()> {
-    let _cfg = args.validate()?;
-    anyhow::bail!("demo: not wired yet")
+    let cfg = args.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(raft_elector::demo::run_demo(cfg))
 }
 
 fn init_logging(format: LogFormat, level: &str) {
