@@ -3,8 +3,10 @@
 //! ```text
 //!  DNS / static peers ─► discovery ─► hello prober ─(PeerInfo)─┐
 //!                                                              ▼
-//!  peers ─► transport server ─(Message)─────────────────► NodeTask (owns RaftCore)
+//!  peers ─► transport server ─(Inbound)────────────────► NodeTask (owns RaftCore)
+//!            (replies go back in the HTTP answer) ◄─────────┤   │
 //!  peers ◄─ transport client ◄─(Message)────────────────────┘   │
+//!            (peers' replies) ─(Inbound)─► NodeTask             │
 //!                                                                │ watch<LeaderState>
 //!                          ┌─────────────────────────────────────┤
 //!                          ▼                                     ▼
@@ -70,7 +72,9 @@ pub async fn run(
     tcfg.request_timeout = cfg.raft.heartbeat_interval.max(Duration::from_millis(200));
     tcfg.validate().context("invalid transport settings")?;
     let tcfg = Arc::new(tcfg);
-    let client = PeerClient::new(tcfg.clone(), metrics.clone())?;
+    // Peers' replies arrive on the node's inbound queue like any message.
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let client = PeerClient::new(tcfg.clone(), metrics.clone(), inbound_tx.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -93,7 +97,6 @@ pub async fn run(
         )
     })?;
 
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let (seen_tx, seen_rx) = mpsc::channel(256);
     let (identity_tx, identity_rx) = watch::channel(PeerInfo {
         cluster_id: cfg.cluster_id.clone(),

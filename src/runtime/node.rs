@@ -11,17 +11,21 @@
 //! After every input the task drains the core's `Ready` in order: hard state
 //! is saved (and fsynced) before any message that depends on it is sent. A
 //! failed save stops the node: sending after it could give a vote twice.
+//!
+//! A peer message that arrived as a request carries a reply slot: the
+//! messages addressed back to its sender in the following `Ready` (after the
+//! save) go into the HTTP answer instead of a request of their own.
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::state::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
-use crate::transport::{PeerClient, PeerInfo};
+use crate::transport::{Inbound, PeerClient, PeerInfo};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
@@ -74,6 +78,9 @@ pub struct NodeTask {
     leader_lost_at: Option<Instant>,
     /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
     bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
+    /// The sender of the message just stepped and its reply slot; filled by
+    /// the next `handle_ready`, after the save.
+    pending_reply: Option<(NodeId, oneshot::Sender<Vec<Message>>)>,
     shutting_down: bool,
 }
 
@@ -105,6 +112,7 @@ impl NodeTask {
             last_view: None,
             leader_lost_at: None,
             bootstrap_seen: HashMap::new(),
+            pending_reply: None,
             shutting_down: false,
         }
     }
@@ -113,7 +121,7 @@ impl NodeTask {
     /// configuration and returns.
     pub async fn run(
         mut self,
-        mut inbound: mpsc::Receiver<Message>,
+        mut inbound: mpsc::Receiver<Inbound>,
         mut seen: mpsc::Receiver<PeerInfo>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NodeError> {
@@ -155,7 +163,9 @@ impl NodeTask {
 
     // ----- inputs ------------------------------------------------------------
 
-    fn step(&mut self, msg: Message) {
+    fn step(&mut self, inbound: Inbound) {
+        let Inbound { msg, reply } = inbound;
+        self.pending_reply = reply.map(|reply| (msg.from.clone(), reply));
         let now = self.now();
         let (from, kind) = (msg.from.clone(), msg.body.kind());
         if let Err(e) = self.core.step(now, msg) {
@@ -275,7 +285,10 @@ impl NodeTask {
     // ----- output ----------------------------------------------------------------
 
     /// Persists, then sends, then publishes: the order the core requires.
+    /// Messages to the sender of a message waiting for its answer go into
+    /// that answer; a failed save drops it unanswered.
     fn handle_ready(&mut self) -> Result<(), NodeError> {
+        let pending_reply = self.pending_reply.take();
         let ready = self.core.take_ready();
         if let Some(hs) = &ready.hard_state {
             if let Err(e) = self.store.save(hs) {
@@ -283,8 +296,23 @@ impl NodeTask {
                 return Err(NodeError::Persist(e));
             }
         }
-        for msg in ready.messages {
-            self.send(msg);
+        match pending_reply {
+            Some((requester, reply)) => {
+                let (answer, others): (Vec<Message>, Vec<Message>) = ready
+                    .messages
+                    .into_iter()
+                    .partition(|msg| msg.to == requester);
+                // The peer stopped waiting (timed out): Raft tolerates the loss.
+                let _ = reply.send(answer);
+                for msg in others {
+                    self.send(msg);
+                }
+            }
+            None => {
+                for msg in ready.messages {
+                    self.send(msg);
+                }
+            }
         }
         if let Some(view) = ready.leadership {
             self.on_leadership(view);
@@ -406,7 +434,7 @@ impl NodeTask {
     /// `shutdown_timeout`.
     async fn graceful_shutdown(
         mut self,
-        inbound: &mut mpsc::Receiver<Message>,
+        inbound: &mut mpsc::Receiver<Inbound>,
         seen: &mut mpsc::Receiver<PeerInfo>,
     ) -> Result<(), NodeError> {
         let started = Instant::now();
@@ -452,7 +480,7 @@ impl NodeTask {
     /// Processes inputs until `until` (used while shutting down).
     async fn pump(
         &mut self,
-        inbound: &mut mpsc::Receiver<Message>,
+        inbound: &mut mpsc::Receiver<Inbound>,
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Result<(), NodeError> {

@@ -5,13 +5,20 @@
 //! peer's task posts queued messages one at a time, as soon as they arrive,
 //! over a keep-alive connection. A task ends when every clone of the client
 //! is dropped or its peer has been idle for [`PEER_IDLE_TIMEOUT`].
+//!
+//! The peer answers each message with the messages its runtime sends back
+//! (signed for that request); the task checks the signature and hands them
+//! to the `replies` channel given to [`PeerClient::new`].
 
 use super::auth::{self, AuthFailure, AuthHeaders, RateLimitedWarn};
-use super::server::{HELLO_PATH, MESSAGE_PATH};
+use super::server::{
+    valid_node_name, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, HELLO_SCOPE, MESSAGE_PATH,
+    MESSAGE_SCOPE,
+};
 use super::{PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +76,8 @@ struct SenderContext {
     metrics: Metrics,
     http: reqwest::Client,
     warn: Arc<RateLimitedWarn>,
+    /// Where the peers' replies go, as messages nobody waits an answer to.
+    replies: mpsc::Sender<Inbound>,
 }
 
 /// A message and when it was queued.
@@ -79,9 +88,15 @@ struct Queued {
 
 impl PeerClient {
     /// Creates a client; MUST be called inside a tokio runtime, where the
-    /// per-peer sender tasks will run. Fails when `cfg` is invalid.
-    pub fn new(cfg: Arc<TransportConfig>, metrics: Metrics) -> Result<PeerClient, TransportError> {
-        PeerClient::with_idle_timeout(cfg, metrics, PEER_IDLE_TIMEOUT)
+    /// per-peer sender tasks will run. The messages peers answer with are
+    /// put on `replies` (dropped and counted as `reply_dropped` when it is
+    /// full). Fails when `cfg` is invalid.
+    pub fn new(
+        cfg: Arc<TransportConfig>,
+        metrics: Metrics,
+        replies: mpsc::Sender<Inbound>,
+    ) -> Result<PeerClient, TransportError> {
+        PeerClient::with_idle_timeout(cfg, metrics, replies, PEER_IDLE_TIMEOUT)
     }
 
     /// Creates a client whose per-peer sender tasks end after
@@ -89,6 +104,7 @@ impl PeerClient {
     pub fn with_idle_timeout(
         cfg: Arc<TransportConfig>,
         metrics: Metrics,
+        replies: mpsc::Sender<Inbound>,
         idle_timeout: Duration,
     ) -> Result<PeerClient, TransportError> {
         cfg.validate()?;
@@ -111,6 +127,7 @@ impl PeerClient {
                     metrics,
                     http,
                     warn: Arc::new(RateLimitedWarn::default()),
+                    replies,
                 },
                 runtime,
                 queues: Mutex::new(HashMap::new()),
@@ -239,7 +256,8 @@ impl PeerSender {
         }
     }
 
-    /// Posts one message unless it went stale in the queue; records metrics.
+    /// Posts one message unless it went stale in the queue, hands the
+    /// peer's replies on; records metrics.
     async fn deliver(&self, item: Queued) {
         if item.queued_at.elapsed() > self.ctx.cfg.request_timeout {
             self.ctx.record_error(&TransportError::Expired {
@@ -253,69 +271,85 @@ impl PeerSender {
             .post_message(&self.addr, &self.url, &item.msg)
             .await
         {
-            Ok(()) => self.ctx.observe(item.msg.body.kind(), started.elapsed()),
+            Ok(replies) => {
+                self.ctx.observe(item.msg.body.kind(), started.elapsed());
+                self.forward(replies);
+            }
             Err(err) => self.ctx.record_error(&err),
+        }
+    }
+
+    /// Puts the peer's replies on the replies channel without waiting.
+    fn forward(&self, replies: Vec<raft::Message>) {
+        for msg in replies {
+            match self.ctx.replies.try_send(Inbound::without_reply(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.ctx.record_error(&TransportError::ReplyDropped {
+                        addr: self.addr.clone(),
+                    })
+                }
+                // The runtime has stopped; nobody needs the replies.
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
         }
     }
 }
 
 impl SenderContext {
-    /// Posts one signed message and expects 204.
+    /// Posts one signed message; returns the peer's signed replies (none
+    /// from a peer that answers 204, as versions before replies did).
     async fn post_message(
         &self,
         addr: &str,
         url: &reqwest::Url,
         msg: &raft::Message,
-    ) -> Result<(), TransportError> {
+    ) -> Result<Vec<raft::Message>, TransportError> {
         let body = serde_json::to_vec(msg).map_err(TransportError::Encode)?;
-        let signed = auth::sign(&self.cfg, &format!("POST {MESSAGE_PATH}"), &body);
+        let signed = auth::sign(&self.cfg, MESSAGE_SCOPE, &body);
+        let mut request = self.signed_post(url.clone(), &signed, body);
+        request
+            .headers_mut()
+            .insert(ACCEPT_REPLIES_HEADER, HeaderValue::from_static("1"));
         let response = self
-            .signed_post(url.clone(), &signed, body)
-            .send()
+            .http
+            .execute(request)
             .await
             .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
-        if response.status() != StatusCode::NO_CONTENT {
-            return Err(self.rejected(addr, response).await);
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NO_CONTENT => return Ok(Vec::new()),
+            _ => return Err(self.rejected(addr, response).await),
         }
-        Ok(())
+        let body = self.verified_answer(addr, &signed, response).await?;
+        let bad = |reason: String| TransportError::BadResponse {
+            addr: addr.to_string(),
+            reason,
+        };
+        let replies: Vec<raft::Message> = serde_json::from_slice(&body)
+            .map_err(|e| bad(format!("answer is not a list of Raft messages: {e}")))?;
+        if replies
+            .iter()
+            .any(|m| !valid_node_name(&m.from.name) || !valid_node_name(&m.to.name))
+        {
+            return Err(bad("a reply names an invalid node".to_string()));
+        }
+        Ok(replies)
     }
 
     /// Sends a signed hello and checks the signed answer.
     async fn hello(&self, addr: &str) -> Result<PeerInfo, TransportError> {
         let url = peer_url(addr, HELLO_PATH)?;
-        let signed = auth::sign(&self.cfg, &format!("POST {HELLO_PATH}"), b"");
+        let signed = auth::sign(&self.cfg, HELLO_SCOPE, b"");
         let response = self
-            .signed_post(url, &signed, Vec::new())
-            .send()
+            .http
+            .execute(self.signed_post(url, &signed, Vec::new()))
             .await
             .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
         if response.status() != StatusCode::OK {
             return Err(self.rejected(addr, response).await);
         }
-        let answer =
-            AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
-                addr: addr.to_string(),
-            })?;
-        let body = read_limited(
-            addr,
-            self.cfg.request_timeout,
-            response,
-            self.cfg.max_body_bytes,
-        )
-        .await?;
-        let scope = auth::response_scope(&signed.nonce);
-        auth::verify(&self.cfg, &answer, &scope, &body, auth::now_ms()).map_err(|f| match f {
-            AuthFailure::ForeignCluster => TransportError::ForeignCluster {
-                addr: addr.to_string(),
-                cluster: answer.cluster_id.clone(),
-            },
-            AuthFailure::StaleTimestamp => TransportError::StaleResponse {
-                addr: addr.to_string(),
-            },
-            _ => TransportError::BadSignature {
-                addr: addr.to_string(),
-            },
-        })?;
+        let body = self.verified_answer(addr, &signed, response).await?;
         let info: PeerInfo =
             serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
                 addr: addr.to_string(),
@@ -330,21 +364,52 @@ impl SenderContext {
         Ok(info)
     }
 
-    /// Builds a POST of `body` with the auth headers attached.
-    fn signed_post(
+    /// Reads a 200 answer to the request signed as `request` and checks
+    /// that the peer signed it for that very request; returns its body.
+    async fn verified_answer(
         &self,
-        url: reqwest::Url,
-        signed: &AuthHeaders,
-        body: Vec<u8>,
-    ) -> reqwest::RequestBuilder {
-        let mut request = self
-            .http
-            .post(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body);
-        for (name, value) in signed.to_pairs() {
-            request = request.header(name, value);
-        }
+        addr: &str,
+        request: &AuthHeaders,
+        response: reqwest::Response,
+    ) -> Result<Vec<u8>, TransportError> {
+        let answer =
+            AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
+                addr: addr.to_string(),
+            })?;
+        let body = read_limited(
+            addr,
+            self.cfg.request_timeout,
+            response,
+            self.cfg.max_body_bytes,
+        )
+        .await?;
+        let scope = auth::response_scope(&request.nonce);
+        auth::verify(&self.cfg, &answer, &scope, &body, auth::now_ms()).map_err(|f| match f {
+            AuthFailure::ForeignCluster => TransportError::ForeignCluster {
+                addr: addr.to_string(),
+                cluster: answer.cluster_id.clone(),
+            },
+            AuthFailure::StaleTimestamp => TransportError::StaleResponse {
+                addr: addr.to_string(),
+            },
+            _ => TransportError::BadSignature {
+                addr: addr.to_string(),
+            },
+        })?;
+        Ok(body)
+    }
+
+    /// Builds a POST of `body` to `url` with the auth headers attached.
+    fn signed_post(&self, url: reqwest::Url, signed: &AuthHeaders, body: Vec<u8>) -> reqwest::Request {
+        let mut request = reqwest::Request::new(Method::POST, url);
+        let headers: &mut HeaderMap = request.headers_mut();
+        headers.reserve(6);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        signed.insert_into(headers);
+        *request.body_mut() = Some(body.into());
         request
     }
 

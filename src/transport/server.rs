@@ -1,5 +1,10 @@
 //! The peer server: accepts signed Raft messages and answers `hello`.
 //!
+//! A message is forwarded to the runtime as an [`Inbound`] with a reply
+//! slot; the runtime's answers to the sender (e.g. the AppendEntries
+//! response) come back in the HTTP response, signed for the request's
+//! nonce, so one heartbeat round costs one request per follower.
+//!
 //! Every refusal answers a 4xx (or 503), increments
 //! `rejected_messages{reason}`, logs a rate-limited warning and forwards
 //! nothing. Checks run cheapest first and the body is never read past
@@ -13,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::raft;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
@@ -22,8 +27,8 @@ use futures::StreamExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Path Raft messages are posted to.
 pub const MESSAGE_PATH: &str = "/raft/v1/message";
@@ -31,6 +36,38 @@ pub const MESSAGE_PATH: &str = "/raft/v1/message";
 pub const HELLO_PATH: &str = "/raft/v1/hello";
 /// Longest accepted node name in a message, in bytes (a DNS name's length).
 pub const MAX_NODE_NAME_BYTES: usize = 253;
+/// Longest the server waits for the runtime's replies to a message; also
+/// capped at half the request timeout, so the answer beats the client's
+/// timeout.
+pub const MAX_REPLY_WAIT: Duration = Duration::from_millis(100);
+/// Request header by which a client says it takes the runtime's replies in
+/// the answer. Without it (a client of an older version) the server answers
+/// 204 at once and the runtime sends its replies as requests of its own.
+pub const ACCEPT_REPLIES_HEADER: &str = "x-raft-elector-accept-replies";
+/// Signing scope of a message request (`"<METHOD> <path>"`).
+pub(crate) const MESSAGE_SCOPE: &str = "POST /raft/v1/message";
+/// Signing scope of a hello request.
+pub(crate) const HELLO_SCOPE: &str = "POST /raft/v1/hello";
+
+/// A peer message handed to the runtime, with a slot for the messages the
+/// runtime sends back to that peer in response.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The authenticated message.
+    pub msg: raft::Message,
+    /// Where the runtime MUST put its messages addressed to `msg.from`,
+    /// after persisting the state they depend on; `None` when the message
+    /// arrived as a reply itself and nobody waits. Dropping it answers an
+    /// empty list.
+    pub reply: Option<oneshot::Sender<Vec<raft::Message>>>,
+}
+
+impl Inbound {
+    /// Wraps a message nobody waits for an answer to.
+    pub fn without_reply(msg: raft::Message) -> Inbound {
+        Inbound { msg, reply: None }
+    }
+}
 
 /// Why the server refused a request. Each maps to one status code and one
 /// stable `rejected_messages{reason}` label.
@@ -119,14 +156,18 @@ impl From<AuthFailure> for Rejection {
 struct PeerServer {
     cfg: Arc<TransportConfig>,
     metrics: Metrics,
-    inbound: mpsc::Sender<raft::Message>,
+    inbound: mpsc::Sender<Inbound>,
     identity: watch::Receiver<PeerInfo>,
     nonces: Mutex<NonceCache>,
     warn: RateLimitedWarn,
 }
 
 /// Builds the peer router: `POST /raft/v1/message` (body: one JSON
-/// [`raft::Message`]) answers 204 once the message is queued on `inbound`;
+/// [`raft::Message`]) queues the message on `inbound` as an [`Inbound`],
+/// waits for its reply (at most [`MAX_REPLY_WAIT`] or half the request
+/// timeout, else an empty list) and answers 200 with a JSON array of
+/// [`raft::Message`] signed for that request (a request without
+/// [`ACCEPT_REPLIES_HEADER`] is answered 204 once queued, without a reply slot);
 /// `POST /raft/v1/hello` (signed, empty body) answers 200 with a signed JSON
 /// [`PeerInfo`] read from `identity`.
 ///
@@ -136,7 +177,7 @@ struct PeerServer {
 pub fn router(
     cfg: Arc<TransportConfig>,
     metrics: Metrics,
-    inbound: mpsc::Sender<raft::Message>,
+    inbound: mpsc::Sender<Inbound>,
     identity: watch::Receiver<PeerInfo>,
 ) -> Router {
     let limit = cfg.max_body_bytes;
@@ -182,7 +223,8 @@ pub async fn serve(
 async fn handle_message(State(server): State<Arc<PeerServer>>, req: Request) -> Response {
     let peer = peer_addr(&req);
     match server.accept_message(req).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok((auth, Some(replies))) => server.answer_message(&auth, replies).await,
+        Ok((_, None)) => StatusCode::NO_CONTENT.into_response(),
         Err(rejection) => server.refuse(rejection, peer),
     }
 }
@@ -190,7 +232,7 @@ async fn handle_message(State(server): State<Arc<PeerServer>>, req: Request) -> 
 /// Handles `POST /raft/v1/hello`.
 async fn handle_hello(State(server): State<Arc<PeerServer>>, req: Request) -> Response {
     let peer = peer_addr(&req);
-    match server.authenticate(req, HELLO_PATH).await {
+    match server.authenticate(req, HELLO_SCOPE).await {
         Ok((auth, _body)) => server.answer_hello(&auth),
         Err(rejection) => server.refuse(rejection, peer),
     }
@@ -204,26 +246,63 @@ fn peer_addr(req: &Request) -> Option<SocketAddr> {
 }
 
 impl PeerServer {
-    /// Authenticates, decodes, checks and queues one message.
-    async fn accept_message(&self, req: Request) -> Result<(), Rejection> {
-        let (_auth, body) = self.authenticate(req, MESSAGE_PATH).await?;
+    /// Authenticates, decodes, checks and queues one message; returns the
+    /// request's auth headers and, when the client takes replies in the
+    /// answer, where the runtime's replies will arrive.
+    async fn accept_message(
+        &self,
+        req: Request,
+    ) -> Result<(AuthHeaders, Option<oneshot::Receiver<Vec<raft::Message>>>), Rejection> {
+        let takes_replies = req.headers().contains_key(ACCEPT_REPLIES_HEADER);
+        let (auth, body) = self.authenticate(req, MESSAGE_SCOPE).await?;
         let msg: raft::Message =
             serde_json::from_slice(&body).map_err(|_| Rejection::MalformedMessage)?;
         if !valid_node_name(&msg.from.name) || !valid_node_name(&msg.to.name) {
             return Err(Rejection::BadNodeName);
         }
-        self.inbound.try_send(msg).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
-            mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
-        })
+        let (reply, replies) = if takes_replies {
+            let (reply, replies) = oneshot::channel();
+            (Some(reply), Some(replies))
+        } else {
+            (None, None)
+        };
+        self.inbound
+            .try_send(Inbound { msg, reply })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
+                mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
+            })?;
+        Ok((auth, replies))
+    }
+
+    /// Waits (bounded) for the runtime's replies and answers them, signed
+    /// for the request; a late or dropped reply answers an empty list.
+    async fn answer_message(
+        &self,
+        request: &AuthHeaders,
+        replies: oneshot::Receiver<Vec<raft::Message>>,
+    ) -> Response {
+        let wait = MAX_REPLY_WAIT.min(self.cfg.request_timeout / 2);
+        let messages = match tokio::time::timeout(wait, replies).await {
+            Ok(Ok(messages)) => messages,
+            // Timed out, or the runtime dropped the request unanswered.
+            Ok(Err(_)) | Err(_) => Vec::new(),
+        };
+        match serde_json::to_vec(&messages) {
+            Ok(body) => self.signed_answer(request, body),
+            Err(err) => {
+                tracing::error!(%err, "cannot encode replies to a peer message");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
     }
 
     /// Checks size, headers, cluster, clock, signature and nonce of a
-    /// request to `path`; returns its auth headers and body.
+    /// request signed for `scope`; returns its auth headers and body.
     async fn authenticate(
         &self,
         req: Request,
-        path: &str,
+        scope: &str,
     ) -> Result<(AuthHeaders, Bytes), Rejection> {
         let (parts, body) = req.into_parts();
         if declared_length(&parts.headers).is_some_and(|n| n > self.cfg.max_body_bytes as u64) {
@@ -238,9 +317,8 @@ impl PeerServer {
         )
         .await
         .map_err(|_| Rejection::BodyTimeout)??;
-        let scope = format!("{} {path}", parts.method);
         let now = auth::now_ms();
-        auth::verify(&self.cfg, &auth, &scope, &body, now)?;
+        auth::verify(&self.cfg, &auth, scope, &body, now)?;
         let expiry = auth
             .timestamp_ms
             .saturating_add(self.cfg.max_clock_skew.as_millis().min(u64::MAX as u128) as u64);
@@ -264,20 +342,18 @@ impl PeerServer {
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
         };
+        self.signed_answer(request, body)
+    }
+
+    /// Answers 200 with the JSON `body`, signed for the request `request`.
+    fn signed_answer(&self, request: &AuthHeaders, body: Vec<u8>) -> Response {
         let signed = auth::sign(&self.cfg, &auth::response_scope(&request.nonce), &body);
-        let mut headers = HeaderMap::new();
+        let mut headers = HeaderMap::with_capacity(5);
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        for (name, value) in signed.to_pairs() {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(&value),
-            ) {
-                headers.insert(name, value);
-            }
-        }
+        signed.insert_into(&mut headers);
         (StatusCode::OK, headers, body).into_response()
     }
 
@@ -324,7 +400,7 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Rejection> {
 }
 
 /// Returns whether `name` is a plausible member name.
-fn valid_node_name(name: &str) -> bool {
+pub(crate) fn valid_node_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_NODE_NAME_BYTES && !name.chars().any(char::is_control)
 }
 
