@@ -15,10 +15,14 @@ use super::server::{
     valid_node_name, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, HELLO_SCOPE, MESSAGE_PATH,
     MESSAGE_SCOPE,
 };
-use super::{PeerInfo, TransportConfig, TransportError};
+use super::{BoxError, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::body::Bytes;
+use axum::http::{self, header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -189,13 +193,12 @@ impl PeerClient {
                 Err(mpsc::error::TrySendError::Closed(back)) => item = back,
             }
         }
-        let url = peer_url(addr, MESSAGE_PATH)?;
+        let conn = PeerConnection::new(addr)?;
         queues.retain(|_, queue| !queue.is_closed());
         let (queue, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
         let task = PeerSender {
             ctx: self.shared.ctx.clone(),
-            addr: addr.to_string(),
-            url,
+            conn,
             rx,
             idle_timeout: self.shared.idle_timeout,
             _live: LiveTask::new(&self.shared.live_tasks),
@@ -229,8 +232,7 @@ impl Drop for LiveTask {
 /// The task that posts one peer's queued messages in order.
 struct PeerSender {
     ctx: SenderContext,
-    addr: String,
-    url: reqwest::Url,
+    conn: PeerConnection,
     rx: mpsc::Receiver<Queued>,
     idle_timeout: Duration,
     _live: LiveTask,
@@ -258,19 +260,15 @@ impl PeerSender {
 
     /// Posts one message unless it went stale in the queue, hands the
     /// peer's replies on; records metrics.
-    async fn deliver(&self, item: Queued) {
+    async fn deliver(&mut self, item: Queued) {
         if item.queued_at.elapsed() > self.ctx.cfg.request_timeout {
             self.ctx.record_error(&TransportError::Expired {
-                addr: self.addr.clone(),
+                addr: self.conn.addr.clone(),
             });
             return;
         }
         let started = Instant::now();
-        match self
-            .ctx
-            .post_message(&self.addr, &self.url, &item.msg)
-            .await
-        {
+        match self.post_message(&item.msg).await {
             Ok(replies) => {
                 self.ctx.observe(item.msg.body.kind(), started.elapsed());
                 self.forward(replies);
@@ -279,54 +277,32 @@ impl PeerSender {
         }
     }
 
-    /// Puts the peer's replies on the replies channel without waiting.
-    fn forward(&self, replies: Vec<raft::Message>) {
-        for msg in replies {
-            match self.ctx.replies.try_send(Inbound::without_reply(msg)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.ctx.record_error(&TransportError::ReplyDropped {
-                        addr: self.addr.clone(),
-                    })
-                }
-                // The runtime has stopped; nobody needs the replies.
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            }
-        }
-    }
-}
-
-impl SenderContext {
     /// Posts one signed message; returns the peer's signed replies (none
     /// from a peer that answers 204, as versions before replies did).
     async fn post_message(
-        &self,
-        addr: &str,
-        url: &reqwest::Url,
+        &mut self,
         msg: &raft::Message,
     ) -> Result<Vec<raft::Message>, TransportError> {
+        let cfg = &self.ctx.cfg;
         let body = serde_json::to_vec(msg).map_err(TransportError::Encode)?;
-        let signed = auth::sign(&self.cfg, MESSAGE_SCOPE, &body);
-        let mut request = self.signed_post(url.clone(), &signed, body);
-        request
-            .headers_mut()
-            .insert(ACCEPT_REPLIES_HEADER, HeaderValue::from_static("1"));
-        let response = self
-            .http
-            .execute(request)
-            .await
-            .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
-        match response.status() {
+        let signed = auth::sign(cfg, MESSAGE_SCOPE, &body);
+        let answer = self
+            .conn
+            .exchange(&signed, body, cfg.request_timeout, cfg.max_body_bytes)
+            .await?;
+        let addr = self.conn.addr.as_str();
+        match answer.status {
             StatusCode::OK => {}
             StatusCode::NO_CONTENT => return Ok(Vec::new()),
-            _ => return Err(self.rejected(addr, response).await),
+            status => return Err(rejected(addr, status.as_u16(), &answer.body)),
         }
-        let body = self.verified_answer(addr, &signed, response).await?;
+        self.ctx
+            .verify_answer(addr, &signed, &answer.headers, &answer.body)?;
         let bad = |reason: String| TransportError::BadResponse {
             addr: addr.to_string(),
             reason,
         };
-        let replies: Vec<raft::Message> = serde_json::from_slice(&body)
+        let replies: Vec<raft::Message> = serde_json::from_slice(&answer.body)
             .map_err(|e| bad(format!("answer is not a list of Raft messages: {e}")))?;
         if replies
             .iter()
@@ -337,6 +313,170 @@ impl SenderContext {
         Ok(replies)
     }
 
+    /// Puts the peer's replies on the replies channel without waiting.
+    fn forward(&self, replies: Vec<raft::Message>) {
+        for msg in replies {
+            match self.ctx.replies.try_send(Inbound::without_reply(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.ctx.record_error(&TransportError::ReplyDropped {
+                        addr: self.conn.addr.clone(),
+                    })
+                }
+                // The runtime has stopped; nobody needs the replies.
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to a peer's message endpoint, opened
+/// on first use and again after any failure. Host header and URI are built
+/// once, so a request costs no URL parsing.
+struct PeerConnection {
+    addr: String,
+    host: HeaderValue,
+    uri: Uri,
+    sender: Option<http1::SendRequest<Full<Bytes>>>,
+}
+
+/// Status, headers and body of a peer's answer.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl PeerConnection {
+    /// Prepares (without connecting) a connection to `addr`, `host:port`.
+    fn new(addr: &str) -> Result<PeerConnection, TransportError> {
+        peer_url(addr, MESSAGE_PATH)?;
+        let invalid = || TransportError::InvalidAddress {
+            addr: addr.to_string(),
+        };
+        Ok(PeerConnection {
+            addr: addr.to_string(),
+            host: HeaderValue::from_str(addr).map_err(|_| invalid())?,
+            uri: Uri::from_static(MESSAGE_PATH),
+            sender: None,
+        })
+    }
+
+    /// Posts `body` with the auth headers and reads the answer (at most
+    /// `limit` bytes of body), all within `timeout`. Any failure closes
+    /// the connection, so the next request starts on a fresh one.
+    async fn exchange(
+        &mut self,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Answer, TransportError> {
+        let result = tokio::time::timeout(timeout, self.try_exchange(signed, body, limit)).await;
+        let result = result.unwrap_or_else(|_| {
+            Err(TransportError::Timeout {
+                addr: self.addr.clone(),
+                timeout,
+            })
+        });
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
+
+    async fn try_exchange(
+        &mut self,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<Answer, TransportError> {
+        let request_failed = |e: hyper::Error| TransportError::Request {
+            addr: self.addr.clone(),
+            source: Box::new(e),
+        };
+        let mut request = http::Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        let headers = request.headers_mut();
+        headers.reserve(7);
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ACCEPT_REPLIES_HEADER, HeaderValue::from_static("1"));
+        signed.insert_into(headers);
+        let sender = match self.sender.as_mut() {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => self.sender.insert(self.connect().await?),
+        };
+        sender.ready().await.map_err(request_failed)?;
+        let response = sender.send_request(request).await.map_err(request_failed)?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    TransportError::BadResponse {
+                        addr: self.addr.clone(),
+                        reason: format!("answer is larger than {limit} bytes"),
+                    }
+                } else {
+                    TransportError::Request {
+                        addr: self.addr.clone(),
+                        source: e,
+                    }
+                }
+            })?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// Opens a TCP connection (TCP_NODELAY) and starts its HTTP/1.1 driver
+    /// task, which ends when the connection closes.
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, TransportError> {
+        let failed = |e: BoxError| TransportError::Connect {
+            addr: self.addr.clone(),
+            source: e,
+        };
+        let tcp = tokio::net::TcpStream::connect(self.addr.as_str())
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+        // Small request/response pairs: Nagle would add up to 40 ms each.
+        tcp.set_nodelay(true).map_err(|e| failed(Box::new(e)))?;
+        let (sender, connection) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, peer = %addr, "peer connection closed");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Turns a non-success answer into an error carrying the peer's reason.
+fn rejected(addr: &str, status: u16, body: &[u8]) -> TransportError {
+    let reason = String::from_utf8_lossy(&body[..body.len().min(MAX_REASON_BYTES)])
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    TransportError::Rejected {
+        addr: addr.to_string(),
+        status,
+        reason,
+    }
+}
+
+impl SenderContext {
     /// Sends a signed hello and checks the signed answer.
     async fn hello(&self, addr: &str) -> Result<PeerInfo, TransportError> {
         let url = peer_url(addr, HELLO_PATH)?;
@@ -349,7 +489,15 @@ impl SenderContext {
         if response.status() != StatusCode::OK {
             return Err(self.rejected(addr, response).await);
         }
-        let body = self.verified_answer(addr, &signed, response).await?;
+        let headers = response.headers().clone();
+        let body = read_limited(
+            addr,
+            self.cfg.request_timeout,
+            response,
+            self.cfg.max_body_bytes,
+        )
+        .await?;
+        self.verify_answer(addr, &signed, &headers, &body)?;
         let info: PeerInfo =
             serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
                 addr: addr.to_string(),
@@ -364,27 +512,20 @@ impl SenderContext {
         Ok(info)
     }
 
-    /// Reads a 200 answer to the request signed as `request` and checks
-    /// that the peer signed it for that very request; returns its body.
-    async fn verified_answer(
+    /// Checks that the peer signed its answer (`headers`, `body`) for the
+    /// request signed as `request`, with our secret and cluster id.
+    fn verify_answer(
         &self,
         addr: &str,
         request: &AuthHeaders,
-        response: reqwest::Response,
-    ) -> Result<Vec<u8>, TransportError> {
-        let answer =
-            AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
-                addr: addr.to_string(),
-            })?;
-        let body = read_limited(
-            addr,
-            self.cfg.request_timeout,
-            response,
-            self.cfg.max_body_bytes,
-        )
-        .await?;
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), TransportError> {
+        let answer = AuthHeaders::parse(headers).map_err(|_| TransportError::BadSignature {
+            addr: addr.to_string(),
+        })?;
         let scope = auth::response_scope(&request.nonce);
-        auth::verify(&self.cfg, &answer, &scope, &body, auth::now_ms()).map_err(|f| match f {
+        auth::verify(&self.cfg, &answer, &scope, body, auth::now_ms()).map_err(|f| match f {
             AuthFailure::ForeignCluster => TransportError::ForeignCluster {
                 addr: addr.to_string(),
                 cluster: answer.cluster_id.clone(),
@@ -395,8 +536,7 @@ impl SenderContext {
             _ => TransportError::BadSignature {
                 addr: addr.to_string(),
             },
-        })?;
-        Ok(body)
+        })
     }
 
     /// Builds a POST of `body` to `url` with the auth headers attached.
@@ -487,9 +627,15 @@ fn classify(addr: &str, timeout: Duration, err: reqwest::Error) -> TransportErro
     if err.is_timeout() {
         TransportError::Timeout { addr, timeout }
     } else if err.is_connect() {
-        TransportError::Connect { addr, source: err }
+        TransportError::Connect {
+            addr,
+            source: Box::new(err),
+        }
     } else {
-        TransportError::Request { addr, source: err }
+        TransportError::Request {
+            addr,
+            source: Box::new(err),
+        }
     }
 }
 

@@ -148,6 +148,9 @@ pub struct PeerInfo {
     pub leaving: bool,
 }
 
+/// Cause of a connection or request failure (an I/O, hyper or reqwest error).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Failures of the peer client, and invalid transport settings.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -171,14 +174,14 @@ pub enum TransportError {
     Connect {
         addr: String,
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// The request failed after connecting.
     #[error("request to peer {addr} failed: {source}")]
     Request {
         addr: String,
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// The peer refused the request (check that both sides use the same
     /// secret, cluster id and roughly the same clock).
