@@ -540,7 +540,12 @@ impl SenderContext {
     }
 
     /// Builds a POST of `body` to `url` with the auth headers attached.
-    fn signed_post(&self, url: reqwest::Url, signed: &AuthHeaders, body: Vec<u8>) -> reqwest::Request {
+    fn signed_post(
+        &self,
+        url: reqwest::Url,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+    ) -> reqwest::Request {
         let mut request = reqwest::Request::new(Method::POST, url);
         let headers: &mut HeaderMap = request.headers_mut();
         headers.reserve(6);
@@ -666,14 +671,25 @@ async fn read_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::testing::{config, eventually, heartbeat, identity, start_peer};
+    use crate::transport::testing::{
+        config, eventually, heartbeat, identity, response_to, start_peer,
+    };
     use axum::http::HeaderMap;
     use std::net::SocketAddr;
 
     fn client(cfg: &Arc<TransportConfig>) -> (PeerClient, Metrics) {
-        let metrics = Metrics::new();
-        let client = PeerClient::new(cfg.clone(), metrics.clone()).expect("valid client");
+        let (client, metrics, _) = client_with_replies(cfg);
         (client, metrics)
+    }
+
+    fn client_with_replies(
+        cfg: &Arc<TransportConfig>,
+    ) -> (PeerClient, Metrics, mpsc::Receiver<Inbound>) {
+        let metrics = Metrics::new();
+        let (replies_tx, replies) = mpsc::channel(64);
+        let client =
+            PeerClient::new(cfg.clone(), metrics.clone(), replies_tx).expect("valid client");
+        (client, metrics, replies)
     }
 
     fn errors(metrics: &Metrics, reason: &str) -> u64 {
@@ -724,6 +740,116 @@ mod tests {
         addr
     }
 
+    /// How a fake peer signs its answer to a message.
+    #[derive(Clone, Copy)]
+    enum AnswerSigning {
+        /// With this secret, for the request's nonce.
+        Secret(u8),
+        /// With the right secret, but for another request's nonce.
+        OtherNonce,
+        /// Not at all.
+        Unsigned,
+    }
+
+    /// Serves a message endpoint that answers 200 with `body` signed as
+    /// `signing` says.
+    async fn fake_message_server(signing: AnswerSigning, body: Vec<u8>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let handler = move |headers: HeaderMap| {
+            let body = body.clone();
+            async move {
+                let request_nonce = headers
+                    .get(auth::NONCE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let mut out = HeaderMap::new();
+                let signed = match signing {
+                    AnswerSigning::Secret(seed) => Some(auth::sign(
+                        &config(seed),
+                        &auth::response_scope(&request_nonce),
+                        &body,
+                    )),
+                    AnswerSigning::OtherNonce => Some(auth::sign(
+                        &config(1),
+                        &auth::response_scope(&auth::new_nonce()),
+                        &body,
+                    )),
+                    AnswerSigning::Unsigned => None,
+                };
+                if let Some(signed) = signed {
+                    signed.insert_into(&mut out);
+                }
+                (out, body)
+            }
+        };
+        let app = axum::Router::new().route(MESSAGE_PATH, axum::routing::post(handler));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn replies_in_the_answer_arrive_on_the_replies_channel() {
+        let mut peer = start_peer(config(1), 64).await;
+        let mut seen = peer.answer_heartbeats();
+        let (client, metrics, mut replies) = client_with_replies(&peer.cfg);
+        for round in 0..3 {
+            client.send(&peer.addr.to_string(), heartbeat(round));
+        }
+        for round in 0..3 {
+            assert_eq!(seen.recv().await, Some(heartbeat(round)));
+            let reply = tokio::time::timeout(Duration::from_secs(2), replies.recv())
+                .await
+                .ok()
+                .flatten()
+                .expect("reply forwarded");
+            assert_eq!(reply.msg, response_to(&heartbeat(round)));
+            assert!(
+                reply.reply.is_none(),
+                "nobody waits for an answer to a reply"
+            );
+        }
+        assert_eq!(errors(&metrics, "bad_signature"), 0);
+    }
+
+    #[tokio::test]
+    async fn forged_unsigned_or_replayed_answers_are_refused_and_counted() {
+        let body = serde_json::to_vec(&vec![response_to(&heartbeat(1))]).expect("encodes");
+        for signing in [
+            AnswerSigning::Secret(2),
+            AnswerSigning::Unsigned,
+            AnswerSigning::OtherNonce,
+        ] {
+            let addr = fake_message_server(signing, body.clone()).await;
+            let (client, metrics, mut replies) = client_with_replies(&Arc::new(config(1)));
+            client.send(&addr.to_string(), heartbeat(1));
+            assert!(
+                eventually(Duration::from_secs(2), || errors(&metrics, "bad_signature")
+                    == 1)
+                .await,
+                "bad_signature counted"
+            );
+            assert!(replies.try_recv().is_err(), "nothing forwarded");
+        }
+    }
+
+    #[tokio::test]
+    async fn answer_that_is_not_a_list_of_messages_is_refused_as_bad_response() {
+        let addr = fake_message_server(AnswerSigning::Secret(1), b"{\"x\":1}".to_vec()).await;
+        let (client, metrics, mut replies) = client_with_replies(&Arc::new(config(1)));
+        client.send(&addr.to_string(), heartbeat(1));
+        assert!(
+            eventually(Duration::from_secs(2), || errors(&metrics, "bad_response")
+                == 1)
+            .await,
+            "bad_response counted"
+        );
+        assert!(replies.try_recv().is_err(), "nothing forwarded");
+    }
+
     #[tokio::test]
     async fn sent_messages_arrive_in_order() {
         let mut peer = start_peer(config(1), 64).await;
@@ -732,8 +858,7 @@ mod tests {
             client.send(&peer.addr.to_string(), heartbeat(round));
         }
         for round in 0..50 {
-            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
-            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+            assert_eq!(peer.next().await, Some(heartbeat(round)));
         }
         let samples = || {
             metrics
@@ -938,27 +1063,30 @@ mod tests {
     #[tokio::test]
     async fn idle_sender_task_ends_and_the_next_send_starts_a_new_one() {
         let mut peer = start_peer(config(1), 64).await;
+        let (replies, _) = mpsc::channel(1);
         let client = PeerClient::with_idle_timeout(
             peer.cfg.clone(),
             Metrics::new(),
+            replies,
             Duration::from_millis(50),
         )
         .expect("valid client");
         let addr = peer.addr.to_string();
         client.send(&addr, heartbeat(1));
-        assert_eq!(peer.inbound.recv().await, Some(heartbeat(1)));
+        assert_eq!(peer.next().await, Some(heartbeat(1)));
         assert!(eventually(Duration::from_secs(2), || client.sender_tasks() == 0).await);
         client.send(&addr, heartbeat(2));
         assert_eq!(client.sender_tasks(), 1);
-        let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
-        assert_eq!(got.ok().flatten(), Some(heartbeat(2)));
+        assert_eq!(peer.next().await, Some(heartbeat(2)));
     }
 
     #[tokio::test]
     async fn client_refuses_an_invalid_config() {
+        let (replies, _) = mpsc::channel(1);
         let err = PeerClient::new(
             Arc::new(TransportConfig::new("test", vec![1; 4])),
             Metrics::new(),
+            replies,
         )
         .expect_err("short secret refused");
         assert_eq!(err.metric_label(), "invalid_config");
@@ -966,7 +1094,9 @@ mod tests {
 
     #[test]
     fn client_outside_a_runtime_is_refused() {
-        let err = PeerClient::new(Arc::new(config(1)), Metrics::new()).expect_err("no runtime");
+        let (replies, _) = mpsc::channel(1);
+        let err =
+            PeerClient::new(Arc::new(config(1)), Metrics::new(), replies).expect_err("no runtime");
         assert!(matches!(err, TransportError::NoRuntime));
     }
 
@@ -979,8 +1109,7 @@ mod tests {
         for round in 0..300 {
             let started = std::time::Instant::now();
             client.send(&addr, heartbeat(round));
-            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
-            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+            assert_eq!(peer.next().await, Some(heartbeat(round)));
             if round >= 50 {
                 samples.push(started.elapsed());
             }

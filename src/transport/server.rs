@@ -408,7 +408,7 @@ pub(crate) fn valid_node_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::transport::auth::{sign_at, sign_headers};
-    use crate::transport::testing::{config, heartbeat, start_peer, TestPeer};
+    use crate::transport::testing::{config, heartbeat, response_to, start_peer, TestPeer};
     use crate::transport::TransportConfig;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -438,10 +438,7 @@ mod tests {
             1,
             "rejected_messages{{reason={reason}}}"
         );
-        assert!(
-            peer.inbound.try_recv().is_err(),
-            "nothing forwarded for {reason}"
-        );
+        assert!(peer.try_next().is_none(), "nothing forwarded for {reason}");
     }
 
     #[tokio::test]
@@ -450,7 +447,119 @@ mod tests {
         let body = json(1);
         let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
         assert_eq!(status, 204);
-        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert_eq!(peer.try_next(), Some(heartbeat(1)));
+    }
+
+    /// Posts a signed `msg` that takes replies; returns status, the
+    /// request's auth headers, the answer's headers and body, and how long
+    /// the answer took.
+    async fn post_taking_replies(
+        peer: &TestPeer,
+        msg: &raft::Message,
+    ) -> (u16, AuthHeaders, HeaderMap, Vec<u8>, Duration) {
+        post_to(peer.cfg.clone(), peer.url(MESSAGE_PATH), msg.clone()).await
+    }
+
+    /// [`post_taking_replies`] without holding the peer.
+    async fn post_to(
+        cfg: Arc<TransportConfig>,
+        url: String,
+        msg: raft::Message,
+    ) -> (u16, AuthHeaders, HeaderMap, Vec<u8>, Duration) {
+        let body = serde_json::to_vec(&msg).expect("encodes");
+        let signed = auth::sign(&cfg, SCOPE, &body);
+        let mut req = reqwest::Client::new()
+            .post(url)
+            .header(ACCEPT_REPLIES_HEADER, "1")
+            .body(body);
+        for (k, v) in signed.to_pairs() {
+            req = req.header(k, v);
+        }
+        let started = Instant::now();
+        let response = req.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let answer = response.bytes().await.expect("body read").to_vec();
+        (status, signed, headers, answer, started.elapsed())
+    }
+
+    /// Checks the answer's signature for `request` and decodes the replies.
+    fn verified_replies(
+        peer: &TestPeer,
+        request: &AuthHeaders,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Vec<raft::Message> {
+        let answer = AuthHeaders::parse(headers).expect("answer is signed");
+        let scope = auth::response_scope(&request.nonce);
+        auth::verify(&peer.cfg, &answer, &scope, body, auth::now_ms()).expect("valid signature");
+        serde_json::from_slice(body).expect("a list of messages")
+    }
+
+    #[tokio::test]
+    async fn replies_of_the_node_come_back_signed_in_the_answer() {
+        let mut peer = start_peer(config(1), 8).await;
+        let mut seen = peer.answer_heartbeats();
+        let (status, signed, headers, body, _) = post_taking_replies(&peer, &heartbeat(4)).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            verified_replies(&peer, &signed, &headers, &body),
+            vec![response_to(&heartbeat(4))]
+        );
+        assert_eq!(seen.recv().await, Some(heartbeat(4)));
+    }
+
+    #[tokio::test]
+    async fn answer_is_an_empty_list_when_the_node_drops_the_reply_slot() {
+        let mut peer = start_peer(config(1), 8).await;
+        let post = post_to(peer.cfg.clone(), peer.url(MESSAGE_PATH), heartbeat(1));
+        // Receives the message and drops its reply slot at once.
+        let drop_reply = async { peer.inbound.recv().await.map(|i| i.reply.is_some()) };
+        let ((status, signed, headers, body, took), had_slot) = tokio::join!(post, drop_reply);
+        assert_eq!(had_slot, Some(true), "has a reply slot");
+        assert_eq!(status, 200);
+        assert!(verified_replies(&peer, &signed, &headers, &body).is_empty());
+        assert!(
+            took < MAX_REPLY_WAIT,
+            "answered without waiting out the reply time: {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn answer_is_an_empty_list_when_the_node_does_not_reply_in_time() {
+        let mut cfg = config(1);
+        cfg.request_timeout = Duration::from_millis(60);
+        let mut peer = start_peer(cfg, 8).await;
+        let (status, signed, headers, body, took) = post_taking_replies(&peer, &heartbeat(1)).await;
+        // Still queued, reply slot held: the node never answered.
+        let held = peer.inbound.try_recv().expect("message queued");
+        assert_eq!(status, 200);
+        assert!(verified_replies(&peer, &signed, &headers, &body).is_empty());
+        assert!(
+            took >= Duration::from_millis(30) && took < Duration::from_millis(500),
+            "waited half the request timeout, took {took:?}"
+        );
+        assert!(
+            held.reply.is_some_and(|r| r.is_closed()),
+            "the server stopped waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn message_without_accept_replies_is_answered_204_with_no_reply_slot() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
+        assert_eq!(status, 204);
+        let inbound = peer.inbound.try_recv().expect("forwarded");
+        assert_eq!(inbound.msg, heartbeat(1));
+        assert!(inbound.reply.is_none());
+    }
+
+    #[test]
+    fn signing_scopes_match_method_and_path() {
+        assert_eq!(MESSAGE_SCOPE, format!("POST {MESSAGE_PATH}"));
+        assert_eq!(HELLO_SCOPE, format!("POST {HELLO_PATH}"));
     }
 
     #[tokio::test]
@@ -511,7 +620,7 @@ mod tests {
         let body = json(1);
         let headers = sign_headers(&peer.cfg, SCOPE, &body);
         assert_eq!(post(&peer, &headers, body.clone()).await, 204);
-        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert_eq!(peer.try_next(), Some(heartbeat(1)));
         let status = post(&peer, &headers, body).await;
         assert_refused(&mut peer, status, 409, "replayed_nonce");
     }
@@ -648,9 +757,9 @@ mod tests {
         let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &second), second).await;
         assert_eq!(status, 503);
         assert_eq!(peer.rejected("inbound_full"), 1);
-        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert_eq!(peer.try_next(), Some(heartbeat(1)));
         assert!(
-            peer.inbound.try_recv().is_err(),
+            peer.try_next().is_none(),
             "the refused message is not queued"
         );
     }
