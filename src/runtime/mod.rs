@@ -3,8 +3,10 @@
 //! ```text
 //!  DNS / static peers ─► discovery ─► hello prober ─(PeerInfo)─┐
 //!                                                              ▼
-//!  peers ─► transport server ─(Message)─────────────────► NodeTask (owns RaftCore)
+//!  peers ─► transport server ─(Inbound)────────────────► NodeTask (owns RaftCore)
+//!            (replies go back in the HTTP answer) ◄─────────┤   │
 //!  peers ◄─ transport client ◄─(Message)────────────────────┘   │
+//!            (peers' replies) ─(Inbound)─► NodeTask             │
 //!                                                                │ watch<LeaderState>
 //!                          ┌─────────────────────────────────────┤
 //!                          ▼                                     ▼
@@ -45,6 +47,8 @@ use tracing::{info, warn};
 const ADD_AFTER: Duration = Duration::from_secs(1);
 /// Longest graceful shutdown; the pod's grace period is 30 s by default.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Period of peer probes while this node has not joined a cluster.
+const PROBE_WHILE_JOINING: Duration = Duration::from_millis(250);
 /// Capacity of the inbound peer-message queue.
 const INBOUND_QUEUE: usize = 1024;
 
@@ -70,7 +74,9 @@ pub async fn run(
     tcfg.request_timeout = cfg.raft.heartbeat_interval.max(Duration::from_millis(200));
     tcfg.validate().context("invalid transport settings")?;
     let tcfg = Arc::new(tcfg);
-    let client = PeerClient::new(tcfg.clone(), metrics.clone())?;
+    // Peers' replies arrive on the node's inbound queue like any message.
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let client = PeerClient::new(tcfg.clone(), metrics.clone(), inbound_tx.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -93,7 +99,6 @@ pub async fn run(
         )
     })?;
 
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
     let (seen_tx, seen_rx) = mpsc::channel(256);
     let (identity_tx, identity_rx) = watch::channel(PeerInfo {
         cluster_id: cfg.cluster_id.clone(),
@@ -110,7 +115,12 @@ pub async fn run(
     ));
 
     let mut tasks = JoinSet::new();
-    let router = transport::router(tcfg.clone(), metrics.clone(), inbound_tx, identity_rx);
+    let router = transport::router(
+        tcfg.clone(),
+        metrics.clone(),
+        inbound_tx,
+        identity_rx.clone(),
+    );
     let peer_stop = stopped();
     tasks.spawn(async move {
         if let Err(e) = transport::serve(peer_listener, router, peer_stop).await {
@@ -154,6 +164,7 @@ pub async fn run(
         cfg.advertise.clone(),
         seen_tx,
         cfg.dns_interval,
+        identity_rx,
         stopped(),
     ));
 
@@ -250,6 +261,7 @@ async fn probe_peers(
     own: String,
     seen: mpsc::Sender<PeerInfo>,
     interval: Duration,
+    identity: watch::Receiver<PeerInfo>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -272,9 +284,15 @@ async fn probe_peers(
                 }
             }
         }
+        // Until this node has joined, ask often: bootstrap and joining wait on it.
+        let wait = if identity.borrow().joined {
+            interval
+        } else {
+            interval.min(PROBE_WHILE_JOINING)
+        };
         tokio::select! {
             // Re-ask on a timer: membership needs to know who is still there.
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             // Discovery changed: ask the new set at once.
             changed = peers.changed() => if changed.is_err() { return },
             _ = &mut stop => return,

@@ -4,29 +4,36 @@
 //!   inbound peer messages ─┐
 //!   hello answers (seen) ──┤      ┌──────────────┐  persist ─► HardStateStore
 //!   raft timer (deadline) ─┼────► │  NodeTask    │  send ────► PeerClient
-//!   housekeeping (100 ms) ─┤      │  owns core   │  publish ─► watch<LeaderState>
+//!   housekeeping (0.1-1 s) ┤      │  owns core   │  publish ─► watch<LeaderState>
 //!   shutdown future ───────┘      └──────────────┘              watch<PeerInfo>
 //! ```
 //!
 //! After every input the task drains the core's `Ready` in order: hard state
 //! is saved (and fsynced) before any message that depends on it is sent. A
 //! failed save stops the node: sending after it could give a vote twice.
+//!
+//! A peer message that arrived as a request carries a reply slot: the
+//! messages addressed back to its sender in the following `Ready` (after the
+//! save) go into the HTTP answer instead of a request of their own.
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::state::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
-use crate::transport::{PeerClient, PeerInfo};
+use crate::transport::{Inbound, PeerClient, PeerInfo};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-/// Period of membership decisions, bootstrap checks and gauge updates.
-const HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// Period of membership decisions, bootstrap checks and gauge updates on a
+/// leader, and while a node has not joined a cluster yet.
+const HOUSEKEEPING_ACTIVE: Duration = Duration::from_millis(100);
+/// Period of gauge updates on a joined follower (it decides nothing).
+const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
 /// How recently a peer must have answered to count for bootstrap.
@@ -74,6 +81,9 @@ pub struct NodeTask {
     leader_lost_at: Option<Instant>,
     /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
     bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
+    /// The sender of the message just stepped and its reply slot; filled by
+    /// the next `handle_ready`, after the save.
+    pending_reply: Option<(NodeId, oneshot::Sender<Vec<Message>>)>,
     shutting_down: bool,
 }
 
@@ -105,6 +115,7 @@ impl NodeTask {
             last_view: None,
             leader_lost_at: None,
             bootstrap_seen: HashMap::new(),
+            pending_reply: None,
             shutting_down: false,
         }
     }
@@ -113,13 +124,12 @@ impl NodeTask {
     /// configuration and returns.
     pub async fn run(
         mut self,
-        mut inbound: mpsc::Receiver<Message>,
+        mut inbound: mpsc::Receiver<Inbound>,
         mut seen: mpsc::Receiver<PeerInfo>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NodeError> {
         tokio::pin!(shutdown);
-        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_housekeeping = Instant::now();
         self.handle_ready()?;
         loop {
             let deadline = self.instant_of(self.core.next_deadline());
@@ -134,7 +144,10 @@ impl NodeTask {
                 // A peer answered hello: who is where.
                 Some(info) = seen.recv() => self.peer_seen(info),
                 // Membership, bootstrap and gauges.
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = sleep_until(next_housekeeping) => {
+                    self.housekeeping();
+                    next_housekeeping = Instant::now() + self.housekeeping_period();
+                }
                 // SIGTERM / Ctrl-C.
                 _ = &mut shutdown => break,
             }
@@ -155,7 +168,9 @@ impl NodeTask {
 
     // ----- inputs ------------------------------------------------------------
 
-    fn step(&mut self, msg: Message) {
+    fn step(&mut self, inbound: Inbound) {
+        let Inbound { msg, reply } = inbound;
+        self.pending_reply = reply.map(|reply| (msg.from.clone(), reply));
         let now = self.now();
         let (from, kind) = (msg.from.clone(), msg.body.kind());
         if let Err(e) = self.core.step(now, msg) {
@@ -182,6 +197,18 @@ impl NodeTask {
         }
         self.bootstrap_seen
             .insert(info.id.clone(), (info.joined, now));
+    }
+
+    /// Returns how often housekeeping runs: often where it decides something
+    /// (a leader, a node waiting to join), rarely on a joined follower, whose
+    /// every wakeup is idle CPU.
+    fn housekeeping_period(&self) -> Duration {
+        let joined = self.core.configuration().0.contains(self.core.id());
+        if self.core.role() == Role::Leader || !joined {
+            HOUSEKEEPING_ACTIVE
+        } else {
+            HOUSEKEEPING_FOLLOWER
+        }
     }
 
     fn housekeeping(&mut self) {
@@ -275,7 +302,10 @@ impl NodeTask {
     // ----- output ----------------------------------------------------------------
 
     /// Persists, then sends, then publishes: the order the core requires.
+    /// Messages to the sender of a message waiting for its answer go into
+    /// that answer; a failed save drops it unanswered.
     fn handle_ready(&mut self) -> Result<(), NodeError> {
+        let pending_reply = self.pending_reply.take();
         let ready = self.core.take_ready();
         if let Some(hs) = &ready.hard_state {
             if let Err(e) = self.store.save(hs) {
@@ -283,8 +313,23 @@ impl NodeTask {
                 return Err(NodeError::Persist(e));
             }
         }
-        for msg in ready.messages {
-            self.send(msg);
+        match pending_reply {
+            Some((requester, reply)) => {
+                let (answer, others): (Vec<Message>, Vec<Message>) = ready
+                    .messages
+                    .into_iter()
+                    .partition(|msg| msg.to == requester);
+                // The peer stopped waiting (timed out): Raft tolerates the loss.
+                let _ = reply.send(answer);
+                for msg in others {
+                    self.send(msg);
+                }
+            }
+            None => {
+                for msg in ready.messages {
+                    self.send(msg);
+                }
+            }
         }
         if let Some(view) = ready.leadership {
             self.on_leadership(view);
@@ -406,7 +451,7 @@ impl NodeTask {
     /// `shutdown_timeout`.
     async fn graceful_shutdown(
         mut self,
-        inbound: &mut mpsc::Receiver<Message>,
+        inbound: &mut mpsc::Receiver<Inbound>,
         seen: &mut mpsc::Receiver<PeerInfo>,
     ) -> Result<(), NodeError> {
         let started = Instant::now();
@@ -416,6 +461,13 @@ impl NodeTask {
         let view = self.core.leadership();
         self.publish(&view);
         self.metrics.is_leader.set(0);
+        let (config, _) = self.core.configuration();
+        let me = self.core.id();
+        if !config.contains(me) || (config.voters.len() == 1 && config.is_voter(me)) {
+            // Not a member, or the only voter: nothing to hand over or leave.
+            info!("shutting down: not a member or the only voter, leaving at once");
+            return Ok(());
+        }
         if self.core.role() == Role::Leader {
             let now = self.now();
             match self.core.transfer_leadership(now, None) {
@@ -452,7 +504,7 @@ impl NodeTask {
     /// Processes inputs until `until` (used while shutting down).
     async fn pump(
         &mut self,
-        inbound: &mut mpsc::Receiver<Message>,
+        inbound: &mut mpsc::Receiver<Inbound>,
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Result<(), NodeError> {

@@ -68,6 +68,27 @@ impl AuthHeaders {
         ]
     }
 
+    /// Adds the four headers to `headers`, replacing any already there.
+    /// Skips a value that is not a valid header value (only a cluster id
+    /// that failed [`TransportConfig::validate`] can be), so the peer
+    /// refuses the message as malformed.
+    pub fn insert_into(&self, headers: &mut http::HeaderMap) {
+        use http::{HeaderName, HeaderValue};
+        headers.insert(
+            HeaderName::from_static(TIMESTAMP_HEADER),
+            HeaderValue::from(self.timestamp_ms),
+        );
+        for (name, value) in [
+            (CLUSTER_HEADER, &self.cluster_id),
+            (NONCE_HEADER, &self.nonce),
+            (SIGNATURE_HEADER, &self.signature),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+    }
+
     /// Reads the four headers; `Err(AuthFailure::Missing)` when none of the
     /// signature headers is present, `Malformed` when one is absent or invalid.
     pub fn parse(headers: &http::HeaderMap) -> Result<AuthHeaders, AuthFailure> {
@@ -86,8 +107,10 @@ impl AuthHeaders {
         let signature = text(SIGNATURE_HEADER)?;
         // Canonical decimal only (no sign, no leading zeros), so the
         // signed string is exactly the header.
+        let canonical = timestamp.bytes().all(|b| b.is_ascii_digit())
+            && (timestamp == "0" || !timestamp.starts_with('0'));
         let timestamp_ms = match timestamp.parse::<u64>() {
-            Ok(t) if t.to_string() == timestamp => t,
+            Ok(t) if canonical => t,
             _ => return Err(AuthFailure::Malformed),
         };
         let nonce_ok = (MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&nonce.len())
@@ -154,7 +177,8 @@ fn mac(
         HmacSha256::new_from_slice(secret).expect("invariant: HMAC accepts keys of any length");
     mac.update(cluster_id.as_bytes());
     mac.update(b"\n");
-    mac.update(timestamp_ms.to_string().as_bytes());
+    let mut digits = [0u8; 20];
+    mac.update(decimal(timestamp_ms, &mut digits));
     mac.update(b"\n");
     mac.update(nonce.as_bytes());
     mac.update(b"\n");
@@ -162,6 +186,19 @@ fn mac(
     mac.update(b"\n");
     mac.update(body);
     mac
+}
+
+/// Writes `n` in decimal at the end of `buf`; returns the digits written.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
 }
 
 /// Signs `body` for `scope` with an explicit timestamp and nonce. Tests use
@@ -226,7 +263,8 @@ pub fn verify(
     if now_ms.abs_diff(auth.timestamp_ms) > skew_ms {
         return Err(AuthFailure::StaleTimestamp);
     }
-    let expected = hex::decode(&auth.signature).map_err(|_| AuthFailure::Malformed)?;
+    let mut expected = [0u8; SIGNATURE_HEX_LEN / 2];
+    hex::decode_to_slice(&auth.signature, &mut expected).map_err(|_| AuthFailure::Malformed)?;
     mac(
         &cfg.secret,
         &auth.cluster_id,
@@ -412,6 +450,23 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_signed_in_canonical_decimal() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 1_700_000_000_123, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn inserted_headers_parse_back_to_the_same_values() {
+        let c = cfg("prod", b"0123456789abcdef");
+        let h = sign(&c, "POST /x", b"body");
+        let mut map = http::HeaderMap::new();
+        h.insert_into(&mut map);
+        assert_eq!(AuthHeaders::parse(&map), Ok(h));
+    }
+
+    #[test]
     fn header_parsing_tells_missing_from_malformed() {
         let c = cfg("prod", b"0123456789abcdef");
         let mut map = http::HeaderMap::new();
@@ -426,6 +481,8 @@ mod tests {
         map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("-5"));
         assert_eq!(AuthHeaders::parse(&map), Err(AuthFailure::Malformed));
         map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("05"));
+        assert_eq!(AuthHeaders::parse(&map), Err(AuthFailure::Malformed));
+        map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("+5"));
         assert_eq!(AuthHeaders::parse(&map), Err(AuthFailure::Malformed));
         map.insert(TIMESTAMP_HEADER, http::HeaderValue::from_static("5"));
         map.insert(NONCE_HEADER, http::HeaderValue::from_static("short"));

@@ -5,13 +5,24 @@
 //! peer's task posts queued messages one at a time, as soon as they arrive,
 //! over a keep-alive connection. A task ends when every clone of the client
 //! is dropped or its peer has been idle for [`PEER_IDLE_TIMEOUT`].
+//!
+//! The peer answers each message with the messages its runtime sends back
+//! (signed for that request); the task checks the signature and hands them
+//! to the `replies` channel given to [`PeerClient::new`].
 
 use super::auth::{self, AuthFailure, AuthHeaders, RateLimitedWarn};
-use super::server::{HELLO_PATH, MESSAGE_PATH};
-use super::{PeerInfo, TransportConfig, TransportError};
+use super::server::{
+    valid_node_name, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, HELLO_SCOPE, MESSAGE_PATH,
+    MESSAGE_SCOPE,
+};
+use super::{BoxError, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft;
-use axum::http::{header, StatusCode};
+use axum::body::Bytes;
+use axum::http::{self, header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +80,8 @@ struct SenderContext {
     metrics: Metrics,
     http: reqwest::Client,
     warn: Arc<RateLimitedWarn>,
+    /// Where the peers' replies go, as messages nobody waits an answer to.
+    replies: mpsc::Sender<Inbound>,
 }
 
 /// A message and when it was queued.
@@ -79,9 +92,15 @@ struct Queued {
 
 impl PeerClient {
     /// Creates a client; MUST be called inside a tokio runtime, where the
-    /// per-peer sender tasks will run. Fails when `cfg` is invalid.
-    pub fn new(cfg: Arc<TransportConfig>, metrics: Metrics) -> Result<PeerClient, TransportError> {
-        PeerClient::with_idle_timeout(cfg, metrics, PEER_IDLE_TIMEOUT)
+    /// per-peer sender tasks will run. The messages peers answer with are
+    /// put on `replies` (dropped and counted as `reply_dropped` when it is
+    /// full). Fails when `cfg` is invalid.
+    pub fn new(
+        cfg: Arc<TransportConfig>,
+        metrics: Metrics,
+        replies: mpsc::Sender<Inbound>,
+    ) -> Result<PeerClient, TransportError> {
+        PeerClient::with_idle_timeout(cfg, metrics, replies, PEER_IDLE_TIMEOUT)
     }
 
     /// Creates a client whose per-peer sender tasks end after
@@ -89,6 +108,7 @@ impl PeerClient {
     pub fn with_idle_timeout(
         cfg: Arc<TransportConfig>,
         metrics: Metrics,
+        replies: mpsc::Sender<Inbound>,
         idle_timeout: Duration,
     ) -> Result<PeerClient, TransportError> {
         cfg.validate()?;
@@ -111,6 +131,7 @@ impl PeerClient {
                     metrics,
                     http,
                     warn: Arc::new(RateLimitedWarn::default()),
+                    replies,
                 },
                 runtime,
                 queues: Mutex::new(HashMap::new()),
@@ -172,13 +193,12 @@ impl PeerClient {
                 Err(mpsc::error::TrySendError::Closed(back)) => item = back,
             }
         }
-        let url = peer_url(addr, MESSAGE_PATH)?;
+        let conn = PeerConnection::new(addr)?;
         queues.retain(|_, queue| !queue.is_closed());
         let (queue, rx) = mpsc::channel(PEER_QUEUE_CAPACITY);
         let task = PeerSender {
             ctx: self.shared.ctx.clone(),
-            addr: addr.to_string(),
-            url,
+            conn,
             rx,
             idle_timeout: self.shared.idle_timeout,
             _live: LiveTask::new(&self.shared.live_tasks),
@@ -212,8 +232,7 @@ impl Drop for LiveTask {
 /// The task that posts one peer's queued messages in order.
 struct PeerSender {
     ctx: SenderContext,
-    addr: String,
-    url: reqwest::Url,
+    conn: PeerConnection,
     rx: mpsc::Receiver<Queued>,
     idle_timeout: Duration,
     _live: LiveTask,
@@ -239,63 +258,238 @@ impl PeerSender {
         }
     }
 
-    /// Posts one message unless it went stale in the queue; records metrics.
-    async fn deliver(&self, item: Queued) {
+    /// Posts one message unless it went stale in the queue, hands the
+    /// peer's replies on; records metrics.
+    async fn deliver(&mut self, item: Queued) {
         if item.queued_at.elapsed() > self.ctx.cfg.request_timeout {
             self.ctx.record_error(&TransportError::Expired {
-                addr: self.addr.clone(),
+                addr: self.conn.addr.clone(),
             });
             return;
         }
         let started = Instant::now();
-        match self
-            .ctx
-            .post_message(&self.addr, &self.url, &item.msg)
-            .await
-        {
-            Ok(()) => self.ctx.observe(item.msg.body.kind(), started.elapsed()),
+        match self.post_message(&item.msg).await {
+            Ok(replies) => {
+                self.ctx.observe(item.msg.body.kind(), started.elapsed());
+                self.forward(replies);
+            }
             Err(err) => self.ctx.record_error(&err),
+        }
+    }
+
+    /// Posts one signed message; returns the peer's signed replies (none
+    /// from a peer that answers 204, as versions before replies did).
+    async fn post_message(
+        &mut self,
+        msg: &raft::Message,
+    ) -> Result<Vec<raft::Message>, TransportError> {
+        let cfg = &self.ctx.cfg;
+        let body = serde_json::to_vec(msg).map_err(TransportError::Encode)?;
+        let signed = auth::sign(cfg, MESSAGE_SCOPE, &body);
+        let answer = self
+            .conn
+            .exchange(&signed, body, cfg.request_timeout, cfg.max_body_bytes)
+            .await?;
+        let addr = self.conn.addr.as_str();
+        match answer.status {
+            StatusCode::OK => {}
+            StatusCode::NO_CONTENT => return Ok(Vec::new()),
+            status => return Err(rejected(addr, status.as_u16(), &answer.body)),
+        }
+        self.ctx
+            .verify_answer(addr, &signed, &answer.headers, &answer.body)?;
+        let bad = |reason: String| TransportError::BadResponse {
+            addr: addr.to_string(),
+            reason,
+        };
+        let replies: Vec<raft::Message> = serde_json::from_slice(&answer.body)
+            .map_err(|e| bad(format!("answer is not a list of Raft messages: {e}")))?;
+        if replies
+            .iter()
+            .any(|m| !valid_node_name(&m.from.name) || !valid_node_name(&m.to.name))
+        {
+            return Err(bad("a reply names an invalid node".to_string()));
+        }
+        Ok(replies)
+    }
+
+    /// Puts the peer's replies on the replies channel without waiting.
+    fn forward(&self, replies: Vec<raft::Message>) {
+        for msg in replies {
+            match self.ctx.replies.try_send(Inbound::without_reply(msg)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.ctx.record_error(&TransportError::ReplyDropped {
+                        addr: self.conn.addr.clone(),
+                    })
+                }
+                // The runtime has stopped; nobody needs the replies.
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
         }
     }
 }
 
-impl SenderContext {
-    /// Posts one signed message and expects 204.
-    async fn post_message(
-        &self,
-        addr: &str,
-        url: &reqwest::Url,
-        msg: &raft::Message,
-    ) -> Result<(), TransportError> {
-        let body = serde_json::to_vec(msg).map_err(TransportError::Encode)?;
-        let signed = auth::sign(&self.cfg, &format!("POST {MESSAGE_PATH}"), &body);
-        let response = self
-            .signed_post(url.clone(), &signed, body)
-            .send()
-            .await
-            .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
-        if response.status() != StatusCode::NO_CONTENT {
-            return Err(self.rejected(addr, response).await);
-        }
-        Ok(())
+/// One keep-alive HTTP/1.1 connection to a peer's message endpoint, opened
+/// on first use and again after any failure. Host header and URI are built
+/// once, so a request costs no URL parsing.
+struct PeerConnection {
+    addr: String,
+    host: HeaderValue,
+    uri: Uri,
+    sender: Option<http1::SendRequest<Full<Bytes>>>,
+}
+
+/// Status, headers and body of a peer's answer.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl PeerConnection {
+    /// Prepares (without connecting) a connection to `addr`, `host:port`.
+    fn new(addr: &str) -> Result<PeerConnection, TransportError> {
+        peer_url(addr, MESSAGE_PATH)?;
+        let invalid = || TransportError::InvalidAddress {
+            addr: addr.to_string(),
+        };
+        Ok(PeerConnection {
+            addr: addr.to_string(),
+            host: HeaderValue::from_str(addr).map_err(|_| invalid())?,
+            uri: Uri::from_static(MESSAGE_PATH),
+            sender: None,
+        })
     }
 
+    /// Posts `body` with the auth headers and reads the answer (at most
+    /// `limit` bytes of body), all within `timeout`. Any failure closes
+    /// the connection, so the next request starts on a fresh one.
+    async fn exchange(
+        &mut self,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Answer, TransportError> {
+        let result = tokio::time::timeout(timeout, self.try_exchange(signed, body, limit)).await;
+        let result = result.unwrap_or_else(|_| {
+            Err(TransportError::Timeout {
+                addr: self.addr.clone(),
+                timeout,
+            })
+        });
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
+
+    async fn try_exchange(
+        &mut self,
+        signed: &AuthHeaders,
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<Answer, TransportError> {
+        let request_failed = |e: hyper::Error| TransportError::Request {
+            addr: self.addr.clone(),
+            source: Box::new(e),
+        };
+        let mut request = http::Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        let headers = request.headers_mut();
+        headers.reserve(7);
+        headers.insert(header::HOST, self.host.clone());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ACCEPT_REPLIES_HEADER, HeaderValue::from_static("1"));
+        signed.insert_into(headers);
+        let sender = match self.sender.as_mut() {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => self.sender.insert(self.connect().await?),
+        };
+        sender.ready().await.map_err(request_failed)?;
+        let response = sender.send_request(request).await.map_err(request_failed)?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    TransportError::BadResponse {
+                        addr: self.addr.clone(),
+                        reason: format!("answer is larger than {limit} bytes"),
+                    }
+                } else {
+                    TransportError::Request {
+                        addr: self.addr.clone(),
+                        source: e,
+                    }
+                }
+            })?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// Opens a TCP connection (TCP_NODELAY) and starts its HTTP/1.1 driver
+    /// task, which ends when the connection closes.
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, TransportError> {
+        let failed = |e: BoxError| TransportError::Connect {
+            addr: self.addr.clone(),
+            source: e,
+        };
+        let tcp = tokio::net::TcpStream::connect(self.addr.as_str())
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+        // Small request/response pairs: Nagle would add up to 40 ms each.
+        tcp.set_nodelay(true).map_err(|e| failed(Box::new(e)))?;
+        let (sender, connection) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, peer = %addr, "peer connection closed");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Turns a non-success answer into an error carrying the peer's reason.
+fn rejected(addr: &str, status: u16, body: &[u8]) -> TransportError {
+    let reason = String::from_utf8_lossy(&body[..body.len().min(MAX_REASON_BYTES)])
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    TransportError::Rejected {
+        addr: addr.to_string(),
+        status,
+        reason,
+    }
+}
+
+impl SenderContext {
     /// Sends a signed hello and checks the signed answer.
     async fn hello(&self, addr: &str) -> Result<PeerInfo, TransportError> {
         let url = peer_url(addr, HELLO_PATH)?;
-        let signed = auth::sign(&self.cfg, &format!("POST {HELLO_PATH}"), b"");
+        let signed = auth::sign(&self.cfg, HELLO_SCOPE, b"");
         let response = self
-            .signed_post(url, &signed, Vec::new())
-            .send()
+            .http
+            .execute(self.signed_post(url, &signed, Vec::new()))
             .await
             .map_err(|e| classify(addr, self.cfg.request_timeout, e))?;
         if response.status() != StatusCode::OK {
             return Err(self.rejected(addr, response).await);
         }
-        let answer =
-            AuthHeaders::parse(response.headers()).map_err(|_| TransportError::BadSignature {
-                addr: addr.to_string(),
-            })?;
+        let headers = response.headers().clone();
         let body = read_limited(
             addr,
             self.cfg.request_timeout,
@@ -303,19 +497,7 @@ impl SenderContext {
             self.cfg.max_body_bytes,
         )
         .await?;
-        let scope = auth::response_scope(&signed.nonce);
-        auth::verify(&self.cfg, &answer, &scope, &body, auth::now_ms()).map_err(|f| match f {
-            AuthFailure::ForeignCluster => TransportError::ForeignCluster {
-                addr: addr.to_string(),
-                cluster: answer.cluster_id.clone(),
-            },
-            AuthFailure::StaleTimestamp => TransportError::StaleResponse {
-                addr: addr.to_string(),
-            },
-            _ => TransportError::BadSignature {
-                addr: addr.to_string(),
-            },
-        })?;
+        self.verify_answer(addr, &signed, &headers, &body)?;
         let info: PeerInfo =
             serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
                 addr: addr.to_string(),
@@ -330,21 +512,49 @@ impl SenderContext {
         Ok(info)
     }
 
-    /// Builds a POST of `body` with the auth headers attached.
+    /// Checks that the peer signed its answer (`headers`, `body`) for the
+    /// request signed as `request`, with our secret and cluster id.
+    fn verify_answer(
+        &self,
+        addr: &str,
+        request: &AuthHeaders,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), TransportError> {
+        let answer = AuthHeaders::parse(headers).map_err(|_| TransportError::BadSignature {
+            addr: addr.to_string(),
+        })?;
+        let scope = auth::response_scope(&request.nonce);
+        auth::verify(&self.cfg, &answer, &scope, body, auth::now_ms()).map_err(|f| match f {
+            AuthFailure::ForeignCluster => TransportError::ForeignCluster {
+                addr: addr.to_string(),
+                cluster: answer.cluster_id.clone(),
+            },
+            AuthFailure::StaleTimestamp => TransportError::StaleResponse {
+                addr: addr.to_string(),
+            },
+            _ => TransportError::BadSignature {
+                addr: addr.to_string(),
+            },
+        })
+    }
+
+    /// Builds a POST of `body` to `url` with the auth headers attached.
     fn signed_post(
         &self,
         url: reqwest::Url,
         signed: &AuthHeaders,
         body: Vec<u8>,
-    ) -> reqwest::RequestBuilder {
-        let mut request = self
-            .http
-            .post(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body);
-        for (name, value) in signed.to_pairs() {
-            request = request.header(name, value);
-        }
+    ) -> reqwest::Request {
+        let mut request = reqwest::Request::new(Method::POST, url);
+        let headers: &mut HeaderMap = request.headers_mut();
+        headers.reserve(6);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        signed.insert_into(headers);
+        *request.body_mut() = Some(body.into());
         request
     }
 
@@ -422,9 +632,15 @@ fn classify(addr: &str, timeout: Duration, err: reqwest::Error) -> TransportErro
     if err.is_timeout() {
         TransportError::Timeout { addr, timeout }
     } else if err.is_connect() {
-        TransportError::Connect { addr, source: err }
+        TransportError::Connect {
+            addr,
+            source: Box::new(err),
+        }
     } else {
-        TransportError::Request { addr, source: err }
+        TransportError::Request {
+            addr,
+            source: Box::new(err),
+        }
     }
 }
 
@@ -455,14 +671,25 @@ async fn read_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::testing::{config, eventually, heartbeat, identity, start_peer};
+    use crate::transport::testing::{
+        config, eventually, heartbeat, identity, response_to, start_peer,
+    };
     use axum::http::HeaderMap;
     use std::net::SocketAddr;
 
     fn client(cfg: &Arc<TransportConfig>) -> (PeerClient, Metrics) {
-        let metrics = Metrics::new();
-        let client = PeerClient::new(cfg.clone(), metrics.clone()).expect("valid client");
+        let (client, metrics, _) = client_with_replies(cfg);
         (client, metrics)
+    }
+
+    fn client_with_replies(
+        cfg: &Arc<TransportConfig>,
+    ) -> (PeerClient, Metrics, mpsc::Receiver<Inbound>) {
+        let metrics = Metrics::new();
+        let (replies_tx, replies) = mpsc::channel(64);
+        let client =
+            PeerClient::new(cfg.clone(), metrics.clone(), replies_tx).expect("valid client");
+        (client, metrics, replies)
     }
 
     fn errors(metrics: &Metrics, reason: &str) -> u64 {
@@ -513,6 +740,116 @@ mod tests {
         addr
     }
 
+    /// How a fake peer signs its answer to a message.
+    #[derive(Clone, Copy)]
+    enum AnswerSigning {
+        /// With this secret, for the request's nonce.
+        Secret(u8),
+        /// With the right secret, but for another request's nonce.
+        OtherNonce,
+        /// Not at all.
+        Unsigned,
+    }
+
+    /// Serves a message endpoint that answers 200 with `body` signed as
+    /// `signing` says.
+    async fn fake_message_server(signing: AnswerSigning, body: Vec<u8>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let handler = move |headers: HeaderMap| {
+            let body = body.clone();
+            async move {
+                let request_nonce = headers
+                    .get(auth::NONCE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let mut out = HeaderMap::new();
+                let signed = match signing {
+                    AnswerSigning::Secret(seed) => Some(auth::sign(
+                        &config(seed),
+                        &auth::response_scope(&request_nonce),
+                        &body,
+                    )),
+                    AnswerSigning::OtherNonce => Some(auth::sign(
+                        &config(1),
+                        &auth::response_scope(&auth::new_nonce()),
+                        &body,
+                    )),
+                    AnswerSigning::Unsigned => None,
+                };
+                if let Some(signed) = signed {
+                    signed.insert_into(&mut out);
+                }
+                (out, body)
+            }
+        };
+        let app = axum::Router::new().route(MESSAGE_PATH, axum::routing::post(handler));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn replies_in_the_answer_arrive_on_the_replies_channel() {
+        let mut peer = start_peer(config(1), 64).await;
+        let mut seen = peer.answer_heartbeats();
+        let (client, metrics, mut replies) = client_with_replies(&peer.cfg);
+        for round in 0..3 {
+            client.send(&peer.addr.to_string(), heartbeat(round));
+        }
+        for round in 0..3 {
+            assert_eq!(seen.recv().await, Some(heartbeat(round)));
+            let reply = tokio::time::timeout(Duration::from_secs(2), replies.recv())
+                .await
+                .ok()
+                .flatten()
+                .expect("reply forwarded");
+            assert_eq!(reply.msg, response_to(&heartbeat(round)));
+            assert!(
+                reply.reply.is_none(),
+                "nobody waits for an answer to a reply"
+            );
+        }
+        assert_eq!(errors(&metrics, "bad_signature"), 0);
+    }
+
+    #[tokio::test]
+    async fn forged_unsigned_or_replayed_answers_are_refused_and_counted() {
+        let body = serde_json::to_vec(&vec![response_to(&heartbeat(1))]).expect("encodes");
+        for signing in [
+            AnswerSigning::Secret(2),
+            AnswerSigning::Unsigned,
+            AnswerSigning::OtherNonce,
+        ] {
+            let addr = fake_message_server(signing, body.clone()).await;
+            let (client, metrics, mut replies) = client_with_replies(&Arc::new(config(1)));
+            client.send(&addr.to_string(), heartbeat(1));
+            assert!(
+                eventually(Duration::from_secs(2), || errors(&metrics, "bad_signature")
+                    == 1)
+                .await,
+                "bad_signature counted"
+            );
+            assert!(replies.try_recv().is_err(), "nothing forwarded");
+        }
+    }
+
+    #[tokio::test]
+    async fn answer_that_is_not_a_list_of_messages_is_refused_as_bad_response() {
+        let addr = fake_message_server(AnswerSigning::Secret(1), b"{\"x\":1}".to_vec()).await;
+        let (client, metrics, mut replies) = client_with_replies(&Arc::new(config(1)));
+        client.send(&addr.to_string(), heartbeat(1));
+        assert!(
+            eventually(Duration::from_secs(2), || errors(&metrics, "bad_response")
+                == 1)
+            .await,
+            "bad_response counted"
+        );
+        assert!(replies.try_recv().is_err(), "nothing forwarded");
+    }
+
     #[tokio::test]
     async fn sent_messages_arrive_in_order() {
         let mut peer = start_peer(config(1), 64).await;
@@ -521,8 +858,7 @@ mod tests {
             client.send(&peer.addr.to_string(), heartbeat(round));
         }
         for round in 0..50 {
-            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
-            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+            assert_eq!(peer.next().await, Some(heartbeat(round)));
         }
         let samples = || {
             metrics
@@ -727,27 +1063,30 @@ mod tests {
     #[tokio::test]
     async fn idle_sender_task_ends_and_the_next_send_starts_a_new_one() {
         let mut peer = start_peer(config(1), 64).await;
+        let (replies, _) = mpsc::channel(1);
         let client = PeerClient::with_idle_timeout(
             peer.cfg.clone(),
             Metrics::new(),
+            replies,
             Duration::from_millis(50),
         )
         .expect("valid client");
         let addr = peer.addr.to_string();
         client.send(&addr, heartbeat(1));
-        assert_eq!(peer.inbound.recv().await, Some(heartbeat(1)));
+        assert_eq!(peer.next().await, Some(heartbeat(1)));
         assert!(eventually(Duration::from_secs(2), || client.sender_tasks() == 0).await);
         client.send(&addr, heartbeat(2));
         assert_eq!(client.sender_tasks(), 1);
-        let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
-        assert_eq!(got.ok().flatten(), Some(heartbeat(2)));
+        assert_eq!(peer.next().await, Some(heartbeat(2)));
     }
 
     #[tokio::test]
     async fn client_refuses_an_invalid_config() {
+        let (replies, _) = mpsc::channel(1);
         let err = PeerClient::new(
             Arc::new(TransportConfig::new("test", vec![1; 4])),
             Metrics::new(),
+            replies,
         )
         .expect_err("short secret refused");
         assert_eq!(err.metric_label(), "invalid_config");
@@ -755,7 +1094,9 @@ mod tests {
 
     #[test]
     fn client_outside_a_runtime_is_refused() {
-        let err = PeerClient::new(Arc::new(config(1)), Metrics::new()).expect_err("no runtime");
+        let (replies, _) = mpsc::channel(1);
+        let err =
+            PeerClient::new(Arc::new(config(1)), Metrics::new(), replies).expect_err("no runtime");
         assert!(matches!(err, TransportError::NoRuntime));
     }
 
@@ -768,8 +1109,7 @@ mod tests {
         for round in 0..300 {
             let started = std::time::Instant::now();
             client.send(&addr, heartbeat(round));
-            let got = tokio::time::timeout(Duration::from_secs(2), peer.inbound.recv()).await;
-            assert_eq!(got.ok().flatten(), Some(heartbeat(round)));
+            assert_eq!(peer.next().await, Some(heartbeat(round)));
             if round >= 50 {
                 samples.push(started.elapsed());
             }

@@ -11,6 +11,11 @@
 //!                                ─► nonce (replay) ─► JSON + name checks ─► inbound channel ─► runtime
 //!                    any refusal: 4xx/503, rejected_messages{reason}++, rate-limited warn,
 //!                    and nothing is forwarded
+//!                                                   │ Inbound { msg, reply }: the runtime puts its
+//!                                                   ▼ messages to the sender in `reply` (≤ 100 ms)
+//!                          200 [raft::Message, ..]  (signed for the request's nonce)
+//!                                                   │ checked by the sender task
+//!   runtime ◄── replies channel (Inbound { reply: None }) ◄──┘
 //!
 //!   PeerClient::hello(addr) ── POST /raft/v1/hello ──► signed PeerInfo (the peer's identity)
 //! ```
@@ -26,7 +31,7 @@ mod testing;
 
 pub use self::auth::{sign_headers, AuthHeaders};
 pub use self::client::PeerClient;
-pub use self::server::{router, serve, HELLO_PATH, MESSAGE_PATH};
+pub use self::server::{router, serve, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, MESSAGE_PATH};
 
 use crate::raft;
 use serde::{Deserialize, Serialize};
@@ -143,6 +148,9 @@ pub struct PeerInfo {
     pub leaving: bool,
 }
 
+/// Cause of a connection or request failure (an I/O, hyper or reqwest error).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Failures of the peer client, and invalid transport settings.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -166,14 +174,14 @@ pub enum TransportError {
     Connect {
         addr: String,
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// The request failed after connecting.
     #[error("request to peer {addr} failed: {source}")]
     Request {
         addr: String,
         #[source]
-        source: reqwest::Error,
+        source: BoxError,
     },
     /// The peer refused the request (check that both sides use the same
     /// secret, cluster id and roughly the same clock).
@@ -204,6 +212,9 @@ pub enum TransportError {
     /// The message waited in the queue longer than the request timeout.
     #[error("message for peer {addr} waited too long in the queue; dropped")]
     Expired { addr: String },
+    /// A peer's reply was dropped because the runtime's queue was full.
+    #[error("runtime queue is full; a reply from peer {addr} was dropped")]
+    ReplyDropped { addr: String },
     /// The message could not be encoded as JSON.
     #[error("cannot encode a peer message: {0}")]
     Encode(#[source] serde_json::Error),
@@ -227,6 +238,7 @@ impl TransportError {
             TransportError::StaleResponse { .. } => "stale_response",
             TransportError::QueueFull { .. } => "queue_full",
             TransportError::Expired { .. } => "expired",
+            TransportError::ReplyDropped { .. } => "reply_dropped",
             TransportError::Encode(_) => "encode",
         }
     }

@@ -1,5 +1,10 @@
 //! The peer server: accepts signed Raft messages and answers `hello`.
 //!
+//! A message is forwarded to the runtime as an [`Inbound`] with a reply
+//! slot; the runtime's answers to the sender (e.g. the AppendEntries
+//! response) come back in the HTTP response, signed for the request's
+//! nonce, so one heartbeat round costs one request per follower.
+//!
 //! Every refusal answers a 4xx (or 503), increments
 //! `rejected_messages{reason}`, logs a rate-limited warning and forwards
 //! nothing. Checks run cheapest first and the body is never read past
@@ -13,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::raft;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
@@ -22,8 +27,8 @@ use futures::StreamExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Path Raft messages are posted to.
 pub const MESSAGE_PATH: &str = "/raft/v1/message";
@@ -31,6 +36,38 @@ pub const MESSAGE_PATH: &str = "/raft/v1/message";
 pub const HELLO_PATH: &str = "/raft/v1/hello";
 /// Longest accepted node name in a message, in bytes (a DNS name's length).
 pub const MAX_NODE_NAME_BYTES: usize = 253;
+/// Longest the server waits for the runtime's replies to a message; also
+/// capped at half the request timeout, so the answer beats the client's
+/// timeout.
+pub const MAX_REPLY_WAIT: Duration = Duration::from_millis(100);
+/// Request header by which a client says it takes the runtime's replies in
+/// the answer. Without it (a client of an older version) the server answers
+/// 204 at once and the runtime sends its replies as requests of its own.
+pub const ACCEPT_REPLIES_HEADER: &str = "x-raft-elector-accept-replies";
+/// Signing scope of a message request (`"<METHOD> <path>"`).
+pub(crate) const MESSAGE_SCOPE: &str = "POST /raft/v1/message";
+/// Signing scope of a hello request.
+pub(crate) const HELLO_SCOPE: &str = "POST /raft/v1/hello";
+
+/// A peer message handed to the runtime, with a slot for the messages the
+/// runtime sends back to that peer in response.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The authenticated message.
+    pub msg: raft::Message,
+    /// Where the runtime MUST put its messages addressed to `msg.from`,
+    /// after persisting the state they depend on; `None` when the message
+    /// arrived as a reply itself and nobody waits. Dropping it answers an
+    /// empty list.
+    pub reply: Option<oneshot::Sender<Vec<raft::Message>>>,
+}
+
+impl Inbound {
+    /// Wraps a message nobody waits for an answer to.
+    pub fn without_reply(msg: raft::Message) -> Inbound {
+        Inbound { msg, reply: None }
+    }
+}
 
 /// Why the server refused a request. Each maps to one status code and one
 /// stable `rejected_messages{reason}` label.
@@ -119,14 +156,18 @@ impl From<AuthFailure> for Rejection {
 struct PeerServer {
     cfg: Arc<TransportConfig>,
     metrics: Metrics,
-    inbound: mpsc::Sender<raft::Message>,
+    inbound: mpsc::Sender<Inbound>,
     identity: watch::Receiver<PeerInfo>,
     nonces: Mutex<NonceCache>,
     warn: RateLimitedWarn,
 }
 
 /// Builds the peer router: `POST /raft/v1/message` (body: one JSON
-/// [`raft::Message`]) answers 204 once the message is queued on `inbound`;
+/// [`raft::Message`]) queues the message on `inbound` as an [`Inbound`],
+/// waits for its reply (at most [`MAX_REPLY_WAIT`] or half the request
+/// timeout, else an empty list) and answers 200 with a JSON array of
+/// [`raft::Message`] signed for that request (a request without
+/// [`ACCEPT_REPLIES_HEADER`] is answered 204 once queued, without a reply slot);
 /// `POST /raft/v1/hello` (signed, empty body) answers 200 with a signed JSON
 /// [`PeerInfo`] read from `identity`.
 ///
@@ -136,7 +177,7 @@ struct PeerServer {
 pub fn router(
     cfg: Arc<TransportConfig>,
     metrics: Metrics,
-    inbound: mpsc::Sender<raft::Message>,
+    inbound: mpsc::Sender<Inbound>,
     identity: watch::Receiver<PeerInfo>,
 ) -> Router {
     let limit = cfg.max_body_bytes;
@@ -182,7 +223,8 @@ pub async fn serve(
 async fn handle_message(State(server): State<Arc<PeerServer>>, req: Request) -> Response {
     let peer = peer_addr(&req);
     match server.accept_message(req).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok((auth, Some(replies))) => server.answer_message(&auth, replies).await,
+        Ok((_, None)) => StatusCode::NO_CONTENT.into_response(),
         Err(rejection) => server.refuse(rejection, peer),
     }
 }
@@ -190,7 +232,7 @@ async fn handle_message(State(server): State<Arc<PeerServer>>, req: Request) -> 
 /// Handles `POST /raft/v1/hello`.
 async fn handle_hello(State(server): State<Arc<PeerServer>>, req: Request) -> Response {
     let peer = peer_addr(&req);
-    match server.authenticate(req, HELLO_PATH).await {
+    match server.authenticate(req, HELLO_SCOPE).await {
         Ok((auth, _body)) => server.answer_hello(&auth),
         Err(rejection) => server.refuse(rejection, peer),
     }
@@ -204,26 +246,63 @@ fn peer_addr(req: &Request) -> Option<SocketAddr> {
 }
 
 impl PeerServer {
-    /// Authenticates, decodes, checks and queues one message.
-    async fn accept_message(&self, req: Request) -> Result<(), Rejection> {
-        let (_auth, body) = self.authenticate(req, MESSAGE_PATH).await?;
+    /// Authenticates, decodes, checks and queues one message; returns the
+    /// request's auth headers and, when the client takes replies in the
+    /// answer, where the runtime's replies will arrive.
+    async fn accept_message(
+        &self,
+        req: Request,
+    ) -> Result<(AuthHeaders, Option<oneshot::Receiver<Vec<raft::Message>>>), Rejection> {
+        let takes_replies = req.headers().contains_key(ACCEPT_REPLIES_HEADER);
+        let (auth, body) = self.authenticate(req, MESSAGE_SCOPE).await?;
         let msg: raft::Message =
             serde_json::from_slice(&body).map_err(|_| Rejection::MalformedMessage)?;
         if !valid_node_name(&msg.from.name) || !valid_node_name(&msg.to.name) {
             return Err(Rejection::BadNodeName);
         }
-        self.inbound.try_send(msg).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
-            mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
-        })
+        let (reply, replies) = if takes_replies {
+            let (reply, replies) = oneshot::channel();
+            (Some(reply), Some(replies))
+        } else {
+            (None, None)
+        };
+        self.inbound
+            .try_send(Inbound { msg, reply })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
+                mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
+            })?;
+        Ok((auth, replies))
+    }
+
+    /// Waits (bounded) for the runtime's replies and answers them, signed
+    /// for the request; a late or dropped reply answers an empty list.
+    async fn answer_message(
+        &self,
+        request: &AuthHeaders,
+        replies: oneshot::Receiver<Vec<raft::Message>>,
+    ) -> Response {
+        let wait = MAX_REPLY_WAIT.min(self.cfg.request_timeout / 2);
+        let messages = match tokio::time::timeout(wait, replies).await {
+            Ok(Ok(messages)) => messages,
+            // Timed out, or the runtime dropped the request unanswered.
+            Ok(Err(_)) | Err(_) => Vec::new(),
+        };
+        match serde_json::to_vec(&messages) {
+            Ok(body) => self.signed_answer(request, body),
+            Err(err) => {
+                tracing::error!(%err, "cannot encode replies to a peer message");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
     }
 
     /// Checks size, headers, cluster, clock, signature and nonce of a
-    /// request to `path`; returns its auth headers and body.
+    /// request signed for `scope`; returns its auth headers and body.
     async fn authenticate(
         &self,
         req: Request,
-        path: &str,
+        scope: &str,
     ) -> Result<(AuthHeaders, Bytes), Rejection> {
         let (parts, body) = req.into_parts();
         if declared_length(&parts.headers).is_some_and(|n| n > self.cfg.max_body_bytes as u64) {
@@ -238,9 +317,8 @@ impl PeerServer {
         )
         .await
         .map_err(|_| Rejection::BodyTimeout)??;
-        let scope = format!("{} {path}", parts.method);
         let now = auth::now_ms();
-        auth::verify(&self.cfg, &auth, &scope, &body, now)?;
+        auth::verify(&self.cfg, &auth, scope, &body, now)?;
         let expiry = auth
             .timestamp_ms
             .saturating_add(self.cfg.max_clock_skew.as_millis().min(u64::MAX as u128) as u64);
@@ -264,20 +342,18 @@ impl PeerServer {
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
         };
+        self.signed_answer(request, body)
+    }
+
+    /// Answers 200 with the JSON `body`, signed for the request `request`.
+    fn signed_answer(&self, request: &AuthHeaders, body: Vec<u8>) -> Response {
         let signed = auth::sign(&self.cfg, &auth::response_scope(&request.nonce), &body);
-        let mut headers = HeaderMap::new();
+        let mut headers = HeaderMap::with_capacity(5);
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        for (name, value) in signed.to_pairs() {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(&value),
-            ) {
-                headers.insert(name, value);
-            }
-        }
+        signed.insert_into(&mut headers);
         (StatusCode::OK, headers, body).into_response()
     }
 
@@ -324,7 +400,7 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Rejection> {
 }
 
 /// Returns whether `name` is a plausible member name.
-fn valid_node_name(name: &str) -> bool {
+pub(crate) fn valid_node_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_NODE_NAME_BYTES && !name.chars().any(char::is_control)
 }
 
@@ -332,7 +408,7 @@ fn valid_node_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::transport::auth::{sign_at, sign_headers};
-    use crate::transport::testing::{config, heartbeat, start_peer, TestPeer};
+    use crate::transport::testing::{config, heartbeat, response_to, start_peer, TestPeer};
     use crate::transport::TransportConfig;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -362,10 +438,7 @@ mod tests {
             1,
             "rejected_messages{{reason={reason}}}"
         );
-        assert!(
-            peer.inbound.try_recv().is_err(),
-            "nothing forwarded for {reason}"
-        );
+        assert!(peer.try_next().is_none(), "nothing forwarded for {reason}");
     }
 
     #[tokio::test]
@@ -374,7 +447,119 @@ mod tests {
         let body = json(1);
         let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
         assert_eq!(status, 204);
-        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert_eq!(peer.try_next(), Some(heartbeat(1)));
+    }
+
+    /// Posts a signed `msg` that takes replies; returns status, the
+    /// request's auth headers, the answer's headers and body, and how long
+    /// the answer took.
+    async fn post_taking_replies(
+        peer: &TestPeer,
+        msg: &raft::Message,
+    ) -> (u16, AuthHeaders, HeaderMap, Vec<u8>, Duration) {
+        post_to(peer.cfg.clone(), peer.url(MESSAGE_PATH), msg.clone()).await
+    }
+
+    /// [`post_taking_replies`] without holding the peer.
+    async fn post_to(
+        cfg: Arc<TransportConfig>,
+        url: String,
+        msg: raft::Message,
+    ) -> (u16, AuthHeaders, HeaderMap, Vec<u8>, Duration) {
+        let body = serde_json::to_vec(&msg).expect("encodes");
+        let signed = auth::sign(&cfg, SCOPE, &body);
+        let mut req = reqwest::Client::new()
+            .post(url)
+            .header(ACCEPT_REPLIES_HEADER, "1")
+            .body(body);
+        for (k, v) in signed.to_pairs() {
+            req = req.header(k, v);
+        }
+        let started = Instant::now();
+        let response = req.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let answer = response.bytes().await.expect("body read").to_vec();
+        (status, signed, headers, answer, started.elapsed())
+    }
+
+    /// Checks the answer's signature for `request` and decodes the replies.
+    fn verified_replies(
+        peer: &TestPeer,
+        request: &AuthHeaders,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Vec<raft::Message> {
+        let answer = AuthHeaders::parse(headers).expect("answer is signed");
+        let scope = auth::response_scope(&request.nonce);
+        auth::verify(&peer.cfg, &answer, &scope, body, auth::now_ms()).expect("valid signature");
+        serde_json::from_slice(body).expect("a list of messages")
+    }
+
+    #[tokio::test]
+    async fn replies_of_the_node_come_back_signed_in_the_answer() {
+        let mut peer = start_peer(config(1), 8).await;
+        let mut seen = peer.answer_heartbeats();
+        let (status, signed, headers, body, _) = post_taking_replies(&peer, &heartbeat(4)).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            verified_replies(&peer, &signed, &headers, &body),
+            vec![response_to(&heartbeat(4))]
+        );
+        assert_eq!(seen.recv().await, Some(heartbeat(4)));
+    }
+
+    #[tokio::test]
+    async fn answer_is_an_empty_list_when_the_node_drops_the_reply_slot() {
+        let mut peer = start_peer(config(1), 8).await;
+        let post = post_to(peer.cfg.clone(), peer.url(MESSAGE_PATH), heartbeat(1));
+        // Receives the message and drops its reply slot at once.
+        let drop_reply = async { peer.inbound.recv().await.map(|i| i.reply.is_some()) };
+        let ((status, signed, headers, body, took), had_slot) = tokio::join!(post, drop_reply);
+        assert_eq!(had_slot, Some(true), "has a reply slot");
+        assert_eq!(status, 200);
+        assert!(verified_replies(&peer, &signed, &headers, &body).is_empty());
+        assert!(
+            took < MAX_REPLY_WAIT,
+            "answered without waiting out the reply time: {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn answer_is_an_empty_list_when_the_node_does_not_reply_in_time() {
+        let mut cfg = config(1);
+        cfg.request_timeout = Duration::from_millis(60);
+        let mut peer = start_peer(cfg, 8).await;
+        let (status, signed, headers, body, took) = post_taking_replies(&peer, &heartbeat(1)).await;
+        // Still queued, reply slot held: the node never answered.
+        let held = peer.inbound.try_recv().expect("message queued");
+        assert_eq!(status, 200);
+        assert!(verified_replies(&peer, &signed, &headers, &body).is_empty());
+        assert!(
+            took >= Duration::from_millis(30) && took < Duration::from_millis(500),
+            "waited half the request timeout, took {took:?}"
+        );
+        assert!(
+            held.reply.is_some_and(|r| r.is_closed()),
+            "the server stopped waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn message_without_accept_replies_is_answered_204_with_no_reply_slot() {
+        let mut peer = start_peer(config(1), 8).await;
+        let body = json(1);
+        let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &body), body).await;
+        assert_eq!(status, 204);
+        let inbound = peer.inbound.try_recv().expect("forwarded");
+        assert_eq!(inbound.msg, heartbeat(1));
+        assert!(inbound.reply.is_none());
+    }
+
+    #[test]
+    fn signing_scopes_match_method_and_path() {
+        assert_eq!(MESSAGE_SCOPE, format!("POST {MESSAGE_PATH}"));
+        assert_eq!(HELLO_SCOPE, format!("POST {HELLO_PATH}"));
     }
 
     #[tokio::test]
@@ -435,7 +620,7 @@ mod tests {
         let body = json(1);
         let headers = sign_headers(&peer.cfg, SCOPE, &body);
         assert_eq!(post(&peer, &headers, body.clone()).await, 204);
-        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert_eq!(peer.try_next(), Some(heartbeat(1)));
         let status = post(&peer, &headers, body).await;
         assert_refused(&mut peer, status, 409, "replayed_nonce");
     }
@@ -572,9 +757,9 @@ mod tests {
         let status = post(&peer, &sign_headers(&peer.cfg, SCOPE, &second), second).await;
         assert_eq!(status, 503);
         assert_eq!(peer.rejected("inbound_full"), 1);
-        assert_eq!(peer.inbound.try_recv().ok(), Some(heartbeat(1)));
+        assert_eq!(peer.try_next(), Some(heartbeat(1)));
         assert!(
-            peer.inbound.try_recv().is_err(),
+            peer.try_next().is_none(),
             "the refused message is not queued"
         );
     }

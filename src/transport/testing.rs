@@ -1,6 +1,6 @@
 //! Test fixtures: a peer server on 127.0.0.1 and message builders.
 
-use super::{router, serve, PeerInfo, TransportConfig};
+use super::{router, serve, Inbound, PeerInfo, TransportConfig};
 use crate::metrics::Metrics;
 use crate::raft::{self, MessageBody, NodeId, Term};
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ pub(crate) struct TestPeer {
     pub addr: SocketAddr,
     pub cfg: Arc<TransportConfig>,
     pub metrics: Metrics,
-    pub inbound: mpsc::Receiver<raft::Message>,
+    pub inbound: mpsc::Receiver<Inbound>,
     pub identity: watch::Sender<PeerInfo>,
     _shutdown: oneshot::Sender<()>,
 }
@@ -30,6 +30,57 @@ impl TestPeer {
     /// Returns the URL of `path` on this peer.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Returns the next forwarded message if one is queued (its reply slot
+    /// is dropped, which answers an empty list).
+    pub fn try_next(&mut self) -> Option<raft::Message> {
+        self.inbound.try_recv().ok().map(|inbound| inbound.msg)
+    }
+
+    /// Waits up to 2 s for the next forwarded message (see [`TestPeer::try_next`]).
+    pub async fn next(&mut self) -> Option<raft::Message> {
+        tokio::time::timeout(Duration::from_secs(2), self.inbound.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|inbound| inbound.msg)
+    }
+
+    /// Answers every forwarded message that has a reply slot with
+    /// [`response_to`] it, from a background task; returns the messages
+    /// received, in order. `inbound` is empty from then on.
+    pub fn answer_heartbeats(&mut self) -> mpsc::UnboundedReceiver<raft::Message> {
+        let (_, closed) = mpsc::channel(1);
+        let mut inbound = std::mem::replace(&mut self.inbound, closed);
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Inbound { msg, reply }) = inbound.recv().await {
+                if let Some(reply) = reply {
+                    let _ = reply.send(vec![response_to(&msg)]);
+                }
+                let _ = seen_tx.send(msg);
+            }
+        });
+        seen
+    }
+}
+
+/// Returns the AppendEntries response `pod-b` sends to `msg`'s sender.
+pub(crate) fn response_to(msg: &raft::Message) -> raft::Message {
+    let round = match msg.body {
+        MessageBody::AppendEntries { round, .. } => round,
+        _ => 0,
+    };
+    raft::Message {
+        from: msg.to.clone(),
+        to: msg.from.clone(),
+        term: msg.term,
+        body: MessageBody::AppendEntriesResponse {
+            success: true,
+            last_index: 3,
+            round,
+        },
     }
 }
 
