@@ -49,6 +49,8 @@ const ADD_AFTER: Duration = Duration::from_secs(1);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Period of peer probes while this node has not joined a cluster.
 const PROBE_WHILE_JOINING: Duration = Duration::from_millis(250);
+/// A joined follower probes this many times less often than a leader.
+const FOLLOWER_PROBE_FACTOR: u32 = 10;
 /// Capacity of the inbound peer-message queue.
 const INBOUND_QUEUE: usize = 1024;
 
@@ -261,7 +263,7 @@ async fn probe_peers(
     own: String,
     seen: mpsc::Sender<PeerInfo>,
     interval: Duration,
-    identity: watch::Receiver<PeerInfo>,
+    mut identity: watch::Receiver<PeerInfo>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -284,17 +286,26 @@ async fn probe_peers(
                 }
             }
         }
-        // Until this node has joined, ask often: bootstrap and joining wait on it.
-        let wait = if identity.borrow().joined {
-            interval
-        } else {
-            interval.min(PROBE_WHILE_JOINING)
+        // Until this node has joined, ask often: bootstrap and joining wait
+        // on it. A leader asks every interval: membership decides from it. A
+        // joined follower decides nothing, so it asks rarely (idle CPU).
+        let wait = {
+            let me = identity.borrow();
+            if !me.joined {
+                interval.min(PROBE_WHILE_JOINING)
+            } else if me.leader.as_ref() == Some(&me.id) {
+                interval
+            } else {
+                interval * FOLLOWER_PROBE_FACTOR
+            }
         };
         tokio::select! {
             // Re-ask on a timer: membership needs to know who is still there.
             _ = tokio::time::sleep(wait) => {}
             // Discovery changed: ask the new set at once.
             changed = peers.changed() => if changed.is_err() { return },
+            // Joined, or became or stopped being leader: the pace changes.
+            changed = identity.changed() => if changed.is_err() { return },
             _ = &mut stop => return,
         }
     }

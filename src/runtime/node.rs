@@ -433,7 +433,7 @@ impl NodeTask {
             .is_leader
             .set(i64::from(state.is_leader_at(Instant::now())));
         self.state_tx.send_replace(state);
-        self.identity_tx.send_replace(PeerInfo {
+        let info = PeerInfo {
             cluster_id: self.opts.cluster_id.clone(),
             id: me.clone(),
             address: self.opts.advertise.clone(),
@@ -441,6 +441,15 @@ impl NodeTask {
             term: view.term.0,
             leader: view.leader.clone(),
             leaving: self.shutting_down,
+        };
+        // Only real changes wake the identity's readers (not lease renewals).
+        self.identity_tx.send_if_modified(|current| {
+            if *current == info {
+                false
+            } else {
+                *current = info;
+                true
+            }
         });
     }
 
