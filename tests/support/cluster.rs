@@ -136,7 +136,8 @@ impl Default for ClusterConfig {
 pub struct Placement {
     /// App API listener (`--http-listen`), reachable from the test process.
     pub http: SocketAddr,
-    /// Peer listener, also the advertised address.
+    /// Peer listener (`--peer-listen`); also the advertised address unless
+    /// the cluster was started with [`Cluster::start_placed_advertising`].
     pub peer: SocketAddr,
     /// Network namespace to run in (`ip netns exec`), if any.
     pub netns: Option<String>,
@@ -149,6 +150,9 @@ pub struct Node {
     pub name: String,
     /// Where it listens.
     pub placement: Placement,
+    /// `--advertise`: where peers reach it (the placement's peer address
+    /// unless overridden, e.g. by a relay in front of the listener).
+    pub advertise: SocketAddr,
     /// `--state-dir`; replaced by a fresh one on a restart without state.
     pub state_dir: PathBuf,
     /// stdout and stderr of every process this slot ran.
@@ -212,7 +216,13 @@ impl Cluster {
     /// runtime (the DNS server and the sampler run on it).
     pub async fn start(n: usize, config: ClusterConfig) -> Cluster {
         let mut cluster = Cluster::empty(config, free_port(), free_port()).await;
-        let placements: Vec<Placement> = (0..n).map(|i| cluster.loopback_placement(i)).collect();
+        let placements = (0..n)
+            .map(|i| {
+                let placement = cluster.loopback_placement(i);
+                let advertise = placement.peer;
+                (placement, advertise)
+            })
+            .collect();
         cluster.launch_all(placements).await;
         cluster
     }
@@ -220,8 +230,28 @@ impl Cluster {
     /// Starts one node per placement (static peers or DNS as configured);
     /// for hosts the test built itself, e.g. network namespaces.
     pub async fn start_placed(placements: Vec<Placement>, config: ClusterConfig) -> Cluster {
+        let advertise = placements.iter().map(|p| p.peer).collect();
+        Cluster::start_placed_advertising(placements, advertise, config).await
+    }
+
+    /// Starts one node per placement like [`Cluster::start_placed`], but
+    /// node `i` advertises `advertise[i]` (and static peer lists and DNS
+    /// name that address) while it listens on its placement's peer address;
+    /// for tests that put a relay in front of every peer listener.
+    pub async fn start_placed_advertising(
+        placements: Vec<Placement>,
+        advertise: Vec<SocketAddr>,
+        config: ClusterConfig,
+    ) -> Cluster {
+        assert_eq!(
+            placements.len(),
+            advertise.len(),
+            "give one advertised address per placement"
+        );
         let mut cluster = Cluster::empty(config, 0, 0).await;
-        cluster.launch_all(placements).await;
+        cluster
+            .launch_all(placements.into_iter().zip(advertise).collect())
+            .await;
         cluster
     }
 
@@ -260,20 +290,21 @@ impl Cluster {
         }
     }
 
-    async fn launch_all(&mut self, placements: Vec<Placement>) {
+    /// Starts one node per (placement, advertised address).
+    async fn launch_all(&mut self, placements: Vec<(Placement, SocketAddr)>) {
         let n = placements.len();
-        self.static_peers = placements.iter().map(|p| p.peer.to_string()).collect();
+        self.static_peers = placements.iter().map(|(_, a)| a.to_string()).collect();
         if self.config.bootstrap_expect.is_none() {
             self.config.bootstrap_expect = Some(n);
         }
-        for placement in &placements {
-            if let IpAddr::V4(ip) = placement.peer.ip() {
+        for (_, advertise) in &placements {
+            if let IpAddr::V4(ip) = advertise.ip() {
                 self.published.insert(ip);
             }
         }
         self.publish_dns();
-        for (slot, placement) in placements.into_iter().enumerate() {
-            self.add_slot(format!("node-{slot}"), placement);
+        for (slot, (placement, advertise)) in placements.into_iter().enumerate() {
+            self.add_slot(format!("node-{slot}"), placement, advertise);
         }
         for slot in 0..n {
             self.wait_listening(slot).await;
@@ -311,12 +342,13 @@ impl Cluster {
             self.published.insert(ip);
         }
         self.publish_dns();
-        self.add_slot(name.to_string(), placement);
+        let advertise = placement.peer;
+        self.add_slot(name.to_string(), placement, advertise);
         self.wait_listening(slot).await;
         slot
     }
 
-    fn add_slot(&mut self, name: String, placement: Placement) {
+    fn add_slot(&mut self, name: String, placement: Placement, advertise: SocketAddr) {
         let slot = self.nodes.len();
         let state_dir = self.dir.path().join(format!("state-{slot}-0"));
         std::fs::create_dir_all(&state_dir).expect("create a state directory");
@@ -324,6 +356,7 @@ impl Cluster {
         self.nodes.push(Node {
             name,
             placement,
+            advertise,
             state_dir,
             log,
             child: None,
@@ -349,7 +382,7 @@ impl Cluster {
             .args(["--id", &node.name])
             .args(["--http-listen", &node.placement.http.to_string()])
             .args(["--peer-listen", &node.placement.peer.to_string()])
-            .args(["--advertise", &node.placement.peer.to_string()])
+            .args(["--advertise", &node.advertise.to_string()])
             .args(["--cluster-id", CLUSTER_ID])
             .arg("--state-dir")
             .arg(&node.state_dir)
@@ -524,7 +557,7 @@ impl Cluster {
 
     /// Publishes slot `slot`'s IP in DNS (again).
     pub fn dns_add(&mut self, slot: usize) {
-        if let IpAddr::V4(ip) = self.nodes[slot].placement.peer.ip() {
+        if let IpAddr::V4(ip) = self.nodes[slot].advertise.ip() {
             self.published.insert(ip);
         }
         self.publish_dns();
@@ -532,7 +565,7 @@ impl Cluster {
 
     /// Removes slot `slot`'s IP from DNS, as when a pod goes away.
     pub fn dns_remove(&mut self, slot: usize) {
-        if let IpAddr::V4(ip) = self.nodes[slot].placement.peer.ip() {
+        if let IpAddr::V4(ip) = self.nodes[slot].advertise.ip() {
             self.published.remove(&ip);
         }
         self.publish_dns();
@@ -888,6 +921,26 @@ pub struct Violation {
     pub intruder: Sample,
 }
 
+/// A leader's lease lapse seen by the sampler ([`Timeline::lease_lapses`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseLapse {
+    /// The leader.
+    pub slot: usize,
+    /// Its term, the same before and after the lapse.
+    pub term: u64,
+    /// Send time of its last 200 before the lapse, µs on the sampler's clock.
+    pub from_us: u64,
+    /// Receive time of its first 200 after the lapse, µs.
+    pub until_us: u64,
+}
+
+impl LeaseLapse {
+    /// Returns an upper bound of how long the lease lapsed.
+    pub fn at_most(&self) -> Duration {
+        Duration::from_micros(self.until_us.saturating_sub(self.from_us))
+    }
+}
+
 /// Recorded samples, ordered by send time, and what they show.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
@@ -981,6 +1034,36 @@ impl Timeline {
             .max()
             .unwrap_or(0);
         Duration::from_micros(max)
+    }
+
+    /// Returns every lapse of a lease inside a tenure: a run of 503s from a
+    /// node that answered 200 in the same term before and after it, i.e.
+    /// moments when the leader stayed leader but could not prove its lease.
+    /// Runs of failed requests only (status 0) are not lapses.
+    pub fn lease_lapses(&self) -> Vec<LeaseLapse> {
+        let mut out = Vec::new();
+        // slot -> (its last 200, whether a 503 came after it)
+        let mut last: BTreeMap<usize, (Sample, bool)> = BTreeMap::new();
+        for s in &self.samples {
+            if s.is_200() {
+                if let Some((previous, true)) = last.get(&s.slot) {
+                    if previous.term == s.term {
+                        out.push(LeaseLapse {
+                            slot: s.slot,
+                            term: s.term,
+                            from_us: previous.sent_us,
+                            until_us: s.received_us,
+                        });
+                    }
+                }
+                last.insert(s.slot, (*s, false));
+            } else if s.status == 503 {
+                if let Some((_, lapsed)) = last.get_mut(&s.slot) {
+                    *lapsed = true;
+                }
+            }
+        }
+        out
     }
 
     /// Returns the sequence of distinct (slot, term) leaderships seen in
