@@ -51,6 +51,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_WHILE_JOINING: Duration = Duration::from_millis(250);
 /// A joined follower probes this many times less often than a leader.
 const FOLLOWER_PROBE_FACTOR: u32 = 10;
+/// Per-request timeout of peer RPCs, and the longest a message may wait in a
+/// peer's queue before it is stale.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 /// Capacity of the inbound peer-message queue.
 const INBOUND_QUEUE: usize = 1024;
 
@@ -73,7 +76,10 @@ pub async fn run(
     );
 
     let mut tcfg = TransportConfig::new(cfg.cluster_id.clone(), cfg.secret.clone());
-    tcfg.request_timeout = cfg.raft.heartbeat_interval.max(Duration::from_millis(200));
+    // Long enough for one TCP retransmission (Linux's minimum RTO is
+    // 200 ms): a connection that lost a segment recovers instead of being
+    // torn down, and other connections carry the next heartbeats meanwhile.
+    tcfg.request_timeout = PEER_REQUEST_TIMEOUT;
     tcfg.validate().context("invalid transport settings")?;
     let tcfg = Arc::new(tcfg);
     // Peers' replies arrive on the node's inbound queue like any message.
