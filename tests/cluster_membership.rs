@@ -65,6 +65,16 @@ async fn a_rolling_update_keeps_a_leader_and_ends_with_exactly_the_new_members()
         .expect("a steady leader after the update");
     assert_eq!((voters, learners), (SIZE, 0));
     assert!(leader >= SIZE, "the leader node-{leader} is a new member");
+    // Followers learn the last promotion with the next heartbeat: wait for it.
+    for slot in SIZE..2 * SIZE {
+        cluster
+            .wait_until(
+                Duration::from_secs(2),
+                "follower sees the final configuration",
+                || async { cluster.metric(slot, "raft_elector_voters").await == Some(SIZE as f64) },
+            )
+            .await;
+    }
     for slot in SIZE..2 * SIZE {
         let status = cluster.status(slot).await.expect("new member answers");
         let named = status.leader.clone().expect("knows the leader");
