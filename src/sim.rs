@@ -516,18 +516,8 @@ impl Sim {
 
     /// Runs until virtual time `until` (since the start).
     pub fn run_until(&mut self, until: Duration) {
-        let until = until.as_nanos() as u64;
-        while let Some(Reverse(next)) = self.queue.peek() {
-            if next.at > until {
-                break;
-            }
-            let Some(Reverse(ev)) = self.queue.pop() else {
-                break;
-            };
-            self.now = ev.at;
-            self.handle(ev.event);
-        }
-        self.now = self.now.max(until);
+        let limit = until.saturating_sub(self.now());
+        self.run_until_condition(limit, |_| false);
     }
 
     /// Runs for `d` more virtual time.
