@@ -2,6 +2,7 @@
 //! rather read a file (or a shared volume) than poll HTTP.
 
 use super::status::LeaderStatus;
+use super::wait::sleep_until_some;
 use crate::runtime::LeaderState;
 use std::future::Future;
 use std::io::{self, Write};
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 
 /// Pause before retrying a write that failed (full disk, missing directory).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -108,14 +109,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)?;
     // The rename is durable only once the directory entry is synced.
     std::fs::File::open(dir)?.sync_all()
-}
-
-/// Sleeps until `deadline`, or forever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -132,26 +132,19 @@ impl NodeTask {
         let mut next_housekeeping = Instant::now();
         self.handle_ready()?;
         loop {
-            let deadline = self.instant_of(self.core.next_deadline());
             tokio::select! {
-                // A Raft timer: heartbeat round, election timeout, CheckQuorum.
-                _ = sleep_until(deadline) => {
-                    let now = self.now();
-                    self.core.tick(now);
-                }
-                // A peer message, already authenticated by the transport.
-                Some(msg) = inbound.recv() => self.step(msg),
-                // A peer answered hello: who is where.
-                Some(info) = seen.recv() => self.peer_seen(info),
-                // Membership, bootstrap and gauges.
-                _ = sleep_until(next_housekeeping) => {
-                    self.housekeeping();
-                    next_housekeeping = Instant::now() + self.housekeeping_period();
-                }
                 // SIGTERM / Ctrl-C.
                 _ = &mut shutdown => break,
+                // Raft timers, peer messages and hello answers, until the
+                // next housekeeping is due.
+                pumped = self.pump(&mut inbound, &mut seen, next_housekeeping) => pumped?,
             }
-            self.handle_ready()?;
+            // Membership, bootstrap and gauges.
+            if Instant::now() >= next_housekeeping {
+                self.housekeeping();
+                self.handle_ready()?;
+                next_housekeeping = Instant::now() + self.housekeeping_period();
+            }
         }
         self.graceful_shutdown(&mut inbound, &mut seen).await
     }
@@ -510,7 +503,9 @@ impl NodeTask {
         Ok(())
     }
 
-    /// Processes inputs until `until` (used while shutting down).
+    /// Processes one input, or ticks the core at its next deadline or at
+    /// `until`, whichever comes first. Cancel-safe: state changes only after
+    /// the wait.
     async fn pump(
         &mut self,
         inbound: &mut mpsc::Receiver<Inbound>,
@@ -519,11 +514,15 @@ impl NodeTask {
     ) -> Result<(), NodeError> {
         let deadline = self.instant_of(self.core.next_deadline()).min(until);
         tokio::select! {
+            // A Raft timer: heartbeat round, election timeout, CheckQuorum
+            // (a tick before the core's deadline does nothing).
             _ = sleep_until(deadline) => {
                 let now = self.now();
                 self.core.tick(now);
             }
+            // A peer message, already authenticated by the transport.
             Some(msg) = inbound.recv() => self.step(msg),
+            // A peer answered hello: who is where.
             Some(info) = seen.recv() => self.peer_seen(info),
         }
         self.handle_ready()
