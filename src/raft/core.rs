@@ -394,7 +394,10 @@ impl RaftCore {
     pub fn next_deadline(&self) -> Time {
         match &self.lead {
             Some(l) => {
-                let mut t = l.heartbeat_due.min(l.check_quorum_due);
+                // CheckQuorum runs with the first round at or after it is
+                // due (at most one heartbeat interval late), so an idle
+                // leader wakes once per round.
+                let mut t = l.heartbeat_due;
                 if let Some(tr) = &l.transfer {
                     t = t.min(tr.deadline);
                 }

@@ -20,6 +20,7 @@
 pub mod membership;
 pub mod node;
 pub mod state;
+pub mod timer;
 
 pub use membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 pub use node::{NodeError, NodeOptions, NodeTask};

@@ -15,18 +15,25 @@
 //! A peer message that arrived as a request carries a reply slot: the
 //! messages addressed back to its sender in the following `Ready` (after the
 //! save) go into the HTTP answer instead of a request of their own.
+//!
+//! A leader whose lease outlasts its next heartbeat round by a margin sends
+//! AppendEntries over peer streams and reads the answers when it next wakes
+//! (at the latest for that round), so an idle leader wakes once per round,
+//! not once per answer. Should the lease come to end before the next round
+//! (answers missing), it wakes just before the end to read what arrived.
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::state::LeaderState;
+use super::timer::DeadlineTimer;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
+use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
 use crate::transport::{Inbound, PeerClient, PeerInfo};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// Period of membership decisions, bootstrap checks and gauge updates on a
@@ -34,10 +41,22 @@ use tracing::{debug, info, warn};
 const HOUSEKEEPING_ACTIVE: Duration = Duration::from_millis(100);
 /// Period of gauge updates on a joined follower (it decides nothing).
 const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
+/// Housekeeping runs at the first wakeup after it is due and forces a
+/// wakeup of its own only this much later: a leader's heartbeat rounds and a
+/// follower's heartbeats wake the task anyway, and every extra wakeup is
+/// idle CPU.
+const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
 /// How recently a peer must have answered to count for bootstrap.
 const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
+/// How much longer than the next heartbeat round the lease must last for a
+/// leader to send over peer streams, whose answers it reads only at its next
+/// wakeup.
+const STREAM_LEASE_MARGIN: Duration = Duration::from_millis(10);
+/// A leader whose lease would end before its next round wakes this long
+/// before the end to read the answers waiting on its peer streams.
+const LEASE_RESCUE_LEAD: Duration = Duration::from_millis(3);
 
 /// Settings of the node task.
 #[derive(Clone, Debug)]
@@ -85,6 +104,8 @@ pub struct NodeTask {
     /// the next `handle_ready`, after the save.
     pending_reply: Option<(NodeId, oneshot::Sender<Vec<Message>>)>,
     shutting_down: bool,
+    /// Wakes the task for Raft deadlines.
+    timer: DeadlineTimer,
 }
 
 impl NodeTask {
@@ -117,6 +138,7 @@ impl NodeTask {
             bootstrap_seen: HashMap::new(),
             pending_reply: None,
             shutting_down: false,
+            timer: DeadlineTimer::new(),
         }
     }
 
@@ -137,7 +159,7 @@ impl NodeTask {
                 _ = &mut shutdown => break,
                 // Raft timers, peer messages and hello answers, until the
                 // next housekeeping is due.
-                pumped = self.pump(&mut inbound, &mut seen, next_housekeeping) => pumped?,
+                pumped = self.pump(&mut inbound, &mut seen, next_housekeeping + HOUSEKEEPING_SLACK) => pumped?,
             }
             // Membership, bootstrap and gauges.
             if Instant::now() >= next_housekeeping {
@@ -164,6 +186,17 @@ impl NodeTask {
     fn step(&mut self, inbound: Inbound) {
         let Inbound { msg, reply } = inbound;
         self.pending_reply = reply.map(|reply| (msg.from.clone(), reply));
+        self.step_message(msg);
+    }
+
+    /// Steps the answers that arrived on peer streams since the last wakeup.
+    fn take_streamed(&mut self) {
+        for msg in self.client.take_streamed_replies() {
+            self.step_message(msg);
+        }
+    }
+
+    fn step_message(&mut self, msg: Message) {
         let now = self.now();
         let (from, kind) = (msg.from.clone(), msg.body.kind());
         if let Err(e) = self.core.step(now, msg) {
@@ -306,6 +339,7 @@ impl NodeTask {
                 return Err(NodeError::Persist(e));
             }
         }
+        let streams = self.streams_allowed();
         match pending_reply {
             Some((requester, reply)) => {
                 let (answer, others): (Vec<Message>, Vec<Message>) = ready
@@ -315,12 +349,12 @@ impl NodeTask {
                 // The peer stopped waiting (timed out): Raft tolerates the loss.
                 let _ = reply.send(answer);
                 for msg in others {
-                    self.send(msg);
+                    self.send(msg, streams);
                 }
             }
             None => {
                 for msg in ready.messages {
-                    self.send(msg);
+                    self.send(msg, streams);
                 }
             }
         }
@@ -330,7 +364,29 @@ impl NodeTask {
         Ok(())
     }
 
-    fn send(&mut self, msg: Message) {
+    /// Returns whether AppendEntries may go over peer streams now: this node
+    /// leads and its lease lasts past the next round by a margin, so
+    /// answers read at the next wakeup renew it in time.
+    fn streams_allowed(&self) -> bool {
+        if self.core.role() != Role::Leader || self.shutting_down {
+            return false;
+        }
+        let needed = self.now() + self.core.config().heartbeat_interval + STREAM_LEASE_MARGIN;
+        self.core.lease_until().is_some_and(|until| until >= needed)
+    }
+
+    /// Returns when a leader should wake to read its peer streams because
+    /// its lease ends before anything else would wake it.
+    fn lease_rescue_at(&self) -> Option<Instant> {
+        if self.core.role() != Role::Leader {
+            return None;
+        }
+        let until = self.instant_of(self.core.lease_until()?);
+        let at = until.checked_sub(LEASE_RESCUE_LEAD)?;
+        (at > Instant::now()).then_some(at)
+    }
+
+    fn send(&mut self, msg: Message, streams: bool) {
         let address = self
             .core
             .configuration()
@@ -339,6 +395,9 @@ impl NodeTask {
             .map(str::to_owned)
             .or_else(|| self.directory.get(&msg.to).cloned());
         match address {
+            Some(addr) if streams && matches!(msg.body, MessageBody::AppendEntries { .. }) => {
+                self.client.send_streamed(&addr, msg)
+            }
             Some(addr) => self.client.send(&addr, msg),
             None => {
                 self.metrics
@@ -512,18 +571,29 @@ impl NodeTask {
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Result<(), NodeError> {
-        let deadline = self.instant_of(self.core.next_deadline()).min(until);
+        let mut deadline = self.instant_of(self.core.next_deadline()).min(until);
+        if let Some(rescue) = self.lease_rescue_at() {
+            deadline = deadline.min(rescue);
+        }
         tokio::select! {
             // A Raft timer: heartbeat round, election timeout, CheckQuorum
-            // (a tick before the core's deadline does nothing).
-            _ = sleep_until(deadline) => {
+            // (a tick before the core's deadline does nothing). Answers
+            // waiting on peer streams go first, so they count for the round.
+            _ = self.timer.sleep_until(deadline) => {
+                self.take_streamed();
                 let now = self.now();
                 self.core.tick(now);
             }
             // A peer message, already authenticated by the transport.
-            Some(msg) = inbound.recv() => self.step(msg),
+            Some(msg) = inbound.recv() => {
+                self.take_streamed();
+                self.step(msg);
+            }
             // A peer answered hello: who is where.
-            Some(info) = seen.recv() => self.peer_seen(info),
+            Some(info) = seen.recv() => {
+                self.take_streamed();
+                self.peer_seen(info);
+            }
         }
         self.handle_ready()
     }

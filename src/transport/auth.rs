@@ -42,7 +42,7 @@ const SIGNATURE_HEX_LEN: usize = 64;
 /// forgotten and requests as old as them are refused (see [`NonceCache`]).
 pub const NONCE_CACHE_CAPACITY: usize = 100_000;
 
-type HmacSha256 = Hmac<Sha256>;
+pub(crate) type HmacSha256 = Hmac<Sha256>;
 
 /// The four authentication headers of one request or response.
 #[derive(Clone, Debug, PartialEq, Eq)]

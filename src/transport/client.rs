@@ -15,6 +15,7 @@ use super::server::{
     valid_node_name, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, HELLO_SCOPE, MESSAGE_PATH,
     MESSAGE_SCOPE,
 };
+use super::stream::Lanes;
 use super::{BoxError, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft;
@@ -70,6 +71,8 @@ struct Shared {
     queues: Mutex<HashMap<String, mpsc::Sender<Queued>>>,
     idle_timeout: Duration,
     live_tasks: Arc<AtomicUsize>,
+    /// Streams for messages whose answers may wait (see [`PeerClient::send_streamed`]).
+    lanes: Mutex<Lanes>,
 }
 
 /// What a sender task needs; deliberately not a handle to [`Shared`], so
@@ -126,6 +129,7 @@ impl PeerClient {
             .map_err(TransportError::ClientBuild)?;
         Ok(PeerClient {
             shared: Arc::new(Shared {
+                lanes: Mutex::new(Lanes::new(cfg.clone())),
                 ctx: SenderContext {
                     cfg,
                     metrics,
@@ -149,6 +153,60 @@ impl PeerClient {
     pub fn send(&self, addr: &str, msg: raft::Message) {
         if let Err(err) = self.try_queue(addr, msg) {
             self.shared.ctx.record_error(&err);
+        }
+    }
+
+    /// Sends `msg` to `addr` over the peer stream when it is open and owes
+    /// no answer, else as [`PeerClient::send`] does (and starts opening the
+    /// stream). The answer to a streamed message is NOT delivered by itself:
+    /// it waits in the socket until [`PeerClient::take_streamed_replies`],
+    /// which costs no wakeup. For a leader's AppendEntries while its lease
+    /// will outlast the next heartbeat round.
+    pub fn send_streamed(&self, addr: &str, msg: raft::Message) {
+        let ctx = &self.shared.ctx;
+        let payload = match serde_json::to_vec(&msg) {
+            Ok(payload) => payload,
+            Err(e) => return ctx.record_error(&TransportError::Encode(e)),
+        };
+        let sent = {
+            let mut lanes = match self.shared.lanes.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            lanes.send(addr, &payload, &self.shared.runtime)
+        };
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_not_taken)) => self.send(addr, msg),
+            Err(err) => {
+                ctx.record_error(&err);
+                self.send(addr, msg);
+            }
+        }
+    }
+
+    /// Returns the replies that arrived on peer streams since the last call,
+    /// without waiting; counts failed streams (each is reopened on a later
+    /// send).
+    pub fn take_streamed_replies(&self) -> Vec<raft::Message> {
+        let (messages, errors) = {
+            let mut lanes = match self.shared.lanes.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            lanes.receive()
+        };
+        for err in &errors {
+            self.shared.ctx.record_error(err);
+        }
+        messages
+    }
+
+    /// Returns how many peer streams are open.
+    pub fn open_streams(&self) -> usize {
+        match self.shared.lanes.lock() {
+            Ok(lanes) => lanes.open_count(),
+            Err(poisoned) => poisoned.into_inner().open_count(),
         }
     }
 
@@ -583,8 +641,7 @@ impl SenderContext {
         Ok(info)
     }
 
-    /// Checks that the peer signed its answer (`headers`, `body`) for the
-    /// request signed as `request`, with our secret and cluster id.
+    /// Checks that the peer signed its answer (see [`verify_answer`]).
     fn verify_answer(
         &self,
         addr: &str,
@@ -592,22 +649,7 @@ impl SenderContext {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<(), TransportError> {
-        let answer = AuthHeaders::parse(headers).map_err(|_| TransportError::BadSignature {
-            addr: addr.to_string(),
-        })?;
-        let scope = auth::response_scope(&request.nonce);
-        auth::verify(&self.cfg, &answer, &scope, body, auth::now_ms()).map_err(|f| match f {
-            AuthFailure::ForeignCluster => TransportError::ForeignCluster {
-                addr: addr.to_string(),
-                cluster: answer.cluster_id.clone(),
-            },
-            AuthFailure::StaleTimestamp => TransportError::StaleResponse {
-                addr: addr.to_string(),
-            },
-            _ => TransportError::BadSignature {
-                addr: addr.to_string(),
-            },
-        })
+        verify_answer(&self.cfg, addr, request, headers, body)
     }
 
     /// Builds a POST of `body` to `url` with the auth headers attached.
@@ -672,6 +714,33 @@ impl SenderContext {
             );
         }
     }
+}
+
+/// Checks that the peer signed its answer (`headers`, `body`) for the
+/// request signed as `request`, with our secret and cluster id.
+pub(crate) fn verify_answer(
+    cfg: &TransportConfig,
+    addr: &str,
+    request: &AuthHeaders,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), TransportError> {
+    let answer = AuthHeaders::parse(headers).map_err(|_| TransportError::BadSignature {
+        addr: addr.to_string(),
+    })?;
+    let scope = auth::response_scope(&request.nonce);
+    auth::verify(cfg, &answer, &scope, body, auth::now_ms()).map_err(|f| match f {
+        AuthFailure::ForeignCluster => TransportError::ForeignCluster {
+            addr: addr.to_string(),
+            cluster: answer.cluster_id.clone(),
+        },
+        AuthFailure::StaleTimestamp => TransportError::StaleResponse {
+            addr: addr.to_string(),
+        },
+        _ => TransportError::BadSignature {
+            addr: addr.to_string(),
+        },
+    })
 }
 
 /// Returns the URL of `path` on the peer at `addr`, which must be `host:port`.

@@ -26,12 +26,14 @@
 pub mod auth;
 pub mod client;
 pub mod server;
+pub mod stream;
 #[cfg(test)]
 mod testing;
 
 pub use self::auth::{sign_headers, AuthHeaders};
 pub use self::client::PeerClient;
 pub use self::server::{router, serve, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, MESSAGE_PATH};
+pub use self::stream::{STREAM_PATH, STREAM_PROTOCOL};
 
 use crate::raft;
 use serde::{Deserialize, Serialize};

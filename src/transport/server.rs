@@ -13,6 +13,7 @@
 use super::auth::{
     self, AuthFailure, AuthHeaders, NonceCache, RateLimitedWarn, NONCE_CACHE_CAPACITY,
 };
+use super::stream::{self, Direction, FrameBuffer, FrameError, FrameKeys, STREAM_PROTOCOL};
 use super::{PeerInfo, TransportConfig};
 use crate::metrics::Metrics;
 use crate::raft;
@@ -20,7 +21,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use futures::StreamExt;
@@ -99,6 +100,8 @@ pub enum Rejection {
     InboundFull,
     /// The runtime has stopped (503).
     InboundClosed,
+    /// A stream request without `Upgrade: raft-elector-stream/1` (400).
+    BadUpgrade,
 }
 
 impl Rejection {
@@ -107,9 +110,10 @@ impl Rejection {
         match self {
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Rejection::BodyUnreadable | Rejection::MalformedMessage | Rejection::BadNodeName => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::BodyUnreadable
+            | Rejection::MalformedMessage
+            | Rejection::BadNodeName
+            | Rejection::BadUpgrade => StatusCode::BAD_REQUEST,
             Rejection::MissingAuth
             | Rejection::MalformedAuth
             | Rejection::BadSignature
@@ -136,6 +140,7 @@ impl Rejection {
             Rejection::BadNodeName => "bad_node_name",
             Rejection::InboundFull => "inbound_full",
             Rejection::InboundClosed => "inbound_closed",
+            Rejection::BadUpgrade => "bad_upgrade",
         }
     }
 }
@@ -192,6 +197,7 @@ pub fn router(
     Router::new()
         .route(MESSAGE_PATH, post(handle_message))
         .route(HELLO_PATH, post(handle_hello))
+        .route(stream::STREAM_PATH, get(handle_stream))
         // The handlers read the body themselves with the same limit (to
         // count refusals); this layer keeps any future extractor bounded too.
         .layer(DefaultBodyLimit::max(limit))
@@ -236,6 +242,43 @@ async fn handle_hello(State(server): State<Arc<PeerServer>>, req: Request) -> Re
         Ok((auth, _body)) => server.answer_hello(&auth),
         Err(rejection) => server.refuse(rejection, peer),
     }
+}
+
+/// Handles `GET /raft/v1/stream`: authenticates the upgrade request like a
+/// message (empty body), answers 101 signed for it, and serves the stream
+/// in a task of its own once the connection is handed over.
+async fn handle_stream(State(server): State<Arc<PeerServer>>, mut req: Request) -> Response {
+    let peer = peer_addr(&req);
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if upgrade != Some(STREAM_PROTOCOL) {
+        return server.refuse(Rejection::BadUpgrade, peer);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let auth = match server.authenticate(req, stream::STREAM_SCOPE).await {
+        Ok((auth, _empty)) => auth,
+        Err(rejection) => return server.refuse(rejection, peer),
+    };
+    let keys = FrameKeys::new(&server.cfg, &auth.nonce);
+    let streaming = server.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                streaming
+                    .serve_stream(hyper_util::rt::TokioIo::new(upgraded), keys, peer)
+                    .await
+            }
+            Err(err) => tracing::debug!(%err, ?peer, "peer stream upgrade failed"),
+        }
+    });
+    let signed = auth::sign(&server.cfg, &auth::response_scope(&auth.nonce), b"");
+    let mut headers = HeaderMap::with_capacity(6);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static(STREAM_PROTOCOL));
+    signed.insert_into(&mut headers);
+    (StatusCode::SWITCHING_PROTOCOLS, headers).into_response()
 }
 
 /// Returns the peer's socket address when the server records it.
@@ -295,6 +338,101 @@ impl PeerServer {
                 StatusCode::INTERNAL_SERVER_ERROR.into_response()
             }
         }
+    }
+
+    /// Serves one upgraded stream: each client frame is checked and handed to
+    /// the runtime like a posted message, and answered with exactly one frame
+    /// holding the runtime's replies. A bad frame is counted and closes the
+    /// stream; so does a stream silent for [`stream::SERVER_IDLE_TIMEOUT`].
+    async fn serve_stream<S>(&self, mut io: S, keys: FrameKeys, peer: Option<SocketAddr>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let limit = self.cfg.max_body_bytes;
+        let mut buf = FrameBuffer::default();
+        let mut scratch = Vec::new();
+        let (mut received, mut sent) = (0u64, 0u64);
+        loop {
+            loop {
+                let accepted = match buf.next_frame(&keys, Direction::ToServer, received, limit) {
+                    Ok(None) => break,
+                    Ok(Some(payload)) => self.accept_frame(payload),
+                    Err(e) => Err(match e {
+                        FrameError::TooLarge(_) => Rejection::BodyTooLarge,
+                        FrameError::BadMac => Rejection::BadSignature,
+                    }),
+                };
+                received += 1;
+                let replies = match accepted {
+                    // Dropped unanswered by the runtime: an empty answer.
+                    Ok(replies) => replies.await.unwrap_or_default(),
+                    // Not queued, but the stream stays in step: answer empty.
+                    Err(rejection @ Rejection::InboundFull) => {
+                        self.count_refusal(rejection, peer);
+                        Vec::new()
+                    }
+                    Err(rejection) => {
+                        self.count_refusal(rejection, peer);
+                        return;
+                    }
+                };
+                let body = match serde_json::to_vec(&replies) {
+                    Ok(body) => body,
+                    Err(err) => {
+                        tracing::error!(%err, "cannot encode replies to a peer message");
+                        return;
+                    }
+                };
+                let written = stream::write_frame(
+                    &mut io,
+                    &keys,
+                    Direction::ToClient,
+                    sent,
+                    &body,
+                    &mut scratch,
+                )
+                .await;
+                if let Err(err) = written {
+                    tracing::debug!(%err, ?peer, "peer stream closed while answering");
+                    return;
+                }
+                sent += 1;
+            }
+            let read = tokio::time::timeout(
+                stream::SERVER_IDLE_TIMEOUT,
+                stream::read_more(&mut io, &mut buf),
+            )
+            .await;
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                // Closed, failed, or silent for too long.
+                _ => return,
+            }
+        }
+    }
+
+    /// Decodes, checks and queues one stream frame's message; returns where
+    /// the runtime's replies will arrive.
+    fn accept_frame(
+        &self,
+        payload: &[u8],
+    ) -> Result<oneshot::Receiver<Vec<raft::Message>>, Rejection> {
+        let msg: raft::Message =
+            serde_json::from_slice(payload).map_err(|_| Rejection::MalformedMessage)?;
+        if !valid_node_name(&msg.from.name) || !valid_node_name(&msg.to.name) {
+            return Err(Rejection::BadNodeName);
+        }
+        let (reply, replies) = oneshot::channel();
+        self.inbound
+            .try_send(Inbound {
+                msg,
+                reply: Some(reply),
+            })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
+                mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
+            })?;
+        Ok(replies)
     }
 
     /// Checks size, headers, cluster, clock, signature and nonce of a
@@ -359,6 +497,12 @@ impl PeerServer {
 
     /// Counts, logs (rate-limited) and answers a refusal.
     fn refuse(&self, rejection: Rejection, peer: Option<SocketAddr>) -> Response {
+        self.count_refusal(rejection, peer);
+        (rejection.status(), rejection.reason()).into_response()
+    }
+
+    /// Counts and logs (rate-limited) a refusal.
+    fn count_refusal(&self, rejection: Rejection, peer: Option<SocketAddr>) {
         let reason = rejection.reason();
         self.metrics
             .rejected_messages
@@ -373,7 +517,6 @@ impl PeerServer {
                 auth::WARN_INTERVAL.as_secs()
             );
         }
-        (rejection.status(), reason).into_response()
     }
 }
 

@@ -1,0 +1,164 @@
+//! The node task's wakeup timer: a kernel timer (timerfd) that the reactor
+//! watches like a socket.
+//!
+//! tokio's timer wheel moves a pending timer down a level whenever it crosses
+//! a 64 ms boundary, waking the runtime to do so, and it writes the driver's
+//! eventfd whenever a new timer is earlier than the wakeup it planned. A
+//! 50 ms heartbeat round scheduled with `tokio::time::sleep_until` therefore
+//! costs up to three wakeups where one would do, and every wakeup is idle
+//! CPU. A timerfd wakes epoll exactly once, at the deadline; re-arming it for
+//! an unchanged deadline costs nothing.
+
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::time::Instant;
+
+/// A one-shot deadline timer for one task; see the module docs.
+pub struct DeadlineTimer {
+    /// `None` where no timerfd could be made: tokio's timer is used instead.
+    fd: Option<AsyncFd<Fd>>,
+    /// The deadline the kernel timer is set for.
+    armed: Option<Instant>,
+}
+
+/// The timerfd, in the form `AsyncFd` takes.
+struct Fd(TimerFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl DeadlineTimer {
+    /// Creates the timer; MUST be called inside a tokio runtime. Falls back
+    /// to tokio's timer (with a log line) where the kernel has no timerfd.
+    pub fn new() -> DeadlineTimer {
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|fd| {
+            // SAFETY: `Fd` owns the timerfd and stays inside the `AsyncFd`
+            // until it is dropped, and `as_raw_fd` always returns that fd.
+            let registered = unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) };
+            registered.map_err(std::io::Error::from)
+        });
+        match fd {
+            Ok(fd) => DeadlineTimer {
+                fd: Some(fd),
+                armed: None,
+            },
+            Err(err) => {
+                tracing::warn!(%err, "no timerfd; the node uses tokio's timer (more idle wakeups)");
+                DeadlineTimer {
+                    fd: None,
+                    armed: None,
+                }
+            }
+        }
+    }
+
+    /// Waits until `deadline`. Cancel-safe: dropping the future leaves the
+    /// timer armed, and the next call re-arms it only for another deadline.
+    pub async fn sleep_until(&mut self, deadline: Instant) {
+        let Some(fd) = &self.fd else {
+            return tokio::time::sleep_until(deadline).await;
+        };
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            if self.armed != Some(deadline) {
+                // Relative to `now`, rounded up to a microsecond so the
+                // timer never fires before the deadline it stands for.
+                let left = deadline - now;
+                let left = std::time::Duration::from_micros(left.as_micros() as u64 + 1);
+                let set = fd.get_ref().0.set(
+                    Expiration::OneShot(TimeSpec::from_duration(left)),
+                    TimerSetTimeFlags::empty(),
+                );
+                if let Err(err) = set {
+                    tracing::warn!(%err, "cannot arm the timerfd; using tokio's timer");
+                    self.fd = None;
+                    return tokio::time::sleep_until(deadline).await;
+                }
+                self.armed = Some(deadline);
+            }
+            let Ok(mut ready) = fd.readable().await else {
+                // The reactor is gone (runtime shutting down).
+                return tokio::time::sleep_until(deadline).await;
+            };
+            // Consume the expiration; spurious readiness reads EAGAIN.
+            let mut count = [0u8; 8];
+            match nix::unistd::read(ready.get_inner().0.as_fd(), &mut count) {
+                Ok(_) => self.armed = None,
+                Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
+                Err(err) => {
+                    tracing::warn!(%err, "cannot read the timerfd; using tokio's timer");
+                    self.fd = None;
+                    return tokio::time::sleep_until(deadline).await;
+                }
+            }
+        }
+    }
+}
+
+impl Default for DeadlineTimer {
+    fn default() -> DeadlineTimer {
+        DeadlineTimer::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn wakes_at_the_deadline_not_before() {
+        let mut timer = DeadlineTimer::new();
+        assert!(timer.fd.is_some(), "Linux has timerfd");
+        for ms in [1u64, 5, 20] {
+            let start = Instant::now();
+            let deadline = start + Duration::from_millis(ms);
+            timer.sleep_until(deadline).await;
+            let woke = Instant::now();
+            assert!(woke >= deadline, "woke {:?} early", deadline - woke);
+            assert!(
+                woke - start < Duration::from_millis(ms + 200),
+                "woke {:?} late",
+                woke - deadline
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_does_not_cut_the_next_one_short() {
+        let mut timer = DeadlineTimer::new();
+        let soon = Instant::now() + Duration::from_millis(5);
+        // Cancel a wait for `soon`, let it fire unobserved, then wait longer.
+        let _ = tokio::time::timeout(Duration::from_millis(1), timer.sleep_until(soon)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let later = Instant::now() + Duration::from_millis(30);
+        timer.sleep_until(later).await;
+        assert!(
+            Instant::now() >= later,
+            "the stale expiry woke the new wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_past_deadline_returns_at_once() {
+        let mut timer = DeadlineTimer::new();
+        let start = Instant::now();
+        timer.sleep_until(start - Duration::from_millis(1)).await;
+        timer.sleep_until(start).await;
+        assert!(start.elapsed() < Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,687 @@
+//! Peer streams: the leader's heartbeat path.
+//!
+//! A heartbeat round is one message per follower every 50 ms. Posted as its
+//! own HTTP request, each costs a leader more CPU in connection tasks,
+//! timers and header handling than the whole idle budget allows, and every
+//! answer wakes the leader once more. So while a leader holds its lease it
+//! sends AppendEntries over one upgraded connection per follower and reads
+//! the answers only when it next wakes anyway (before its next round):
+//!
+//! ```text
+//!   leader (client)                         follower (server)
+//!   GET /raft/v1/stream  ──────────────────►  auth headers checked as for a POST
+//!   Upgrade: raft-elector-stream/1
+//!                        ◄──────────────────  101 Switching Protocols (signed)
+//!   frame: one Raft message ──────────────►  handed to the runtime
+//!                        ◄──────────────────  frame: the runtime's replies (JSON list)
+//! ```
+//!
+//! Every frame is `u32 big-endian payload length | 32-byte HMAC-SHA256 |
+//! payload`. The MAC covers the protocol, the cluster id, the upgrade
+//! request's nonce (fresh, checked against the replay cache), the direction
+//! and the frame's sequence number in that direction, then the payload: a
+//! frame cannot be replayed, reordered, moved to another stream or sent
+//! back. The server answers each client frame with exactly one frame, so the
+//! client always knows how many answers are still on their way.
+//!
+//! The client side ([`Lanes`]) uses plain non-blocking sockets that are not
+//! registered with the reactor: an answer arriving wakes nobody. A lane that
+//! still owes an answer when the next message is due takes no more: the
+//! message goes the ordinary POST way instead, so a stalled TCP connection
+//! (a lost segment waits ≥ 200 ms for retransmission) never holds up a
+//! heartbeat.
+
+use super::auth::{self, HmacSha256};
+use super::client::verify_answer;
+use super::server::valid_node_name;
+use super::{TransportConfig, TransportError};
+use crate::raft;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use hmac::Mac;
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// Path a peer stream is opened at.
+pub const STREAM_PATH: &str = "/raft/v1/stream";
+/// Signing scope of the upgrade request.
+pub(crate) const STREAM_SCOPE: &str = "GET /raft/v1/stream";
+/// Value of the `Upgrade` header on both sides.
+pub const STREAM_PROTOCOL: &str = "raft-elector-stream/1";
+/// Bytes of a frame before its payload: length and MAC.
+pub const FRAME_HEADER_BYTES: usize = 4 + MAC_BYTES;
+const MAC_BYTES: usize = 32;
+/// Longest upgrade answer head accepted, in bytes.
+const MAX_HANDSHAKE_BYTES: usize = 8 * 1024;
+/// A lane nobody sent on for this long is closed.
+pub const LANE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a lane fails, the next attempt waits this long.
+pub const LANE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Most unsent bytes a lane keeps when the socket is full; more closes it.
+const MAX_PENDING_WRITE_BYTES: usize = 256 * 1024;
+/// The server closes a stream that sent nothing for this long.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Who writes a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// The client (the leader): one Raft message per frame.
+    ToServer,
+    /// The server (the follower): the list of replies to one client frame.
+    ToClient,
+}
+
+/// The MAC keys of one stream: the shared secret with the stream's context
+/// (cluster, upgrade nonce, direction) already absorbed, so a frame costs
+/// one clone and its own bytes.
+#[derive(Clone)]
+pub(crate) struct FrameKeys {
+    to_server: HmacSha256,
+    to_client: HmacSha256,
+}
+
+impl FrameKeys {
+    /// Derives the keys of the stream opened by the request signed with `nonce`.
+    pub(crate) fn new(cfg: &TransportConfig, nonce: &str) -> FrameKeys {
+        let keyed = |direction: &[u8]| {
+            let mut mac = <HmacSha256 as Mac>::new_from_slice(&cfg.secret)
+                .expect("invariant: HMAC accepts keys of any length");
+            mac.update(STREAM_PROTOCOL.as_bytes());
+            mac.update(b"\n");
+            mac.update(cfg.cluster_id.as_bytes());
+            mac.update(b"\n");
+            mac.update(nonce.as_bytes());
+            mac.update(b"\n");
+            mac.update(direction);
+            mac.update(b"\n");
+            mac
+        };
+        FrameKeys {
+            to_server: keyed(b"to-server"),
+            to_client: keyed(b"to-client"),
+        }
+    }
+
+    fn mac(&self, direction: Direction, seq: u64, payload: &[u8]) -> HmacSha256 {
+        let mut mac = match direction {
+            Direction::ToServer => self.to_server.clone(),
+            Direction::ToClient => self.to_client.clone(),
+        };
+        mac.update(&seq.to_be_bytes());
+        mac.update(payload);
+        mac
+    }
+
+    /// Appends the frame `seq` of `direction` carrying `payload` to `out`.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>, direction: Direction, seq: u64, payload: &[u8]) {
+        let len =
+            u32::try_from(payload.len()).expect("invariant: payloads are capped far below 4 GiB");
+        out.reserve(FRAME_HEADER_BYTES + payload.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&self.mac(direction, seq, payload).finalize().into_bytes());
+        out.extend_from_slice(payload);
+    }
+}
+
+/// Why a stream was closed on reading a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FrameError {
+    /// The declared payload is longer than the body limit.
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// The MAC does not match: another secret, a tampered, replayed,
+    /// reordered or foreign frame.
+    #[error("frame MAC does not match")]
+    BadMac,
+}
+
+/// Bytes read from a stream and not yet taken as frames.
+#[derive(Debug, Default)]
+pub(crate) struct FrameBuffer {
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl FrameBuffer {
+    /// Returns a buffer that already holds `bytes`.
+    pub(crate) fn with(bytes: Vec<u8>) -> FrameBuffer {
+        FrameBuffer {
+            data: bytes,
+            start: 0,
+        }
+    }
+
+    /// Returns the spare room to read into, at least `min` bytes, after
+    /// moving unread bytes to the front.
+    fn spare(&mut self, min: usize) -> &mut Vec<u8> {
+        if self.start > 0 {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        self.data.reserve(min);
+        &mut self.data
+    }
+
+    /// Takes the next complete frame (`seq` of `direction`, at most `limit`
+    /// payload bytes) and returns its payload, or `None` until more bytes
+    /// arrive. A bad frame is an error: the stream must be closed.
+    pub(crate) fn next_frame(
+        &mut self,
+        keys: &FrameKeys,
+        direction: Direction,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Option<&[u8]>, FrameError> {
+        let unread = &self.data[self.start..];
+        if unread.len() < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([unread[0], unread[1], unread[2], unread[3]]) as usize;
+        if len > limit {
+            return Err(FrameError::TooLarge(len));
+        }
+        if unread.len() < FRAME_HEADER_BYTES + len {
+            return Ok(None);
+        }
+        let (mac, payload) = unread[4..FRAME_HEADER_BYTES + len].split_at(MAC_BYTES);
+        keys.mac(direction, seq, payload)
+            .verify_slice(mac)
+            .map_err(|_| FrameError::BadMac)?;
+        let begin = self.start + FRAME_HEADER_BYTES;
+        self.start = begin + len;
+        Ok(Some(&self.data[begin..begin + len]))
+    }
+}
+
+// ----- server side -------------------------------------------------------------
+
+/// Reads bytes from `io` into `buf`; returns how many (0 at end of stream).
+pub(crate) async fn read_more<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut FrameBuffer,
+) -> std::io::Result<usize> {
+    io.read_buf(buf.spare(4096)).await
+}
+
+/// Writes one frame to `io`.
+pub(crate) async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    io: &mut W,
+    keys: &FrameKeys,
+    direction: Direction,
+    seq: u64,
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    scratch.clear();
+    keys.encode(scratch, direction, seq, payload);
+    io.write_all(scratch).await
+}
+
+// ----- client side ---------------------------------------------------------------
+
+/// An open stream to one peer, owned by the node task through [`Lanes`].
+pub(crate) struct Connected {
+    tcp: std::net::TcpStream,
+    keys: FrameKeys,
+    sent: u64,
+    received: u64,
+    read: FrameBuffer,
+    /// Bytes the socket did not take yet.
+    unsent: Vec<u8>,
+    /// When each unanswered frame was sent, oldest first.
+    outstanding: VecDeque<Instant>,
+    last_used: Instant,
+}
+
+/// Opens a stream to `addr`: connects, sends the signed upgrade request and
+/// checks the signed 101 answer, all within the request timeout.
+pub(crate) async fn open(
+    cfg: Arc<TransportConfig>,
+    addr: String,
+) -> Result<Connected, TransportError> {
+    let timeout = cfg.request_timeout;
+    match tokio::time::timeout(timeout, handshake(&cfg, &addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::Timeout { addr, timeout }),
+    }
+}
+
+async fn handshake(cfg: &TransportConfig, addr: &str) -> Result<Connected, TransportError> {
+    let connect_failed = |e: std::io::Error| TransportError::Connect {
+        addr: addr.to_string(),
+        source: Box::new(e),
+    };
+    let request_failed = |e: std::io::Error| TransportError::Request {
+        addr: addr.to_string(),
+        source: Box::new(e),
+    };
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(connect_failed)?;
+    tcp.set_nodelay(true).map_err(connect_failed)?;
+    let signed = auth::sign(cfg, STREAM_SCOPE, b"");
+    let mut request = format!(
+        "GET {STREAM_PATH} HTTP/1.1\r\nhost: {addr}\r\nconnection: upgrade\r\nupgrade: {STREAM_PROTOCOL}\r\n"
+    );
+    for (name, value) in signed.to_pairs() {
+        request.push_str(&name);
+        request.push_str(": ");
+        request.push_str(&value);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(request_failed)?;
+
+    let bad = |reason: String| TransportError::BadResponse {
+        addr: addr.to_string(),
+        reason,
+    };
+    let mut head = Vec::with_capacity(1024);
+    let (status, headers, head_len) = loop {
+        let n = tcp.read_buf(&mut head).await.map_err(request_failed)?;
+        let mut parsed = [httparse::EMPTY_HEADER; 32];
+        let mut answer = httparse::Response::new(&mut parsed);
+        match answer.parse(&head) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = answer.code.unwrap_or(0);
+                let mut headers = HeaderMap::with_capacity(answer.headers.len());
+                for h in answer.headers.iter() {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(h.name.as_bytes()),
+                        HeaderValue::from_bytes(h.value),
+                    ) {
+                        headers.append(name, value);
+                    }
+                }
+                break (status, headers, len);
+            }
+            Ok(httparse::Status::Partial) if n > 0 && head.len() <= MAX_HANDSHAKE_BYTES => {}
+            Ok(httparse::Status::Partial) if n == 0 => {
+                return Err(bad("closed during the stream upgrade".to_string()))
+            }
+            Ok(httparse::Status::Partial) => {
+                return Err(bad(format!(
+                    "upgrade answer head is over {MAX_HANDSHAKE_BYTES} bytes"
+                )))
+            }
+            Err(e) => return Err(bad(format!("upgrade answer is not HTTP: {e}"))),
+        }
+    };
+    if status != 101 {
+        let reason: String = String::from_utf8_lossy(&head[head_len..])
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect();
+        return Err(TransportError::Rejected {
+            addr: addr.to_string(),
+            status,
+            reason,
+        });
+    }
+    let upgraded_to = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if upgraded_to != Some(STREAM_PROTOCOL) {
+        return Err(bad(format!(
+            "upgraded to {upgraded_to:?}, not {STREAM_PROTOCOL}"
+        )));
+    }
+    verify_answer(cfg, addr, &signed, &headers, b"")?;
+    let leftover = head.split_off(head_len);
+    let tcp = tcp.into_std().map_err(request_failed)?;
+    // into_std keeps O_NONBLOCK; say so anyway, reads must never block.
+    tcp.set_nonblocking(true).map_err(request_failed)?;
+    Ok(Connected {
+        tcp,
+        keys: FrameKeys::new(cfg, &signed.nonce),
+        sent: 0,
+        received: 0,
+        read: FrameBuffer::with(leftover),
+        unsent: Vec::new(),
+        outstanding: VecDeque::new(),
+        last_used: Instant::now(),
+    })
+}
+
+impl Connected {
+    /// Writes what the socket takes of the unsent bytes; never blocks.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while !self.unsent.is_empty() {
+            match self.tcp.write(&self.unsent) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.unsent.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.unsent.len() > MAX_PENDING_WRITE_BYTES {
+            return Err(std::io::Error::other("peer is not reading its stream"));
+        }
+        Ok(())
+    }
+
+    /// Frames `payload` and writes it without blocking.
+    fn send(&mut self, payload: &[u8], now: Instant) -> std::io::Result<()> {
+        self.keys
+            .encode(&mut self.unsent, Direction::ToServer, self.sent, payload);
+        self.sent += 1;
+        self.outstanding.push_back(now);
+        self.last_used = now;
+        self.flush()
+    }
+
+    /// Reads every answer that arrived, without blocking, and appends the
+    /// Raft messages in them to `out`.
+    fn receive(
+        &mut self,
+        addr: &str,
+        limit: usize,
+        out: &mut Vec<raft::Message>,
+    ) -> Result<(), TransportError> {
+        let failed = |e: std::io::Error| TransportError::Request {
+            addr: addr.to_string(),
+            source: Box::new(e),
+        };
+        self.flush().map_err(failed)?;
+        loop {
+            let room = self.read.spare(4096);
+            let filled = room.len();
+            room.resize(room.capacity(), 0);
+            let result = self.tcp.read(&mut room[filled..]);
+            let n = match &result {
+                Ok(n) => *n,
+                Err(_) => 0,
+            };
+            room.truncate(filled + n);
+            match result {
+                Ok(0) => {
+                    return Err(failed(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "peer closed the stream",
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        let bad = |reason: String| TransportError::BadResponse {
+            addr: addr.to_string(),
+            reason,
+        };
+        while let Some(payload) = self
+            .read
+            .next_frame(&self.keys, Direction::ToClient, self.received, limit)
+            .map_err(|e| match e {
+                FrameError::BadMac => TransportError::BadSignature {
+                    addr: addr.to_string(),
+                },
+                FrameError::TooLarge(_) => bad(e.to_string()),
+            })?
+        {
+            let replies: Vec<raft::Message> = serde_json::from_slice(payload)
+                .map_err(|e| bad(format!("frame is not a list of Raft messages: {e}")))?;
+            if replies
+                .iter()
+                .any(|m| !valid_node_name(&m.from.name) || !valid_node_name(&m.to.name))
+            {
+                return Err(bad("a reply names an invalid node".to_string()));
+            }
+            if self.outstanding.pop_front().is_none() {
+                return Err(bad("an answer to a frame that was never sent".to_string()));
+            }
+            self.received += 1;
+            out.extend(replies);
+        }
+        Ok(())
+    }
+}
+
+/// One peer's stream, as the client sees it.
+enum Lane {
+    /// The upgrade is under way in a task of its own.
+    Opening(oneshot::Receiver<Result<Connected, TransportError>>),
+    Open(Box<Connected>),
+    /// Failed; not tried again before the instant.
+    Down(Instant),
+}
+
+/// Why [`Lanes::send`] did not take a message; the caller posts it instead.
+#[derive(Debug)]
+pub(crate) enum NotTaken {
+    /// No open stream (yet): opening, backing off, or just failed.
+    NoStream,
+    /// The stream still owes an answer to an earlier frame.
+    Busy,
+}
+
+/// The client's streams, keyed by peer address. Only the node task uses
+/// them (through the `PeerClient`), so nothing here waits or wakes anyone.
+pub(crate) struct Lanes {
+    cfg: Arc<TransportConfig>,
+    lanes: HashMap<String, Lane>,
+}
+
+impl Lanes {
+    pub(crate) fn new(cfg: Arc<TransportConfig>) -> Lanes {
+        Lanes {
+            cfg,
+            lanes: HashMap::new(),
+        }
+    }
+
+    /// Returns how many streams are open.
+    pub(crate) fn open_count(&self) -> usize {
+        self.lanes
+            .values()
+            .filter(|lane| matches!(lane, Lane::Open(_)))
+            .count()
+    }
+
+    /// Writes `payload` (one encoded Raft message) on the stream to `addr`
+    /// if it is open and owes no answer. Otherwise starts opening it when
+    /// needed and returns why not; a write failure closes the stream and is
+    /// returned as the error to count.
+    pub(crate) fn send(
+        &mut self,
+        addr: &str,
+        payload: &[u8],
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Result<(), NotTaken>, TransportError> {
+        let now = Instant::now();
+        self.settle(addr, now);
+        let lane = self
+            .lanes
+            .entry(addr.to_string())
+            .or_insert_with(|| Lane::Down(now));
+        match lane {
+            Lane::Open(conn) if conn.outstanding.is_empty() && conn.unsent.is_empty() => {
+                match conn.send(payload, now) {
+                    Ok(()) => Ok(Ok(())),
+                    Err(e) => {
+                        *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                        Err(TransportError::Request {
+                            addr: addr.to_string(),
+                            source: Box::new(e),
+                        })
+                    }
+                }
+            }
+            Lane::Open(conn) => {
+                if conn
+                    .outstanding
+                    .front()
+                    .is_some_and(|sent| now.duration_since(*sent) > self.cfg.request_timeout)
+                {
+                    *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                    return Err(TransportError::Timeout {
+                        addr: addr.to_string(),
+                        timeout: self.cfg.request_timeout,
+                    });
+                }
+                Ok(Err(NotTaken::Busy))
+            }
+            Lane::Opening(_) => Ok(Err(NotTaken::NoStream)),
+            Lane::Down(retry_at) if now >= *retry_at => {
+                let (done, rx) = oneshot::channel();
+                let (cfg, addr) = (self.cfg.clone(), addr.to_string());
+                runtime.spawn(async move {
+                    let _ = done.send(open(cfg, addr).await);
+                });
+                *lane = Lane::Opening(rx);
+                Ok(Err(NotTaken::NoStream))
+            }
+            Lane::Down(_) => Ok(Err(NotTaken::NoStream)),
+        }
+    }
+
+    /// Moves a finished upgrade of `addr` into place.
+    fn settle(&mut self, addr: &str, now: Instant) -> Option<TransportError> {
+        let lane = self.lanes.get_mut(addr)?;
+        let Lane::Opening(rx) = lane else {
+            return None;
+        };
+        match rx.try_recv() {
+            Ok(Ok(conn)) => {
+                *lane = Lane::Open(Box::new(conn));
+                None
+            }
+            Ok(Err(e)) => {
+                *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                Some(e)
+            }
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                None
+            }
+        }
+    }
+
+    /// Reads every answer that arrived on any stream, without blocking;
+    /// returns the Raft messages and the failures to count (each closes its
+    /// stream). Closes streams idle for [`LANE_IDLE_TIMEOUT`].
+    pub(crate) fn receive(&mut self) -> (Vec<raft::Message>, Vec<TransportError>) {
+        let now = Instant::now();
+        let mut messages = Vec::new();
+        let mut errors = Vec::new();
+        let addrs: Vec<String> = self.lanes.keys().cloned().collect();
+        for addr in addrs {
+            errors.extend(self.settle(&addr, now));
+        }
+        let limit = self.cfg.max_body_bytes;
+        self.lanes.retain(|addr, lane| match lane {
+            Lane::Open(conn) => {
+                if let Err(e) = conn.receive(addr, limit, &mut messages) {
+                    errors.push(e);
+                    *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                    return true;
+                }
+                now.duration_since(conn.last_used) < LANE_IDLE_TIMEOUT
+            }
+            Lane::Opening(_) => true,
+            Lane::Down(retry_at) => now < *retry_at + LANE_IDLE_TIMEOUT,
+        });
+        (messages, errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::testing::config;
+
+    fn frames(keys: &FrameKeys, direction: Direction, payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (seq, payload) in payloads.iter().enumerate() {
+            keys.encode(&mut out, direction, seq as u64, payload);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_round_trip_in_order_and_split_anywhere() {
+        let keys = FrameKeys::new(&config(1), "nonce-1");
+        let wire = frames(&keys, Direction::ToServer, &[b"one", b"", b"three"]);
+        // Feed the bytes one at a time: frames appear only when complete.
+        let mut buf = FrameBuffer::default();
+        let mut got = Vec::new();
+        for byte in wire {
+            buf.spare(1).push(byte);
+            while let Some(p) = buf
+                .next_frame(&keys, Direction::ToServer, got.len() as u64, 1024)
+                .expect("valid frames")
+            {
+                got.push(p.to_vec());
+            }
+        }
+        assert_eq!(got, vec![b"one".to_vec(), Vec::new(), b"three".to_vec()]);
+    }
+
+    #[test]
+    fn tampered_reordered_replayed_reflected_or_foreign_frames_are_refused() {
+        let cfg = config(1);
+        let keys = FrameKeys::new(&cfg, "nonce-1");
+        let check = |wire: Vec<u8>, keys: &FrameKeys, direction, seq| {
+            FrameBuffer::with(wire)
+                .next_frame(keys, direction, seq, 1024)
+                .map(|p| p.map(<[u8]>::to_vec))
+        };
+        let good = frames(&keys, Direction::ToServer, &[b"hello"]);
+        assert_eq!(
+            check(good.clone(), &keys, Direction::ToServer, 0),
+            Ok(Some(b"hello".to_vec()))
+        );
+        let mut tampered = good.clone();
+        *tampered.last_mut().expect("payload") ^= 1;
+        assert_eq!(
+            check(tampered, &keys, Direction::ToServer, 0),
+            Err(FrameError::BadMac)
+        );
+        // The same frame again (seq 1 expected) is a replay.
+        assert_eq!(
+            check(good.clone(), &keys, Direction::ToServer, 1),
+            Err(FrameError::BadMac)
+        );
+        // Sent back to its writer.
+        assert_eq!(
+            check(good.clone(), &keys, Direction::ToClient, 0),
+            Err(FrameError::BadMac)
+        );
+        // Moved to another stream, or signed with another secret.
+        let other_stream = FrameKeys::new(&cfg, "nonce-2");
+        assert_eq!(
+            check(good.clone(), &other_stream, Direction::ToServer, 0),
+            Err(FrameError::BadMac)
+        );
+        let other_secret = FrameKeys::new(&config(2), "nonce-1");
+        assert_eq!(
+            check(good, &other_secret, Direction::ToServer, 0),
+            Err(FrameError::BadMac)
+        );
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_its_payload_arrives() {
+        let keys = FrameKeys::new(&config(1), "n");
+        let mut wire = frames(&keys, Direction::ToServer, &[&[7u8; 2000]]);
+        wire.truncate(FRAME_HEADER_BYTES);
+        assert_eq!(
+            FrameBuffer::with(wire)
+                .next_frame(&keys, Direction::ToServer, 0, 1000)
+                .map(|p| p.map(<[u8]>::to_vec)),
+            Err(FrameError::TooLarge(2000))
+        );
+    }
+}
