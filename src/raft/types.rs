@@ -81,8 +81,18 @@ impl Serialize for NodeId {
 
 impl<'de> Deserialize<'de> for NodeId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NodeId, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        /// Parses the borrowed text where the format allows (no copy first).
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = NodeId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member id `name#hex-incarnation`")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<NodeId, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
     }
 }
 

@@ -148,15 +148,21 @@ impl NodeTask {
         mut self,
         mut inbound: mpsc::Receiver<Inbound>,
         mut seen: mpsc::Receiver<PeerInfo>,
-        shutdown: impl Future<Output = ()>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
-        tokio::pin!(shutdown);
+        // The signal future is polled in a task of its own: the loop below
+        // polls its stand-in at every wakeup, and a oneshot costs nothing.
+        let (stop_tx, mut stop) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(());
+        });
         let mut next_housekeeping = Instant::now();
         self.handle_ready()?;
         loop {
             tokio::select! {
-                // SIGTERM / Ctrl-C.
-                _ = &mut shutdown => break,
+                // SIGTERM / Ctrl-C (or the signal task is gone).
+                _ = &mut stop => break,
                 // Raft timers, peer messages and hello answers, until the
                 // next housekeeping is due.
                 pumped = self.pump(&mut inbound, &mut seen, next_housekeeping + HOUSEKEEPING_SLACK) => pumped?,

@@ -97,7 +97,12 @@ impl DeadlineTimer {
             // Consume the expiration; spurious readiness reads EAGAIN.
             let mut count = [0u8; 8];
             match nix::unistd::read(ready.get_inner().0.as_fd(), &mut count) {
-                Ok(_) => self.armed = None,
+                Ok(_) => {
+                    // Read empty now: forget the readiness, or the next wait
+                    // would begin with a wasted read.
+                    ready.clear_ready();
+                    self.armed = None;
+                }
                 Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
                 Err(err) => {
                     tracing::warn!(%err, "cannot read the timerfd; using tokio's timer");

@@ -205,7 +205,7 @@ impl PeerClient {
     /// Returns how many peer streams are open.
     pub fn open_streams(&self) -> usize {
         match self.shared.lanes.lock() {
-            Ok(lanes) => lanes.open_count(),
+            Ok(mut lanes) => lanes.open_count(),
             Err(poisoned) => poisoned.into_inner().open_count(),
         }
     }

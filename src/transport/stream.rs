@@ -397,6 +397,7 @@ impl Connected {
             let room = self.read.spare(4096);
             let filled = room.len();
             room.resize(room.capacity(), 0);
+            let asked = room.len() - filled;
             let result = self.tcp.read(&mut room[filled..]);
             let n = match &result {
                 Ok(n) => *n,
@@ -410,6 +411,9 @@ impl Connected {
                         "peer closed the stream",
                     )))
                 }
+                // A short read took all there was; nobody waits on this
+                // socket's readiness, so there is no need to see EAGAIN.
+                Ok(n) if n < asked => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -481,8 +485,13 @@ impl Lanes {
         }
     }
 
-    /// Returns how many streams are open.
-    pub(crate) fn open_count(&self) -> usize {
+    /// Returns how many streams are open (after taking in finished upgrades).
+    pub(crate) fn open_count(&mut self) -> usize {
+        let now = Instant::now();
+        let addrs: Vec<String> = self.lanes.keys().cloned().collect();
+        for addr in addrs {
+            self.settle(&addr, now);
+        }
         self.lanes
             .values()
             .filter(|lane| matches!(lane, Lane::Open(_)))
@@ -576,12 +585,22 @@ impl Lanes {
         let now = Instant::now();
         let mut messages = Vec::new();
         let mut errors = Vec::new();
-        let addrs: Vec<String> = self.lanes.keys().cloned().collect();
-        for addr in addrs {
-            errors.extend(self.settle(&addr, now));
-        }
         let limit = self.cfg.max_body_bytes;
         self.lanes.retain(|addr, lane| match lane {
+            Lane::Opening(rx) => {
+                match rx.try_recv() {
+                    Ok(Ok(conn)) => *lane = Lane::Open(Box::new(conn)),
+                    Ok(Err(e)) => {
+                        errors.push(e);
+                        *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        *lane = Lane::Down(now + LANE_RETRY_BACKOFF)
+                    }
+                }
+                true
+            }
             Lane::Open(conn) => {
                 if let Err(e) = conn.receive(addr, limit, &mut messages) {
                     errors.push(e);
@@ -590,7 +609,6 @@ impl Lanes {
                 }
                 now.duration_since(conn.last_used) < LANE_IDLE_TIMEOUT
             }
-            Lane::Opening(_) => true,
             Lane::Down(retry_at) => now < *retry_at + LANE_IDLE_TIMEOUT,
         });
         (messages, errors)
@@ -600,7 +618,187 @@ impl Lanes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::testing::config;
+    use crate::metrics::Metrics;
+    use crate::transport::testing::{config, eventually, heartbeat, response_to, start_peer};
+    use crate::transport::{Inbound, PeerClient};
+    use tokio::sync::mpsc;
+
+    fn client(cfg: &Arc<TransportConfig>) -> (PeerClient, Metrics, mpsc::Receiver<Inbound>) {
+        let metrics = Metrics::new();
+        let (replies_tx, replies) = mpsc::channel(64);
+        let client =
+            PeerClient::new(cfg.clone(), metrics.clone(), replies_tx).expect("valid client");
+        (client, metrics, replies)
+    }
+
+    /// Polls `take_streamed_replies` for up to 2 s until something arrives.
+    async fn streamed(client: &PeerClient) -> Vec<raft::Message> {
+        for _ in 0..2000 {
+            let got = client.take_streamed_replies();
+            if !got.is_empty() {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Vec::new()
+    }
+
+    #[tokio::test]
+    async fn streamed_messages_arrive_and_their_answers_wait_to_be_taken() {
+        let mut peer = start_peer(config(1), 64).await;
+        let mut seen = peer.answer_heartbeats();
+        let (client, metrics, mut replies) = client(&peer.cfg);
+        let addr = peer.addr.to_string();
+        // No stream yet: the message is posted, and the stream starts opening.
+        client.send_streamed(&addr, heartbeat(0));
+        assert_eq!(seen.recv().await, Some(heartbeat(0)));
+        let posted = tokio::time::timeout(Duration::from_secs(2), replies.recv()).await;
+        assert_eq!(
+            posted.ok().flatten().map(|r| r.msg),
+            Some(response_to(&heartbeat(0)))
+        );
+        assert!(eventually(Duration::from_secs(2), || client.open_streams() == 1).await);
+        // Let the background upgrade land in the lane.
+        client.take_streamed_replies();
+        for round in 1..4 {
+            client.send_streamed(&addr, heartbeat(round));
+            assert_eq!(seen.recv().await, Some(heartbeat(round)));
+            assert_eq!(
+                streamed(&client).await,
+                vec![response_to(&heartbeat(round))]
+            );
+        }
+        assert!(
+            replies.try_recv().is_err(),
+            "streamed answers are not posted back"
+        );
+        for reason in ["bad_signature", "bad_response", "request", "timeout"] {
+            assert_eq!(
+                metrics.peer_rpc_errors.with_label_values(&[reason]).get(),
+                0
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lane_that_owes_an_answer_posts_the_next_message() {
+        let mut peer = start_peer(config(1), 64).await;
+        let mut seen = peer.answer_heartbeats();
+        let (client, _, mut replies) = client(&peer.cfg);
+        let addr = peer.addr.to_string();
+        client.send_streamed(&addr, heartbeat(0));
+        assert!(eventually(Duration::from_secs(2), || client.open_streams() == 1).await);
+        client.take_streamed_replies();
+        while replies.try_recv().is_ok() {}
+        client.send_streamed(&addr, heartbeat(1)); // on the stream, answer not taken
+        client.send_streamed(&addr, heartbeat(2)); // the lane is busy: posted
+        let got = [seen.recv().await, seen.recv().await, seen.recv().await];
+        assert!(got.contains(&Some(heartbeat(1))) && got.contains(&Some(heartbeat(2))));
+        let posted = tokio::time::timeout(Duration::from_secs(2), replies.recv()).await;
+        assert_eq!(
+            posted.ok().flatten().map(|r| r.msg),
+            Some(response_to(&heartbeat(2)))
+        );
+        assert_eq!(streamed(&client).await, vec![response_to(&heartbeat(1))]);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_signed_with_another_secret_is_refused_and_counted() {
+        let peer = start_peer(config(1), 64).await;
+        let err = open(Arc::new(config(2)), peer.addr.to_string())
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, TransportError::Rejected { status: 401, .. }),
+            "{err}"
+        );
+        assert_eq!(peer.rejected("bad_signature"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_request_without_the_upgrade_header_is_refused() {
+        let peer = start_peer(config(1), 64).await;
+        let mut req = reqwest::Client::new().get(peer.url(STREAM_PATH));
+        for (k, v) in auth::sign_headers(&peer.cfg, STREAM_SCOPE, b"") {
+            req = req.header(k, v);
+        }
+        let status = req.send().await.expect("answered").status().as_u16();
+        assert_eq!(status, 400);
+        assert_eq!(peer.rejected("bad_upgrade"), 1);
+    }
+
+    // Blocking reads below: the server needs threads of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_frame_closes_the_stream_and_reaches_nobody() {
+        let cases: [(&str, fn(&FrameKeys) -> Vec<u8>); 4] = [
+            ("bad_signature", |_| {
+                FrameKeys::new(&config(1), "another stream's nonce").encoded(0, b"{}")
+            }),
+            ("bad_signature", |keys| {
+                let mut wire = keys.encoded(0, &serde_json::to_vec(&heartbeat(1)).expect("json"));
+                *wire.last_mut().expect("payload") ^= 1;
+                wire
+            }),
+            ("malformed_message", |keys| keys.encoded(0, b"not json")),
+            ("body_too_large", |_| {
+                let mut wire = (u32::MAX).to_be_bytes().to_vec();
+                wire.extend_from_slice(&[0u8; MAC_BYTES]);
+                wire
+            }),
+        ];
+        for (reason, frame) in cases {
+            let mut peer = start_peer(config(1), 64).await;
+            let mut conn = open(peer.cfg.clone(), peer.addr.to_string())
+                .await
+                .expect("stream opens");
+            conn.tcp.set_nonblocking(false).expect("blocking");
+            conn.tcp.write_all(&frame(&conn.keys)).expect("written");
+            conn.tcp
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout set");
+            let mut buf = [0u8; 64];
+            let read = conn.tcp.read(&mut buf);
+            assert!(
+                matches!(read, Ok(0)),
+                "{reason}: the server closes the stream, read {read:?}"
+            );
+            assert_eq!(peer.rejected(reason), 1, "{reason}");
+            assert!(peer.try_next().is_none(), "{reason}: nothing forwarded");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_valid_frame_on_a_raw_stream_is_answered_with_one_frame() {
+        let mut peer = start_peer(config(1), 64).await;
+        let mut seen = peer.answer_heartbeats();
+        let mut conn = open(peer.cfg.clone(), peer.addr.to_string())
+            .await
+            .expect("stream opens");
+        let payload = serde_json::to_vec(&heartbeat(5)).expect("json");
+        conn.send(&payload, Instant::now()).expect("sent");
+        assert_eq!(seen.recv().await, Some(heartbeat(5)));
+        let mut out = Vec::new();
+        for _ in 0..2000 {
+            conn.receive("peer", 1 << 20, &mut out)
+                .expect("valid answer");
+            if !out.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(out, vec![response_to(&heartbeat(5))]);
+        assert!(conn.outstanding.is_empty());
+    }
+
+    impl FrameKeys {
+        /// Returns client frame `seq` carrying `payload`.
+        fn encoded(&self, seq: u64, payload: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            self.encode(&mut out, Direction::ToServer, seq, payload);
+            out
+        }
+    }
 
     fn frames(keys: &FrameKeys, direction: Direction, payloads: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
