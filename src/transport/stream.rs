@@ -731,7 +731,8 @@ mod tests {
     // Blocking reads below: the server needs threads of its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_bad_frame_closes_the_stream_and_reaches_nobody() {
-        let cases: [(&str, fn(&FrameKeys) -> Vec<u8>); 4] = [
+        type Forge = fn(&FrameKeys) -> Vec<u8>;
+        let cases: [(&str, Forge); 4] = [
             ("bad_signature", |_| {
                 FrameKeys::new(&config(1), "another stream's nonce").encoded(0, b"{}")
             }),
