@@ -20,6 +20,7 @@
 pub mod membership;
 pub mod node;
 pub mod state;
+pub mod streams;
 pub mod timer;
 
 pub use membership::{MembershipChange, MembershipDriver, MembershipPolicy};
@@ -124,11 +125,15 @@ pub async fn run(
     ));
 
     let mut tasks = JoinSet::new();
-    let router = transport::router(
+    // Streams leaders open to this node go to the node task, which reads
+    // them when it wakes (see runtime::streams).
+    let (accepted_tx, accepted_rx) = mpsc::channel(16);
+    let router = transport::router_with_streams(
         tcfg.clone(),
         metrics.clone(),
         inbound_tx,
         identity_rx.clone(),
+        Some(accepted_tx),
     );
     let peer_stop = stopped();
     tasks.spawn(async move {
@@ -192,6 +197,7 @@ pub async fn run(
             removal_grace: cfg.removal_grace,
         },
         shutdown_timeout: SHUTDOWN_TIMEOUT,
+        max_frame_bytes: tcfg.max_body_bytes,
     };
     let node = NodeTask::new(
         core,
@@ -202,7 +208,8 @@ pub async fn run(
         metrics,
         state_tx,
         identity_tx,
-    );
+    )
+    .with_accepted_streams(accepted_rx);
     // A spawned task, not the runtime's main future: waking the main future
     // goes through the driver's eventfd, one more syscall and wakeup for
     // every message, which is most of a sidecar's idle CPU.

@@ -24,11 +24,12 @@
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::state::LeaderState;
+use super::streams::InboundStreams;
 use super::timer::DeadlineTimer;
 use crate::metrics::Metrics;
 use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
-use crate::transport::{Inbound, PeerClient, PeerInfo};
+use crate::transport::{AcceptedStream, Inbound, PeerClient, PeerInfo};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -73,6 +74,8 @@ pub struct NodeOptions {
     pub membership: MembershipPolicy,
     /// Longest a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// Largest frame accepted on a peer stream (the transport's body limit).
+    pub max_frame_bytes: usize,
 }
 
 /// Why the node stopped with an error.
@@ -104,8 +107,12 @@ pub struct NodeTask {
     /// the next `handle_ready`, after the save.
     pending_reply: Option<(NodeId, oneshot::Sender<Vec<Message>>)>,
     shutting_down: bool,
-    /// Wakes the task for Raft deadlines.
+    /// Wakes the task for Raft deadlines and stream polls.
     timer: DeadlineTimer,
+    /// Streams leaders opened to this node, read when it wakes.
+    streams: InboundStreams,
+    /// Where the peer server hands those streams over.
+    accepted: Option<mpsc::Receiver<AcceptedStream>>,
 }
 
 impl NodeTask {
@@ -122,6 +129,9 @@ impl NodeTask {
         identity_tx: watch::Sender<PeerInfo>,
     ) -> NodeTask {
         let membership = MembershipDriver::new(opts.membership.clone(), Instant::now());
+        let heartbeat = core.config().heartbeat_interval;
+        let max_frame = opts.max_frame_bytes;
+        let metrics_for_streams = metrics.clone();
         NodeTask {
             core,
             epoch,
@@ -139,7 +149,16 @@ impl NodeTask {
             pending_reply: None,
             shutting_down: false,
             timer: DeadlineTimer::new(),
+            streams: InboundStreams::new(heartbeat, max_frame, metrics_for_streams),
+            accepted: None,
         }
+    }
+
+    /// Reads the peer streams the server hands over on `accepted` (built
+    /// with `transport::router_with_streams`).
+    pub fn with_accepted_streams(mut self, accepted: mpsc::Receiver<AcceptedStream>) -> NodeTask {
+        self.accepted = Some(accepted);
+        self
     }
 
     /// Runs until `shutdown` resolves, then hands over leadership, leaves the
@@ -195,11 +214,28 @@ impl NodeTask {
         self.step_message(msg);
     }
 
-    /// Steps the answers that arrived on peer streams since the last wakeup.
-    fn take_streamed(&mut self) {
+    /// Steps what waits on peer streams: messages on streams leaders opened
+    /// to this node (each answered on its stream, after the save), then the
+    /// answers to this node's own streamed messages.
+    fn read_streams(&mut self) -> Result<(), NodeError> {
+        if !self.streams.is_empty() {
+            for (stream, messages) in self.streams.receive() {
+                for msg in messages {
+                    let (reply, mut answer) = oneshot::channel();
+                    self.step(Inbound {
+                        msg,
+                        reply: Some(reply),
+                    });
+                    self.handle_ready()?;
+                    let replies = answer.try_recv().unwrap_or_default();
+                    self.streams.answer(stream, &replies);
+                }
+            }
+        }
         for msg in self.client.take_streamed_replies() {
             self.step_message(msg);
         }
+        Ok(())
     }
 
     fn step_message(&mut self, msg: Message) {
@@ -581,26 +617,47 @@ impl NodeTask {
         if let Some(rescue) = self.lease_rescue_at() {
             deadline = deadline.min(rescue);
         }
+        if let Some(poll) = self.streams.next_poll() {
+            deadline = deadline.min(poll);
+        }
+        // Whatever woke the task, what waits on peer streams is read first:
+        // heartbeats from a leader, then answers to this leader's rounds.
         tokio::select! {
-            // A Raft timer: heartbeat round, election timeout, CheckQuorum
-            // (a tick before the core's deadline does nothing). Answers
-            // waiting on peer streams go first, so they count for the round.
+            // A Raft timer (heartbeat round, election timeout, CheckQuorum;
+            // a tick before the core's deadline does nothing) or a stream poll.
             _ = self.timer.sleep_until(deadline) => {
-                self.take_streamed();
+                self.read_streams()?;
                 let now = self.now();
                 self.core.tick(now);
             }
             // A peer message, already authenticated by the transport.
             Some(msg) = inbound.recv() => {
-                self.take_streamed();
+                self.read_streams()?;
                 self.step(msg);
             }
             // A peer answered hello: who is where.
             Some(info) = seen.recv() => {
-                self.take_streamed();
+                self.read_streams()?;
                 self.peer_seen(info);
             }
+            // A leader opened a stream to this node.
+            Some(stream) = next_accepted(&mut self.accepted) => {
+                self.streams.add(stream);
+                self.read_streams()?;
+            }
+            // A frame arrived on a watched stream.
+            _ = self.streams.arrival() => self.read_streams()?,
         }
         self.handle_ready()
+    }
+}
+
+/// Waits for the next stream handed over, forever when there is no channel.
+async fn next_accepted(
+    accepted: &mut Option<mpsc::Receiver<AcceptedStream>>,
+) -> Option<AcceptedStream> {
+    match accepted {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

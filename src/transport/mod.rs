@@ -32,8 +32,9 @@ mod testing;
 
 pub use self::auth::{sign_headers, AuthHeaders};
 pub use self::client::PeerClient;
+pub use self::server::router_with_streams;
 pub use self::server::{router, serve, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, MESSAGE_PATH};
-pub use self::stream::{STREAM_PATH, STREAM_PROTOCOL};
+pub use self::stream::{AcceptedStream, StreamClosed, STREAM_PATH, STREAM_PROTOCOL};
 
 use crate::raft;
 use serde::{Deserialize, Serialize};

@@ -13,7 +13,9 @@
 use super::auth::{
     self, AuthFailure, AuthHeaders, NonceCache, RateLimitedWarn, NONCE_CACHE_CAPACITY,
 };
-use super::stream::{self, Direction, FrameBuffer, FrameError, FrameKeys, STREAM_PROTOCOL};
+use super::stream::{
+    self, AcceptedStream, Direction, FrameBuffer, FrameError, FrameKeys, STREAM_PROTOCOL,
+};
 use super::{PeerInfo, TransportConfig};
 use crate::metrics::Metrics;
 use crate::raft;
@@ -22,7 +24,6 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use futures::StreamExt;
 use std::future::Future;
@@ -162,6 +163,9 @@ struct PeerServer {
     cfg: Arc<TransportConfig>,
     metrics: Metrics,
     inbound: mpsc::Sender<Inbound>,
+    /// Where upgraded streams go to be read by the runtime when it wakes;
+    /// `None`: a task of the server reads each one as frames arrive.
+    accepted: Option<mpsc::Sender<AcceptedStream>>,
     identity: watch::Receiver<PeerInfo>,
     nonces: Mutex<NonceCache>,
     warn: RateLimitedWarn,
@@ -185,11 +189,25 @@ pub fn router(
     inbound: mpsc::Sender<Inbound>,
     identity: watch::Receiver<PeerInfo>,
 ) -> Router {
+    router_with_streams(cfg, metrics, inbound, identity, None)
+}
+
+/// Builds the peer router (see [`router`]); upgraded peer streams go to
+/// `accepted` as [`AcceptedStream`]s, which the runtime reads when it wakes
+/// (served with [`serve`]; elsewhere a server task reads them).
+pub fn router_with_streams(
+    cfg: Arc<TransportConfig>,
+    metrics: Metrics,
+    inbound: mpsc::Sender<Inbound>,
+    identity: watch::Receiver<PeerInfo>,
+    accepted: Option<mpsc::Sender<AcceptedStream>>,
+) -> Router {
     let limit = cfg.max_body_bytes;
     let state = Arc::new(PeerServer {
         cfg,
         metrics,
         inbound,
+        accepted,
         identity,
         nonces: Mutex::new(NonceCache::new(NONCE_CACHE_CAPACITY)),
         warn: RateLimitedWarn::default(),
@@ -204,25 +222,67 @@ pub fn router(
         .with_state(state)
 }
 
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 /// Serves `router` on `listener` with TCP_NODELAY on every connection until
-/// `shutdown` completes.
+/// `shutdown` completes, then lets open requests finish. HTTP/1.1 with
+/// upgrades, so that an upgraded peer stream can be taken back as its TCP
+/// socket (see [`AcceptedStream`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
+    tokio::pin!(shutdown);
+    let (stop_tx, stop) = watch::channel(false);
+    // Each connection task holds a clone; `recv` returns None once all ended.
+    let (alive, mut all_ended) = mpsc::channel::<()>(1);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot accept a peer connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
         // Small request/response pairs: Nagle would add up to 40 ms each.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%err, "cannot set TCP_NODELAY on a peer connection");
         }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        let service = hyper_util::service::TowerToHyperService::new(
+            router.clone().layer(axum::Extension(ConnectInfo(remote))),
+        );
+        let (mut stop, alive) = (stop.clone(), alive.clone());
+        if *stop.borrow_and_update() {
+            break;
+        }
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = ended {
+                tracing::debug!(%err, peer = %remote, "peer connection ended");
+            }
+            drop(alive);
+        });
+    }
+    let _ = stop_tx.send(true);
+    drop(alive);
+    let _ = all_ended.recv().await;
+    Ok(())
 }
 
 /// Handles `POST /raft/v1/message`.
@@ -264,14 +324,31 @@ async fn handle_stream(State(server): State<Arc<PeerServer>>, mut req: Request) 
     let keys = FrameKeys::new(&server.cfg, &auth.nonce);
     let streaming = server.clone();
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                streaming
-                    .serve_stream(hyper_util::rt::TokioIo::new(upgraded), keys, peer)
-                    .await
-            }
-            Err(err) => tracing::debug!(%err, ?peer, "peer stream upgrade failed"),
-        }
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => return tracing::debug!(%err, ?peer, "peer stream upgrade failed"),
+        };
+        let upgraded = match &streaming.accepted {
+            Some(accepted) => match AcceptedStream::take(upgraded, keys.clone(), peer) {
+                Ok(None) => return,
+                Ok(Some(stream)) => {
+                    if let Err(e) = accepted.try_send(stream) {
+                        let rejection = match e {
+                            mpsc::error::TrySendError::Full(_) => Rejection::InboundFull,
+                            mpsc::error::TrySendError::Closed(_) => Rejection::InboundClosed,
+                        };
+                        streaming.count_refusal(rejection, peer);
+                    }
+                    return;
+                }
+                // Not a plain TCP connection: serve it here instead.
+                Err(upgraded) => upgraded,
+            },
+            None => upgraded,
+        };
+        streaming
+            .serve_stream(hyper_util::rt::TokioIo::new(upgraded), keys, peer)
+            .await
     });
     let signed = auth::sign(&server.cfg, &auth::response_scope(&auth.nonce), b"");
     let mut headers = HeaderMap::with_capacity(6);

@@ -33,15 +33,19 @@
 
 use super::auth::{self, HmacSha256};
 use super::client::verify_answer;
-use super::server::valid_node_name;
+use super::server::{valid_node_name, Rejection};
 use super::{TransportConfig, TransportError};
 use crate::raft;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use hmac::Mac;
+use hyper_util::rt::TokioIo;
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -219,6 +223,204 @@ pub(crate) async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
     scratch.clear();
     keys.encode(scratch, direction, seq, payload);
     io.write_all(scratch).await
+}
+
+/// A stream a peer (a leader) opened to this node, taken out of the HTTP
+/// server as its plain socket so that the runtime reads it when it chooses:
+/// unwatched, a frame arriving wakes nobody (see `runtime::streams`).
+/// Every frame read MUST be answered, in order, with [`AcceptedStream::answer`].
+pub struct AcceptedStream {
+    socket: Socket,
+    keys: FrameKeys,
+    read: FrameBuffer,
+    received: u64,
+    sent: u64,
+    unanswered: usize,
+    unsent: Vec<u8>,
+    peer: Option<SocketAddr>,
+}
+
+/// The socket of an accepted stream, watched by the reactor or not.
+enum Socket {
+    Unwatched(std::net::TcpStream),
+    Watched(AsyncFd<std::net::TcpStream>),
+    /// Only while switching.
+    Gone,
+}
+
+impl Socket {
+    fn tcp(&self) -> Option<&std::net::TcpStream> {
+        match self {
+            Socket::Unwatched(tcp) => Some(tcp),
+            Socket::Watched(fd) => Some(fd.get_ref()),
+            Socket::Gone => None,
+        }
+    }
+}
+
+/// Why an accepted stream was closed while reading.
+#[derive(Debug)]
+pub enum StreamClosed {
+    /// The peer closed it, or the socket failed.
+    Ended(std::io::Error),
+    /// A frame was refused; count it under this reason.
+    Refused(Rejection),
+}
+
+impl AcceptedStream {
+    /// Takes the TCP socket out of an upgraded connection; gives the
+    /// connection back when it is not a plain TCP one.
+    pub(crate) fn take(
+        upgraded: hyper::upgrade::Upgraded,
+        keys: FrameKeys,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<AcceptedStream>, hyper::upgrade::Upgraded> {
+        let parts = upgraded.downcast::<TokioIo<tokio::net::TcpStream>>()?;
+        let tcp = match parts.io.into_inner().into_std() {
+            Ok(tcp) => tcp,
+            Err(err) => {
+                tracing::debug!(%err, ?peer, "cannot take over a peer stream's socket");
+                return Ok(None);
+            }
+        };
+        Ok(Some(AcceptedStream {
+            socket: Socket::Unwatched(tcp),
+            keys,
+            read: FrameBuffer::with(parts.read_buf.to_vec()),
+            received: 0,
+            sent: 0,
+            unanswered: 0,
+            unsent: Vec::new(),
+            peer,
+        }))
+    }
+
+    /// Returns the peer's address, when known.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Returns whether the reactor wakes the runtime when data arrives.
+    pub fn is_watched(&self) -> bool {
+        matches!(self.socket, Socket::Watched(_))
+    }
+
+    /// Has the reactor wake the runtime when data arrives (`true`) or not.
+    pub fn set_watched(&mut self, watched: bool) -> std::io::Result<()> {
+        if watched == self.is_watched() {
+            return Ok(());
+        }
+        self.socket = match std::mem::replace(&mut self.socket, Socket::Gone) {
+            Socket::Unwatched(tcp) => {
+                // SAFETY: the AsyncFd owns the socket until `into_inner`, and
+                // a TcpStream's raw fd never changes.
+                let fd = unsafe { AsyncFd::register_with_interest(tcp, Interest::READABLE) };
+                Socket::Watched(fd.map_err(std::io::Error::from)?)
+            }
+            Socket::Watched(fd) => Socket::Unwatched(fd.into_inner()),
+            Socket::Gone => Socket::Gone,
+        };
+        Ok(())
+    }
+
+    /// Ready when the reactor saw data arrive on a watched stream (the
+    /// readiness is consumed: read with [`AcceptedStream::receive`] next).
+    /// Pending forever when unwatched.
+    pub fn poll_arrival(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Socket::Watched(fd) = &self.socket else {
+            return std::task::Poll::Pending;
+        };
+        match fd.poll_read_ready(cx) {
+            std::task::Poll::Ready(Ok(mut guard)) => {
+                guard.clear_ready();
+                std::task::Poll::Ready(())
+            }
+            // A reactor error: report it as an arrival, the read fails.
+            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(()),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// Reads what arrived, without blocking; returns the messages of the
+    /// complete frames. Any error closes the stream.
+    pub fn receive(&mut self, limit: usize) -> Result<Vec<raft::Message>, StreamClosed> {
+        let ended = |e: std::io::Error| StreamClosed::Ended(e);
+        let Some(mut tcp) = self.socket.tcp() else {
+            return Err(ended(ErrorKind::NotConnected.into()));
+        };
+        loop {
+            let room = self.read.spare(4096);
+            let filled = room.len();
+            room.resize(room.capacity(), 0);
+            let asked = room.len() - filled;
+            let result = tcp.read(&mut room[filled..]);
+            let n = *result.as_ref().unwrap_or(&0);
+            room.truncate(filled + n);
+            match result {
+                Ok(0) => return Err(ended(ErrorKind::UnexpectedEof.into())),
+                Ok(n) if n < asked => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(ended(e)),
+            }
+        }
+        let mut messages = Vec::new();
+        loop {
+            let payload =
+                match self
+                    .read
+                    .next_frame(&self.keys, Direction::ToServer, self.received, limit)
+                {
+                    Ok(Some(payload)) => payload,
+                    Ok(None) => return Ok(messages),
+                    Err(FrameError::TooLarge(_)) => {
+                        return Err(StreamClosed::Refused(Rejection::BodyTooLarge))
+                    }
+                    Err(FrameError::BadMac) => {
+                        return Err(StreamClosed::Refused(Rejection::BadSignature))
+                    }
+                };
+            let msg: raft::Message = serde_json::from_slice(payload)
+                .map_err(|_| StreamClosed::Refused(Rejection::MalformedMessage))?;
+            if !valid_node_name(&msg.from.name) || !valid_node_name(&msg.to.name) {
+                return Err(StreamClosed::Refused(Rejection::BadNodeName));
+            }
+            self.received += 1;
+            self.unanswered += 1;
+            messages.push(msg);
+        }
+    }
+
+    /// Answers the oldest unanswered frame with `replies`, without blocking.
+    pub fn answer(&mut self, replies: &[raft::Message]) -> std::io::Result<()> {
+        if self.unanswered == 0 {
+            return Err(std::io::Error::other("no frame to answer"));
+        }
+        let body = serde_json::to_vec(replies).map_err(std::io::Error::other)?;
+        self.keys
+            .encode(&mut self.unsent, Direction::ToClient, self.sent, &body);
+        self.sent += 1;
+        self.unanswered -= 1;
+        let Some(mut tcp) = self.socket.tcp() else {
+            return Err(ErrorKind::NotConnected.into());
+        };
+        while !self.unsent.is_empty() {
+            match tcp.write(&self.unsent) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.unsent.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.unsent.len() > MAX_PENDING_WRITE_BYTES {
+            return Err(std::io::Error::other("peer is not reading its stream"));
+        }
+        Ok(())
+    }
 }
 
 // ----- client side ---------------------------------------------------------------
