@@ -105,7 +105,7 @@ pub struct NodeTask {
     bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
     /// The sender of the message just stepped and its reply slot; filled by
     /// the next `handle_ready`, after the save.
-    pending_reply: Option<(NodeId, oneshot::Sender<Vec<Message>>)>,
+    pending_reply: Option<(NodeId, ReplyTo)>,
     shutting_down: bool,
     /// Wakes the task for Raft deadlines and stream polls.
     timer: DeadlineTimer,
@@ -210,7 +210,7 @@ impl NodeTask {
 
     fn step(&mut self, inbound: Inbound) {
         let Inbound { msg, reply } = inbound;
-        self.pending_reply = reply.map(|reply| (msg.from.clone(), reply));
+        self.pending_reply = reply.map(|reply| (msg.from.clone(), ReplyTo::Request(reply)));
         self.step_message(msg);
     }
 
@@ -221,14 +221,9 @@ impl NodeTask {
         if !self.streams.is_empty() {
             for (stream, messages) in self.streams.receive() {
                 for msg in messages {
-                    let (reply, mut answer) = oneshot::channel();
-                    self.step(Inbound {
-                        msg,
-                        reply: Some(reply),
-                    });
+                    self.pending_reply = Some((msg.from.clone(), ReplyTo::Stream(stream)));
+                    self.step_message(msg);
                     self.handle_ready()?;
-                    let replies = answer.try_recv().unwrap_or_default();
-                    self.streams.answer(stream, &replies);
                 }
             }
         }
@@ -388,8 +383,13 @@ impl NodeTask {
                     .messages
                     .into_iter()
                     .partition(|msg| msg.to == requester);
-                // The peer stopped waiting (timed out): Raft tolerates the loss.
-                let _ = reply.send(answer);
+                match reply {
+                    // The peer stopped waiting (timed out): Raft tolerates the loss.
+                    ReplyTo::Request(reply) => {
+                        let _ = reply.send(answer);
+                    }
+                    ReplyTo::Stream(stream) => self.streams.answer(stream, &answer),
+                }
                 for msg in others {
                     self.send(msg, streams);
                 }
@@ -650,6 +650,14 @@ impl NodeTask {
         }
         self.handle_ready()
     }
+}
+
+/// Where the answer to the message being stepped goes.
+enum ReplyTo {
+    /// Into the HTTP answer of the request that carried it.
+    Request(oneshot::Sender<Vec<Message>>),
+    /// As the next answer frame on this accepted stream.
+    Stream(u64),
 }
 
 /// Waits for the next stream handed over, forever when there is no channel.

@@ -237,6 +237,8 @@ pub struct AcceptedStream {
     sent: u64,
     unanswered: usize,
     unsent: Vec<u8>,
+    /// Reused for encoding answers.
+    scratch: Vec<u8>,
     peer: Option<SocketAddr>,
 }
 
@@ -291,6 +293,7 @@ impl AcceptedStream {
             sent: 0,
             unanswered: 0,
             unsent: Vec::new(),
+            scratch: Vec::new(),
             peer,
         }))
     }
@@ -397,9 +400,14 @@ impl AcceptedStream {
         if self.unanswered == 0 {
             return Err(std::io::Error::other("no frame to answer"));
         }
-        let body = serde_json::to_vec(replies).map_err(std::io::Error::other)?;
-        self.keys
-            .encode(&mut self.unsent, Direction::ToClient, self.sent, &body);
+        self.scratch.clear();
+        serde_json::to_writer(&mut self.scratch, replies).map_err(std::io::Error::other)?;
+        self.keys.encode(
+            &mut self.unsent,
+            Direction::ToClient,
+            self.sent,
+            &self.scratch,
+        );
         self.sent += 1;
         self.unanswered -= 1;
         let Some(mut tcp) = self.socket.tcp() else {
