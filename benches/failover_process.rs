@@ -7,7 +7,8 @@
 //! double-leader rule is the one documented in `tests/support/cluster.rs`.
 //!
 //! Run with `cargo bench --bench failover_process` (about 4 minutes;
-//! `-- --trials 5` for a quick look).
+//! `-- --trials 5` for a quick look, `-- --trials 0` for the idle
+//! measurement alone).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -22,7 +23,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 /// Longest wait for a steady cluster between trials.
 const STEADY: Duration = Duration::from_secs(20);
 /// How long CPU use is measured at idle.
-const IDLE_WINDOW: Duration = Duration::from_secs(10);
+const IDLE_WINDOW: Duration = Duration::from_secs(20);
 /// Steady sampling before each fault, so the old leader's 200s are recorded.
 const BEFORE_FAULT: Duration = Duration::from_millis(100);
 
@@ -159,15 +160,16 @@ async fn handoff_series(size: usize, trials: usize) -> Series {
     series
 }
 
-/// Returns utime + stime of `pid` in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields[i - 3].parse::<u64>().expect("numeric stat field");
-    field(14) + field(15)
+/// Returns the CPU time `pid` has run, in nanoseconds: the first field of
+/// `/proc/<pid>/schedstat` (the scheduler's exact count; `/proc/<pid>/stat`
+/// rounds to 10 ms ticks, a whole millicore over a 10 s window).
+fn cpu_nanos(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .expect("read /proc/pid/schedstat")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("numeric run time in /proc/pid/schedstat")
 }
 
 /// Returns VmRSS of `pid` in MiB.
@@ -196,23 +198,23 @@ async fn measure_idle(cluster: &mut Cluster, size: usize) -> Idle {
         .into_iter()
         .filter_map(|slot| cluster.node(slot).pid().map(|pid| (slot, pid)))
         .collect();
-    let before: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_ticks(pid)).collect();
+    let before: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_nanos(pid)).collect();
+    let started = std::time::Instant::now();
     tokio::time::sleep(IDLE_WINDOW).await;
-    let after: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_ticks(pid)).collect();
+    let after: Vec<u64> = pids.iter().map(|&(_, pid)| cpu_nanos(pid)).collect();
+    let window = started.elapsed().as_secs_f64();
     assert_eq!(
         cluster.steady_leader().await,
         Some(leader),
         "the leader changed while idle"
     );
-    // SAFETY: sysconf has no preconditions.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut idle = Idle {
         leader: (0.0, 0.0),
         followers: Vec::new(),
     };
     for (i, &(slot, pid)) in pids.iter().enumerate() {
-        let seconds = (after[i] - before[i]) as f64 / ticks_per_second;
-        let millicores = seconds / IDLE_WINDOW.as_secs_f64() * 1000.0;
+        let seconds = (after[i] - before[i]) as f64 / 1e9;
+        let millicores = seconds / window * 1000.0;
         let row = (millicores, rss_mib(pid));
         if slot == leader {
             idle.leader = row;
@@ -247,12 +249,15 @@ async fn bench(trials: usize) {
     println!("# failover_process: real processes on loopback\n");
     println!("machine: {}\n", machine());
     let mut kills = Vec::new();
-    for size in [3, 5, 7] {
-        eprintln!("kill -9 series, {size} nodes ...");
-        kills.push((size, kill_series(size, trials).await));
+    let mut handoff = Series::default();
+    if trials > 0 {
+        for size in [3, 5, 7] {
+            eprintln!("kill -9 series, {size} nodes ...");
+            kills.push((size, kill_series(size, trials).await));
+        }
+        eprintln!("SIGTERM handoff series, 5 nodes ...");
+        handoff = handoff_series(5, trials).await;
     }
-    eprintln!("SIGTERM handoff series, 5 nodes ...");
-    let handoff = handoff_series(5, trials).await;
     eprintln!("idle measurement, 5 nodes with default flags ...");
     let quiet = ClusterConfig {
         extra_args: Vec::new(),
@@ -265,6 +270,14 @@ async fn bench(trials: usize) {
     let idle = measure_idle(&mut cluster, 5).await;
     drop(cluster);
 
+    if trials > 0 {
+        print_series(&kills, &handoff);
+    }
+    print_idle(&idle);
+}
+
+/// Prints the failover rows and their targets.
+fn print_series(kills: &[(usize, Series)], handoff: &Series) {
     println!("| scenario | nodes | trials | p50 ms | p90 ms | p99 ms | max ms | double-200 | ambiguous overlaps | samples |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let row = |name: &str, size: usize, s: &Series| {
@@ -280,23 +293,10 @@ async fn bench(trials: usize) {
             s.samples
         )
     };
-    for (size, series) in &kills {
+    for (size, series) in kills {
         row("kill -9 → first 200 elsewhere", *size, series);
     }
-    row("SIGTERM → old 503 → new 200", 5, &handoff);
-
-    let follower_cpu = idle.followers.iter().map(|f| f.0).fold(0.0, f64::max);
-    let max_rss = idle
-        .followers
-        .iter()
-        .map(|f| f.1)
-        .fold(idle.leader.1, f64::max);
-    println!("\n| idle (5 nodes, default flags, {IDLE_WINDOW:?}) | CPU millicores | RSS MiB |");
-    println!("| --- | --- | --- |");
-    println!("| leader | {:.2} | {:.1} |", idle.leader.0, idle.leader.1);
-    for (i, (cpu, rss)) in idle.followers.iter().enumerate() {
-        println!("| follower {i} | {cpu:.2} | {rss:.1} |");
-    }
+    row("SIGTERM → old 503 → new 200", 5, handoff);
 
     let five = &kills[1].1;
     let double: usize = kills.iter().map(|(_, s)| s.violations).sum::<usize>() + handoff.violations;
@@ -327,6 +327,28 @@ async fn bench(trials: usize) {
         format!("{double}"),
         double == 0,
     );
+}
+
+/// Prints the idle table and its targets.
+fn print_idle(idle: &Idle) {
+    let follower_cpu = idle.followers.iter().map(|f| f.0).fold(0.0, f64::max);
+    let max_rss = idle
+        .followers
+        .iter()
+        .map(|f| f.1)
+        .fold(idle.leader.1, f64::max);
+    println!("\n| idle (5 nodes, default flags, {IDLE_WINDOW:?}) | CPU millicores | RSS MiB |");
+    println!("| --- | --- | --- |");
+    println!("| leader | {:.2} | {:.1} |", idle.leader.0, idle.leader.1);
+    for (i, (cpu, rss)) in idle.followers.iter().enumerate() {
+        println!("| follower {i} | {cpu:.2} | {rss:.1} |");
+    }
+
+    println!("\n| target | measured | verdict |");
+    println!("| --- | --- | --- |");
+    let target = |name: String, measured: String, met: bool| {
+        println!("| {name} | {measured} | {} |", verdict(met))
+    };
     target(
         format!("idle leader ≤ {IDLE_LEADER_MILLICORES} millicores"),
         format!("{:.2}", idle.leader.0),
