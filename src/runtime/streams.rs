@@ -37,6 +37,9 @@ const LAG_SAMPLES: usize = 16;
 const REGULAR_BEFORE_UNWATCH: usize = 4;
 /// How long after a heartbeat's expected arrival the node looks for it.
 const GUARD: Duration = Duration::from_millis(3);
+/// A stream without a frame for this long is closed (a leader that
+/// vanished without closing its connection).
+const SILENT_STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Unwatched rounds after which one is watched again to refresh the lag.
 const RELEARN_EVERY: u32 = 200;
 
@@ -52,6 +55,8 @@ struct Tracked {
     poll_at: Option<Instant>,
     /// Unwatched rounds since the lag was last refreshed.
     unwatched_rounds: u32,
+    /// When the last frame arrived (or the stream was taken in).
+    last_frame: Instant,
 }
 
 /// The accepted streams of one node; see the module docs.
@@ -115,6 +120,7 @@ impl InboundStreams {
             last_round: None,
             poll_at: None,
             unwatched_rounds: 0,
+            last_frame: Instant::now(),
         });
     }
 
@@ -152,13 +158,21 @@ impl InboundStreams {
                     continue;
                 }
             };
-            let newest_round = messages
-                .iter()
-                .filter_map(|m| match m.body {
-                    MessageBody::AppendEntries { round, .. } => Some(round),
-                    _ => None,
-                })
-                .max();
+            // The newest frame's round, not the largest ever seen: one wild
+            // round must not throw the rhythm off for good.
+            let newest_round = messages.iter().rev().find_map(|m| match m.body {
+                MessageBody::AppendEntries { round, .. } => Some(round),
+                _ => None,
+            });
+            if messages.is_empty() {
+                if now.saturating_duration_since(t.last_frame) > SILENT_STREAM_TIMEOUT {
+                    let silent = std::io::Error::other("no frame for a minute");
+                    closed.push((t.id, t.stream.peer(), StreamClosed::Ended(silent)));
+                    continue;
+                }
+            } else {
+                t.last_frame = now;
+            }
             let watched = t.stream.is_watched();
             if let Some(round) = newest_round {
                 if watched {
@@ -169,7 +183,7 @@ impl InboundStreams {
                 } else {
                     t.unwatched_rounds += 1;
                 }
-                t.last_round = Some(t.last_round.map_or(round, |r| r.max(round)));
+                t.last_round = Some(round);
             }
             let rhythm_known = t.lags.len() >= REGULAR_BEFORE_UNWATCH;
             let missed =
@@ -182,10 +196,13 @@ impl InboundStreams {
                     t.unwatched_rounds = 0;
                 }
             } else if newest_round.is_some() || t.poll_at.is_none() {
-                t.poll_at = expected(self.epoch, self.interval, t).map(|at| at + GUARD);
+                t.poll_at =
+                    expected(self.epoch, self.interval, t.last_round, &t.lags).map(|at| at + GUARD);
             }
-            // A prediction already in the past is no prediction: watch.
-            let want_watched = want_watched || t.poll_at.is_none_or(|at| at <= now);
+            // A prediction already in the past, or further ahead than two
+            // rounds (a wild round), is no prediction: watch.
+            let horizon = now + 2 * self.interval;
+            let want_watched = want_watched || t.poll_at.is_none_or(|at| at <= now || at > horizon);
             if want_watched {
                 t.poll_at = None;
             }
@@ -238,12 +255,147 @@ impl InboundStreams {
     }
 }
 
-/// Returns when the next heartbeat of `t` should arrive, on the clock that
+/// Returns when the next heartbeat should arrive, on the clock that
 /// started at `epoch`: the newest round, one interval on, plus the smallest
 /// lag seen.
-fn expected(epoch: Instant, interval: Duration, t: &Tracked) -> Option<Instant> {
-    let lag = *t.lags.iter().min()?;
-    let at = t.last_round? as i128 + interval.as_nanos() as i128 + lag;
+fn expected(
+    epoch: Instant,
+    interval: Duration,
+    last_round: Option<u64>,
+    lags: &VecDeque<i128>,
+) -> Option<Instant> {
+    let lag = *lags.iter().min()?;
+    let at = last_round? as i128 + interval.as_nanos() as i128 + lag;
     let at = u64::try_from(at).ok()?;
     Some(epoch + Duration::from_nanos(at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::testing::{config, heartbeat, identity, response_to};
+    use crate::transport::{router_with_streams, serve, PeerClient};
+    use std::sync::Arc;
+    use tokio::sync::{mpsc, watch};
+
+    /// Sends heartbeat `round` on the client's stream, reads it on the
+    /// follower side the way the node does, answers it and returns what
+    /// the leader got back.
+    async fn round_trip(
+        client: &PeerClient,
+        addr: &str,
+        streams: &mut InboundStreams,
+        round: u64,
+    ) -> Vec<Message> {
+        client.send_streamed(addr, heartbeat(round));
+        if streams.unwatched() == 0 {
+            tokio::time::timeout(Duration::from_secs(2), streams.arrival())
+                .await
+                .expect("a watched stream wakes the node");
+        } else {
+            let poll = streams
+                .next_poll()
+                .expect("an unwatched stream has a poll time");
+            tokio::time::sleep_until(poll).await;
+        }
+        let got = streams.receive();
+        assert_eq!(got.len(), 1, "round {round}: one stream delivered");
+        let (id, messages) = &got[0];
+        assert_eq!(messages, &vec![heartbeat(round)], "round {round}");
+        streams.answer(*id, &[response_to(&heartbeat(round))]);
+        for _ in 0..2000 {
+            let answers = client.take_streamed_replies();
+            if !answers.is_empty() {
+                return answers;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Vec::new()
+    }
+
+    #[tokio::test]
+    async fn heartbeats_in_rhythm_are_read_on_a_timer_and_a_late_one_rewatches() {
+        let interval = Duration::from_millis(50);
+        let cfg = Arc::new(config(1));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (inbound_tx, _inbound) = mpsc::channel(64);
+        let (accepted_tx, mut accepted) = mpsc::channel(4);
+        let (_identity, identity_rx) =
+            watch::channel(identity("test", listener.local_addr().expect("addr")));
+        let router = router_with_streams(
+            cfg.clone(),
+            Metrics::new(),
+            inbound_tx,
+            identity_rx,
+            Some(accepted_tx),
+        );
+        tokio::spawn(serve(listener, router, std::future::pending()));
+        let (replies_tx, _replies) = mpsc::channel(64);
+        let client = PeerClient::new(cfg, Metrics::new(), replies_tx).expect("client");
+
+        // The first message is posted and opens the stream, which the server
+        // hands over instead of reading it itself.
+        client.send_streamed(&addr, heartbeat(0));
+        let stream = tokio::time::timeout(Duration::from_secs(2), accepted.recv())
+            .await
+            .ok()
+            .flatten()
+            .expect("the upgraded stream is handed over");
+        let mut streams = InboundStreams::new(interval, 1 << 20, Metrics::new());
+        streams.add(stream);
+        assert_eq!((streams.len(), streams.unwatched()), (1, 0));
+        for _ in 0..2000 {
+            if client.open_streams() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(client.open_streams(), 1, "the leader's lane is open");
+
+        // Rounds every 50 ms, `round` on a clock of the leader's own.
+        let leader_epoch = Instant::now();
+        for k in 1..=8u32 {
+            let round = leader_epoch.elapsed().as_nanos() as u64 + 1;
+            let answers = round_trip(&client, &addr, &mut streams, round).await;
+            assert_eq!(answers, vec![response_to(&heartbeat(round))], "round {k}");
+            tokio::time::sleep_until(leader_epoch + interval * k).await;
+        }
+        assert_eq!(streams.unwatched(), 1, "in rhythm: read on a timer");
+        let poll = streams.next_poll().expect("a poll time");
+        let ahead = poll.saturating_duration_since(Instant::now());
+        assert!(
+            ahead <= interval + GUARD,
+            "polls within a round, not {ahead:?}"
+        );
+
+        // The leader skips a round: nothing is there at the poll time, so the
+        // stream is watched again and the late heartbeat wakes the node.
+        tokio::time::sleep_until(poll).await;
+        assert!(streams.receive().is_empty());
+        assert_eq!(streams.unwatched(), 0, "a missed heartbeat rewatches");
+        let round = leader_epoch.elapsed().as_nanos() as u64;
+        let answers = round_trip(&client, &addr, &mut streams, round).await;
+        assert_eq!(answers, vec![response_to(&heartbeat(round))]);
+    }
+
+    #[test]
+    fn the_next_heartbeat_is_expected_one_interval_on_with_the_smallest_lag() {
+        let epoch = Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let lags = VecDeque::from([ms(7).as_nanos() as i128, ms(5).as_nanos() as i128]);
+        // Round at 100 ms of the leader's clock; seen 5 ms later at best.
+        let at = expected(epoch, ms(50), Some(ms(100).as_nanos() as u64), &lags);
+        assert_eq!(at, Some(epoch + ms(155)));
+        // A leader clock far ahead of ours: a negative lag is fine.
+        let lags = VecDeque::from([-(ms(1000).as_nanos() as i128)]);
+        let at = expected(epoch, ms(50), Some(ms(1100).as_nanos() as u64), &lags);
+        assert_eq!(at, Some(epoch + ms(150)));
+        // Before our epoch, or nothing known yet: no prediction.
+        assert_eq!(expected(epoch, ms(50), Some(0), &lags), None);
+        assert_eq!(expected(epoch, ms(50), None, &lags), None);
+        assert_eq!(expected(epoch, ms(50), Some(1), &VecDeque::new()), None);
+    }
 }

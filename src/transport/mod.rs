@@ -28,7 +28,7 @@ pub mod client;
 pub mod server;
 pub mod stream;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use self::auth::{sign_headers, AuthHeaders};
 pub use self::client::PeerClient;

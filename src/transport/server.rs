@@ -244,8 +244,10 @@ pub async fn serve(
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(%err, "cannot accept a peer connection");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        _ = &mut shutdown => break,
+                    }
                 }
             },
             _ = &mut shutdown => break,
@@ -258,9 +260,6 @@ pub async fn serve(
             router.clone().layer(axum::Extension(ConnectInfo(remote))),
         );
         let (mut stop, alive) = (stop.clone(), alive.clone());
-        if *stop.borrow_and_update() {
-            break;
-        }
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
@@ -279,6 +278,8 @@ pub async fn serve(
             drop(alive);
         });
     }
+    // No new connections while the open ones finish.
+    drop(listener);
     let _ = stop_tx.send(true);
     drop(alive);
     let _ = all_ended.recv().await;

@@ -59,12 +59,17 @@ pub const STREAM_PROTOCOL: &str = "raft-elector-stream/1";
 /// Bytes of a frame before its payload: length and MAC.
 pub const FRAME_HEADER_BYTES: usize = 4 + MAC_BYTES;
 const MAC_BYTES: usize = 32;
+/// Bytes asked of a socket per read.
+const READ_CHUNK: usize = 4096;
 /// Longest upgrade answer head accepted, in bytes.
 const MAX_HANDSHAKE_BYTES: usize = 8 * 1024;
 /// A lane nobody sent on for this long is closed.
 pub const LANE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a lane fails, the next attempt waits this long.
 pub const LANE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// After a peer answers that it has no stream endpoint (an older version
+/// during a rolling update), the next attempt waits this long.
+pub const NO_STREAMS_BACKOFF: Duration = Duration::from_secs(60);
 /// Most unsent bytes a lane keeps when the socket is full; more closes it.
 const MAX_PENDING_WRITE_BYTES: usize = 256 * 1024;
 /// The server closes a stream that sent nothing for this long.
@@ -168,6 +173,32 @@ impl FrameBuffer {
         }
         self.data.reserve(min);
         &mut self.data
+    }
+
+    /// Reads what the non-blocking `src` holds, a chunk at a time, until it
+    /// runs dry or `cap` unread bytes wait here (a sender cannot make this
+    /// buffer grow past one frame and a chunk). An orderly close is
+    /// `UnexpectedEof`.
+    pub(crate) fn fill_from(&mut self, mut src: impl Read, cap: usize) -> std::io::Result<()> {
+        while self.data.len() - self.start < cap {
+            let room = self.spare(READ_CHUNK);
+            let filled = room.len();
+            room.resize(filled + READ_CHUNK, 0);
+            let result = src.read(&mut room[filled..]);
+            let n = *result.as_ref().unwrap_or(&0);
+            room.truncate(filled + n);
+            match result {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                // A short read took all there was; nobody waits on these
+                // sockets' readiness, so there is no need to see EAGAIN.
+                Ok(n) if n < READ_CHUNK => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Takes the next complete frame (`seq` of `direction`, at most `limit`
@@ -348,26 +379,14 @@ impl AcceptedStream {
     /// complete frames. Any error closes the stream.
     pub fn receive(&mut self, limit: usize) -> Result<Vec<raft::Message>, StreamClosed> {
         let ended = |e: std::io::Error| StreamClosed::Ended(e);
-        let Some(mut tcp) = self.socket.tcp() else {
+        // An answer the socket did not take in full goes out first.
+        self.flush().map_err(ended)?;
+        let Some(tcp) = self.socket.tcp() else {
             return Err(ended(ErrorKind::NotConnected.into()));
         };
-        loop {
-            let room = self.read.spare(4096);
-            let filled = room.len();
-            room.resize(room.capacity(), 0);
-            let asked = room.len() - filled;
-            let result = tcp.read(&mut room[filled..]);
-            let n = *result.as_ref().unwrap_or(&0);
-            room.truncate(filled + n);
-            match result {
-                Ok(0) => return Err(ended(ErrorKind::UnexpectedEof.into())),
-                Ok(n) if n < asked => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(ended(e)),
-            }
-        }
+        self.read
+            .fill_from(tcp, FRAME_HEADER_BYTES + limit)
+            .map_err(ended)?;
         let mut messages = Vec::new();
         loop {
             let payload =
@@ -410,6 +429,11 @@ impl AcceptedStream {
         );
         self.sent += 1;
         self.unanswered -= 1;
+        self.flush()
+    }
+
+    /// Writes what the socket takes of the unsent answers; never blocks.
+    fn flush(&mut self) -> std::io::Result<()> {
         let Some(mut tcp) = self.socket.tcp() else {
             return Err(ErrorKind::NotConnected.into());
         };
@@ -603,33 +627,14 @@ impl Connected {
             source: Box::new(e),
         };
         self.flush().map_err(failed)?;
-        loop {
-            let room = self.read.spare(4096);
-            let filled = room.len();
-            room.resize(room.capacity(), 0);
-            let asked = room.len() - filled;
-            let result = self.tcp.read(&mut room[filled..]);
-            let n = match &result {
-                Ok(n) => *n,
-                Err(_) => 0,
-            };
-            room.truncate(filled + n);
-            match result {
-                Ok(0) => {
-                    return Err(failed(std::io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        "peer closed the stream",
-                    )))
+        self.read
+            .fill_from(&self.tcp, FRAME_HEADER_BYTES + limit)
+            .map_err(|e| match e.kind() {
+                ErrorKind::UnexpectedEof => {
+                    failed(std::io::Error::new(e.kind(), "peer closed the stream"))
                 }
-                // A short read took all there was; nobody waits on this
-                // socket's readiness, so there is no need to see EAGAIN.
-                Ok(n) if n < asked => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(failed(e)),
-            }
-        }
+                _ => failed(e),
+            })?;
         let bad = |reason: String| TransportError::BadResponse {
             addr: addr.to_string(),
             reason,
@@ -662,6 +667,16 @@ impl Connected {
     }
 }
 
+/// Returns how long to wait before opening a stream again after `err`.
+fn retry_after(err: &TransportError) -> Duration {
+    match err {
+        TransportError::Rejected {
+            status: 404 | 405, ..
+        } => NO_STREAMS_BACKOFF,
+        _ => LANE_RETRY_BACKOFF,
+    }
+}
+
 /// One peer's stream, as the client sees it.
 enum Lane {
     /// The upgrade is under way in a task of its own.
@@ -685,6 +700,8 @@ pub(crate) enum NotTaken {
 pub(crate) struct Lanes {
     cfg: Arc<TransportConfig>,
     lanes: HashMap<String, Lane>,
+    /// Failed upgrades noticed outside `receive`, reported by it.
+    failures: Vec<TransportError>,
 }
 
 impl Lanes {
@@ -692,6 +709,7 @@ impl Lanes {
         Lanes {
             cfg,
             lanes: HashMap::new(),
+            failures: Vec::new(),
         }
     }
 
@@ -700,7 +718,9 @@ impl Lanes {
         let now = Instant::now();
         let addrs: Vec<String> = self.lanes.keys().cloned().collect();
         for addr in addrs {
-            self.settle(&addr, now);
+            if let Some(failure) = self.settle(&addr, now) {
+                self.failures.push(failure);
+            }
         }
         self.lanes
             .values()
@@ -719,7 +739,9 @@ impl Lanes {
         runtime: &tokio::runtime::Handle,
     ) -> Result<Result<(), NotTaken>, TransportError> {
         let now = Instant::now();
-        self.settle(addr, now);
+        if let Some(failure) = self.settle(addr, now) {
+            self.failures.push(failure);
+        }
         let lane = self
             .lanes
             .entry(addr.to_string())
@@ -777,7 +799,7 @@ impl Lanes {
                 None
             }
             Ok(Err(e)) => {
-                *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+                *lane = Lane::Down(now + retry_after(&e));
                 Some(e)
             }
             Err(oneshot::error::TryRecvError::Empty) => None,
@@ -794,15 +816,15 @@ impl Lanes {
     pub(crate) fn receive(&mut self) -> (Vec<raft::Message>, Vec<TransportError>) {
         let now = Instant::now();
         let mut messages = Vec::new();
-        let mut errors = Vec::new();
+        let mut errors = std::mem::take(&mut self.failures);
         let limit = self.cfg.max_body_bytes;
         self.lanes.retain(|addr, lane| match lane {
             Lane::Opening(rx) => {
                 match rx.try_recv() {
                     Ok(Ok(conn)) => *lane = Lane::Open(Box::new(conn)),
                     Ok(Err(e)) => {
+                        *lane = Lane::Down(now + retry_after(&e));
                         errors.push(e);
-                        *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
                     }
                     Err(oneshot::error::TryRecvError::Empty) => {}
                     Err(oneshot::error::TryRecvError::Closed) => {
