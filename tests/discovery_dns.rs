@@ -32,6 +32,7 @@ fn fast_config(source: DiscoverySource, interval: Duration) -> DiscoveryConfig {
         source,
         interval,
         max_backoff: Duration::from_millis(200),
+        pace: None,
     }
 }
 
@@ -317,4 +318,29 @@ async fn the_test_server_answers_over_tcp_too() {
     let answer = resolver.ipv4_lookup("elector.test.").await.unwrap();
     let ips: Vec<Ipv4Addr> = answer.iter().map(|a| a.0).collect();
     assert_eq!(ips, [ip(7)]);
+}
+
+#[tokio::test]
+async fn a_slower_pace_spaces_lookups_out_and_a_new_pace_looks_up_at_once() {
+    let dns = TestDns::start(ZONE).await;
+    dns.set_a(SERVICE, &[ip(1)]);
+    let metrics = Metrics::new();
+    // A joined follower's pace: one lookup, then nothing for a long time.
+    let (pace_tx, pace) = watch::channel(Duration::from_secs(60));
+    let mut cfg = fast_config(dns_source(dns.addr), Duration::from_millis(20));
+    cfg.pace = Some(pace);
+    let mut rx = discovery::spawn(cfg, metrics.clone(), std::future::pending());
+    wait_for_set(&mut rx, &set(&["10.0.0.1:4041"])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        lookups(&metrics, "ok"),
+        1,
+        "the pace, not the interval, spaces lookups"
+    );
+
+    // Leader now: the new set is looked up at once and then often.
+    dns.set_a(SERVICE, &[ip(1), ip(2)]);
+    pace_tx.send_replace(Duration::from_millis(20));
+    wait_for_set(&mut rx, &set(&["10.0.0.1:4041", "10.0.0.2:4041"])).await;
+    wait_for_lookups(&metrics, "ok", 4).await;
 }

@@ -75,7 +75,7 @@ impl DiscoverySource {
 }
 
 /// How discovery runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct DiscoveryConfig {
     /// Where peers come from.
     pub source: DiscoverySource,
@@ -85,6 +85,10 @@ pub struct DiscoveryConfig {
     /// Longest wait between retries after failed lookups (default 30 s). The
     /// first retry waits [`INITIAL_BACKOFF`], each next one twice as long.
     pub max_backoff: Duration,
+    /// When set, the period between lookups follows this channel instead of
+    /// `interval` (the runtime slows lookups down on a joined follower, which
+    /// decides nothing from them); a change of pace looks up at once.
+    pub pace: Option<watch::Receiver<Duration>>,
 }
 
 impl DiscoveryConfig {
@@ -93,6 +97,7 @@ impl DiscoveryConfig {
         DiscoveryConfig {
             source,
             interval: DEFAULT_INTERVAL,
+            pace: None,
             max_backoff: DEFAULT_MAX_BACKOFF,
         }
     }

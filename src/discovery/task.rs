@@ -62,7 +62,7 @@ async fn publish_static(
 /// Resolves the DNS source forever: every `interval` after an answer, with
 /// backoff after failures.
 async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<BTreeSet<String>>) {
-    let interval = cfg.interval.max(MIN_INTERVAL);
+    let mut pace = cfg.pace.clone();
     let mut tracker = PeerSetTracker::default();
     let mut backoff = Backoff::new(INITIAL_BACKOFF, cfg.max_backoff);
     let mut failures = FailureLog::default();
@@ -77,7 +77,11 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
                 if let Some(changed) = tracker.on_answer(peers) {
                     publish(tx, metrics, changed);
                 }
-                interval
+                match &mut pace {
+                    Some(pace) => *pace.borrow_and_update(),
+                    None => cfg.interval,
+                }
+                .max(MIN_INTERVAL)
             }
             Err(e) => {
                 metrics.dns_lookups.with_label_values(&["error"]).inc();
@@ -87,7 +91,19 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
                 delay
             }
         };
-        tokio::time::sleep(delay).await;
+        match &mut pace {
+            Some(pace) => {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    // A new pace (this node became leader, say): look now.
+                    changed = pace.changed() => if changed.is_err() {
+                        // The runtime is gone: keep the last pace.
+                        tokio::time::sleep(delay).await;
+                    },
+                }
+            }
+            None => tokio::time::sleep(delay).await,
+        }
     }
 }
 

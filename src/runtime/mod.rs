@@ -171,6 +171,8 @@ pub async fn run(
         .context("invalid discovery settings (--service / --peers)")?;
     let mut dcfg = DiscoveryConfig::new(source);
     dcfg.interval = cfg.dns_interval;
+    let (pace_tx, pace) = watch::channel(cfg.dns_interval);
+    dcfg.pace = Some(pace);
     let peers = discovery::spawn(dcfg, metrics.clone(), stopped());
     tasks.spawn(probe_peers(
         client.clone(),
@@ -179,6 +181,7 @@ pub async fn run(
         seen_tx,
         cfg.dns_interval,
         identity_rx,
+        pace_tx,
         stopped(),
     ));
 
@@ -277,6 +280,7 @@ fn open_core(cfg: &RunConfig) -> anyhow::Result<(Box<dyn HardStateStore>, RaftCo
 
 /// Asks every discovered address who it is, each `interval` and whenever
 /// discovery changes, and hands the answers to the node.
+#[allow(clippy::too_many_arguments)]
 async fn probe_peers(
     client: PeerClient,
     mut peers: watch::Receiver<BTreeSet<String>>,
@@ -284,6 +288,7 @@ async fn probe_peers(
     seen: mpsc::Sender<PeerInfo>,
     interval: Duration,
     mut identity: watch::Receiver<PeerInfo>,
+    dns_pace: watch::Sender<Duration>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -309,16 +314,20 @@ async fn probe_peers(
         // Until this node has joined, ask often: bootstrap and joining wait
         // on it. A leader asks every interval: membership decides from it. A
         // joined follower decides nothing, so it asks rarely (idle CPU).
-        let wait = {
+        // DNS follows the same pace, except that it never goes faster than
+        // the configured interval.
+        let (wait, dns_wait) = {
             let me = identity.borrow();
             if !me.joined {
-                interval.min(PROBE_WHILE_JOINING)
+                (interval.min(PROBE_WHILE_JOINING), interval)
             } else if me.leader.as_ref() == Some(&me.id) {
-                interval
+                (interval, interval)
             } else {
-                interval * FOLLOWER_PROBE_FACTOR
+                let slow = interval * FOLLOWER_PROBE_FACTOR;
+                (slow, slow)
             }
         };
+        dns_pace.send_if_modified(|pace| std::mem::replace(pace, dns_wait) != dns_wait);
         tokio::select! {
             // Re-ask on a timer: membership needs to know who is still there.
             _ = tokio::time::sleep(wait) => {}
