@@ -433,7 +433,7 @@ async fn post_message(
         StatusCode::NO_CONTENT => return Ok(Vec::new()),
         status => return Err(rejected(addr, status.as_u16(), &answer.body)),
     }
-    ctx.verify_answer(addr, &signed, &answer.headers, &answer.body)?;
+    verify_answer(&ctx.cfg, addr, &signed, &answer.headers, &answer.body)?;
     let bad = |reason: String| TransportError::BadResponse {
         addr: addr.to_string(),
         reason,
@@ -626,7 +626,7 @@ impl SenderContext {
             self.cfg.max_body_bytes,
         )
         .await?;
-        self.verify_answer(addr, &signed, &headers, &body)?;
+        verify_answer(&self.cfg, addr, &signed, &headers, &body)?;
         let info: PeerInfo =
             serde_json::from_slice(&body).map_err(|e| TransportError::BadResponse {
                 addr: addr.to_string(),
@@ -639,17 +639,6 @@ impl SenderContext {
             });
         }
         Ok(info)
-    }
-
-    /// Checks that the peer signed its answer (see [`verify_answer`]).
-    fn verify_answer(
-        &self,
-        addr: &str,
-        request: &AuthHeaders,
-        headers: &HeaderMap,
-        body: &[u8],
-    ) -> Result<(), TransportError> {
-        verify_answer(&self.cfg, addr, request, headers, body)
     }
 
     /// Builds a POST of `body` to `url` with the auth headers attached.

@@ -291,6 +291,26 @@ impl Socket {
     }
 }
 
+/// Writes what the non-blocking `tcp` takes of `unsent` and keeps the rest;
+/// fails when the peer lets more than [`MAX_PENDING_WRITE_BYTES`] pile up.
+fn write_unsent(mut tcp: &std::net::TcpStream, unsent: &mut Vec<u8>) -> std::io::Result<()> {
+    while !unsent.is_empty() {
+        match tcp.write(unsent) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                unsent.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if unsent.len() > MAX_PENDING_WRITE_BYTES {
+        return Err(std::io::Error::other("peer is not reading its stream"));
+    }
+    Ok(())
+}
+
 /// Why an accepted stream was closed while reading.
 #[derive(Debug)]
 pub enum StreamClosed {
@@ -434,24 +454,10 @@ impl AcceptedStream {
 
     /// Writes what the socket takes of the unsent answers; never blocks.
     fn flush(&mut self) -> std::io::Result<()> {
-        let Some(mut tcp) = self.socket.tcp() else {
+        let Some(tcp) = self.socket.tcp() else {
             return Err(ErrorKind::NotConnected.into());
         };
-        while !self.unsent.is_empty() {
-            match tcp.write(&self.unsent) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.unsent.drain(..n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if self.unsent.len() > MAX_PENDING_WRITE_BYTES {
-            return Err(std::io::Error::other("peer is not reading its stream"));
-        }
-        Ok(())
+        write_unsent(tcp, &mut self.unsent)
     }
 }
 
@@ -587,21 +593,7 @@ async fn handshake(cfg: &TransportConfig, addr: &str) -> Result<Connected, Trans
 impl Connected {
     /// Writes what the socket takes of the unsent bytes; never blocks.
     fn flush(&mut self) -> std::io::Result<()> {
-        while !self.unsent.is_empty() {
-            match self.tcp.write(&self.unsent) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.unsent.drain(..n);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if self.unsent.len() > MAX_PENDING_WRITE_BYTES {
-            return Err(std::io::Error::other("peer is not reading its stream"));
-        }
-        Ok(())
+        write_unsent(&self.tcp, &mut self.unsent)
     }
 
     /// Frames `payload` and writes it without blocking.
@@ -677,6 +669,29 @@ fn retry_after(err: &TransportError) -> Duration {
     }
 }
 
+/// Moves a finished upgrade into place: the lane opens, or goes down and
+/// returns why.
+fn settle(lane: &mut Lane, now: Instant) -> Option<TransportError> {
+    let Lane::Opening(rx) = lane else {
+        return None;
+    };
+    match rx.try_recv() {
+        Ok(Ok(conn)) => {
+            *lane = Lane::Open(Box::new(conn));
+            None
+        }
+        Ok(Err(e)) => {
+            *lane = Lane::Down(now + retry_after(&e));
+            Some(e)
+        }
+        Err(oneshot::error::TryRecvError::Empty) => None,
+        Err(oneshot::error::TryRecvError::Closed) => {
+            *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
+            None
+        }
+    }
+}
+
 /// One peer's stream, as the client sees it.
 enum Lane {
     /// The upgrade is under way in a task of its own.
@@ -716,11 +731,8 @@ impl Lanes {
     /// Returns how many streams are open (after taking in finished upgrades).
     pub(crate) fn open_count(&mut self) -> usize {
         let now = Instant::now();
-        let addrs: Vec<String> = self.lanes.keys().cloned().collect();
-        for addr in addrs {
-            if let Some(failure) = self.settle(&addr, now) {
-                self.failures.push(failure);
-            }
+        for lane in self.lanes.values_mut() {
+            self.failures.extend(settle(lane, now));
         }
         self.lanes
             .values()
@@ -789,25 +801,7 @@ impl Lanes {
 
     /// Moves a finished upgrade of `addr` into place.
     fn settle(&mut self, addr: &str, now: Instant) -> Option<TransportError> {
-        let lane = self.lanes.get_mut(addr)?;
-        let Lane::Opening(rx) = lane else {
-            return None;
-        };
-        match rx.try_recv() {
-            Ok(Ok(conn)) => {
-                *lane = Lane::Open(Box::new(conn));
-                None
-            }
-            Ok(Err(e)) => {
-                *lane = Lane::Down(now + retry_after(&e));
-                Some(e)
-            }
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                *lane = Lane::Down(now + LANE_RETRY_BACKOFF);
-                None
-            }
-        }
+        settle(self.lanes.get_mut(addr)?, now)
     }
 
     /// Reads every answer that arrived on any stream, without blocking;
@@ -819,18 +813,8 @@ impl Lanes {
         let mut errors = std::mem::take(&mut self.failures);
         let limit = self.cfg.max_body_bytes;
         self.lanes.retain(|addr, lane| match lane {
-            Lane::Opening(rx) => {
-                match rx.try_recv() {
-                    Ok(Ok(conn)) => *lane = Lane::Open(Box::new(conn)),
-                    Ok(Err(e)) => {
-                        *lane = Lane::Down(now + retry_after(&e));
-                        errors.push(e);
-                    }
-                    Err(oneshot::error::TryRecvError::Empty) => {}
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        *lane = Lane::Down(now + LANE_RETRY_BACKOFF)
-                    }
-                }
+            Lane::Opening(_) => {
+                errors.extend(settle(lane, now));
                 true
             }
             Lane::Open(conn) => {
