@@ -266,7 +266,7 @@ for i in 0 1; do
   printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: base-%s, namespace: smoke}\nspec: {nodeName: smoke-node, containers: [{name: c, image: x}]}\n' "$i" \
     | "$kubectl" apply -f - >/dev/null
   "$bin/leasebaseline" --kubeconfig "$dir/kubeconfig" --namespace smoke --lease-name smoke --id "base-$i" \
-    --pod-name "base-$i" --lease-duration 2s --renew-deadline 1500ms --retry-period 250ms >"$dir/base-$i.out" &
+    --pod-name "base-$i" --lease-duration 2s --renew-deadline 1500ms --retry-period 250ms >"$dir/base-$i.out" 2>"$dir/base-$i.err" &
   baseline_pids+=($!)
 done
 leader_labelled() { grep -l '^labelled ' "$dir"/base-*.out; }
@@ -277,7 +277,7 @@ first="$(basename "$(leader_labelled | head -1)" .out)"
 idx="${first#base-}"
 other=$((1 - idx))
 t_kill=$(date +%s%N)
-kill -KILL "${baseline_pids[$idx]}"
+{ kill -KILL "${baseline_pids[$idx]}" && wait "${baseline_pids[$idx]}"; } 2>/dev/null || true
 wait_until 20 "base-$other takes over" grep -q '^labelled ' "$dir/base-$other.out"
 t_lab="$(sed -n 's/^labelled //p' "$dir/base-$other.out" | head -1)"
 ok "lease baseline: kill -9 $first -> base-$other labelled leader after $(((t_lab - t_kill) / 1000000)) ms (lease 2 s)"

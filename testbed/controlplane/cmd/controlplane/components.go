@@ -46,6 +46,8 @@ func startEtcd(cp *controlPlane) (*embed.Etcd, error) {
 	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
 	cfg.LogOutputs = []string{cp.p.etcdLog}
 	cfg.LogLevel = "warn"
+	// NewConfig leaves this at 0, which logs every request as slow.
+	cfg.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
 	cfg.UnsafeNoFsync = cp.s.unsafeNoFsync
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
