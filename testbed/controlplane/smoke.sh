@@ -8,6 +8,7 @@
 # failover labelling the new leader's pod, then SIGTERM -> exit 0 with nothing left.
 # Prints build times, start -> ready, RSS and stop time.
 #
+# With a build it also runs `go vet` and the fault proxy's Go tests (cmd/faultproxy).
 # Usage: testbed/controlplane/smoke.sh [--no-build]
 # Skips (exit 0, with a message) where Go is missing; CI has Go.
 set -euo pipefail
@@ -34,6 +35,8 @@ if [ "$build" = 1 ]; then
   "$root/scripts/testbed-controlplane-build" >/dev/null
   t2=$(ms_now)
   echo "smoke: build (with the Go build cache as found): $((t1 - t0)) ms; warm rebuild: $((t2 - t1)) ms"
+  (cd "$root/testbed/controlplane" && nice -n 10 go vet ./... && nice -n 10 go test -count=1 ./cmd/faultproxy ./internal/...) \
+    || fail "go vet / go test of the fault proxy"
 fi
 for b in controlplane faultproxy leasebaseline; do
   [ -x "$bin/$b" ] || fail "$bin/$b missing (run scripts/testbed-controlplane-build)"
