@@ -51,9 +51,11 @@ pub struct SimConfig {
     /// Whether a membership driver adds live members and removes retired incarnations.
     pub drive_membership: bool,
     /// Whether nodes see peers' connections end: a crash is reported to each
-    /// live peer it can reach (each report lost with probability 0.2), and
-    /// random faults include spurious reports about a live leader.
+    /// live peer it can reach, and random faults include spurious reports
+    /// about a live leader.
     pub connection_ends: bool,
+    /// Probability that one connection-end report after a crash is lost.
+    pub connection_end_loss: f64,
     /// Test-only mutation: new leaders skip waiting out the previous lease.
     pub mutate_skip_lease_wait: bool,
 }
@@ -71,6 +73,7 @@ impl SimConfig {
             seed,
             drive_membership: true,
             connection_ends: false,
+            connection_end_loss: 0.2,
             mutate_skip_lease_wait: false,
         }
     }
@@ -399,8 +402,12 @@ impl Sim {
                     // The kernel closes the dead process's sockets; each live
                     // peer it can reach sees the end, a report may be lost.
                     for to in (0..self.nodes.len()).filter(|t| *t != slot) {
-                        if !self.blocked[slot][to] && self.rng.random_bool(0.8) {
-                            let delay = self.message_delay();
+                        if !self.blocked[slot][to]
+                            && self.rng.random::<f64>() >= self.cfg.connection_end_loss
+                        {
+                            // The end follows whatever the process sent
+                            // before it died, as a FIN follows the data.
+                            let delay = self.cfg.delay.1 + self.message_delay();
                             let peer = peer.clone();
                             self.schedule(delay, Event::ConnectionLost { to, peer });
                         }

@@ -51,7 +51,8 @@
 //!
 //! A spurious connection end while the leader lives therefore costs at most
 //! an election, never two leases. A TimeoutNow campaign needs no wait: the
-//! old leader forfeited its lease before sending it. SIGSTOP'd or
+//! old leader forfeited its lease before sending it, and sends it only once
+//! its own `lease_not_before` has passed, so no earlier lease holds either. SIGSTOP'd or
 //! partitioned leaders close nothing and keep the election-timeout path.
 
 use super::config::{Config, MAX_ENTRIES_PER_MESSAGE};
@@ -684,7 +685,9 @@ impl RaftCore {
                 .cloned()
                 .ok_or(TransferError::NoTarget)?,
         };
-        let deadline = now + self.cfg.election_timeout_min;
+        // TimeoutNow waits for `lease_not_before` (see "Crash failover");
+        // the target gets the usual time to take over after that.
+        let deadline = now.max(lead.lease_not_before) + self.cfg.election_timeout_min;
         if let Some(lead) = self.lead.as_mut() {
             lead.transfer = Some(Transfer {
                 target: target.clone(),
@@ -728,8 +731,17 @@ impl RaftCore {
             return;
         }
         self.leader_gone = true;
-        let jitter = self.cfg.heartbeat_interval.as_nanos() as u64;
-        let soon = now + Duration::from_nanos(self.rng.random_range(0..jitter.max(1)));
+        // Every follower sees the end at about the same time. Campaigns
+        // staggered by rank (this node's place among the other voters, by
+        // id) let the first one win before the next starts, instead of
+        // splitting the vote; a little randomness covers equal views. All
+        // start within one heartbeat interval, well before the old lease
+        // can have ended, so the stagger costs no failover time.
+        let others: Vec<&NodeId> = self.config.voters.keys().filter(|v| *v != peer).collect();
+        let rank = others.iter().position(|v| **v == self.id).unwrap_or(0) as u64;
+        let slot = self.cfg.heartbeat_interval.as_nanos() as u64 / (others.len().max(1) as u64);
+        let jitter = self.rng.random_range(0..(slot / 4).max(1));
+        let soon = now + Duration::from_nanos(rank * slot + jitter);
         self.election_deadline = self.election_deadline.min(soon);
     }
 
@@ -810,6 +822,7 @@ impl RaftCore {
         if self.lead.as_ref().is_some_and(|l| now >= l.heartbeat_due) {
             self.broadcast_append(now);
         }
+        self.maybe_send_timeout_now(now);
         self.drive_membership();
     }
 
@@ -1113,13 +1126,6 @@ impl RaftCore {
             leaving: BTreeSet::new(),
         });
         self.broadcast_append(now);
-        // The first round the lease may rest on goes out the moment the
-        // previous lease has surely ended.
-        if let Some(lead) = self.lead.as_mut() {
-            if lease_not_before > now {
-                lead.heartbeat_due = lead.heartbeat_due.min(lease_not_before);
-            }
-        }
         self.maybe_commit(now);
     }
 
@@ -1130,6 +1136,11 @@ impl RaftCore {
         let members: Vec<NodeId> = match self.lead.as_mut() {
             Some(lead) => {
                 lead.heartbeat_due = now + self.cfg.heartbeat_interval;
+                if lead.lease_not_before > now {
+                    // The first round the lease may rest on goes out the
+                    // moment the previous lease has surely ended.
+                    lead.heartbeat_due = lead.heartbeat_due.min(lead.lease_not_before);
+                }
                 lead.own_round = now.as_nanos();
                 lead.progress.keys().cloned().collect()
             }
@@ -1457,7 +1468,7 @@ impl RaftCore {
         }
     }
 
-    fn maybe_send_timeout_now(&mut self, _now: Time) {
+    fn maybe_send_timeout_now(&mut self, now: Time) {
         let last = self.log.last_index();
         let Some(lead) = self.lead.as_mut() else {
             return;
@@ -1465,7 +1476,9 @@ impl RaftCore {
         let Some(tr) = lead.transfer.as_mut() else {
             return;
         };
-        if tr.timeout_now_sent {
+        if tr.timeout_now_sent || now < lead.lease_not_before {
+            // The target's campaign skips the lease wait, so the previous
+            // leader's lease must be over before it may start.
             return;
         }
         if lead

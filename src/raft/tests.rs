@@ -967,8 +967,18 @@ fn a_new_leader_takes_no_lease_before_its_voters_stickiness_has_surely_ended() {
     a.step(t + Duration::from_millis(1), ack("c", term, 2, t))
         .unwrap();
     assert!(!a.has_lease(t + Duration::from_millis(1)));
-    // The next round goes out when b's window has surely closed:
-    // (150 − 20) ms / (1 − 0.01).
+    // Regular rounds before b's window has surely closed earn nothing.
+    for round in [
+        t + Duration::from_millis(50),
+        t + Duration::from_millis(100),
+    ] {
+        assert_eq!(a.next_deadline(), round);
+        a.tick(round);
+        a.take_ready();
+        a.step(round, ack("b", term, 2, round)).unwrap();
+        assert!(!a.has_lease(round));
+    }
+    // The next round goes out the moment it has: (150 − 20) ms / (1 − 0.01).
     let expected = t + Duration::from_millis(130).div_f64(0.99);
     assert_eq!(a.next_deadline(), expected);
     a.tick(expected);
