@@ -284,7 +284,7 @@ func (w *podWorker) mountsFor(pod *corev1.Pod, c *corev1.Container) ([]mount, er
 			src = v.HostPath.Path
 		}
 		if vm.SubPath != "" {
-			src = filepath.Join(src, path.Clean("/" + vm.SubPath))
+			src = filepath.Join(src, path.Clean("/"+vm.SubPath))
 			if _, err := os.Stat(src); os.IsNotExist(err) {
 				if err := os.MkdirAll(src, 0o777); err != nil {
 					return nil, err
