@@ -117,7 +117,10 @@ func (k *kubelet) podChanged(ctx context.Context, obj interface{}) {
 	k.mu.Lock()
 	w, ok := k.workers[pod.UID]
 	if !ok {
-		if k.finished[pod.UID] || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
+		// A pod that ran to completion, or that is being deleted before
+		// (or after) this kubelet ran it, is not started: only finalized.
+		if k.finished[pod.UID] || pod.DeletionTimestamp != nil ||
+			pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 			k.mu.Unlock()
 			if pod.DeletionTimestamp != nil {
 				k.finalize(ctx, pod)

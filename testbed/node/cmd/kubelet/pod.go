@@ -25,7 +25,7 @@ const (
 	// stops (scripts/testbed down), so tearing the bed down stays quick.
 	shutdownGrace = 2 * time.Second
 	// sandboxRetry is the wait between attempts to set a pod up.
-	sandboxRetry = 2 * time.Second
+	sandboxRetry = 500 * time.Millisecond
 	// apiTimeout bounds one status PATCH or final DELETE.
 	apiTimeout = 10 * time.Second
 )
