@@ -442,7 +442,10 @@ func (c *container) runProber(ctx context.Context, p *process, pr *corev1.Probe,
 			msg := fmt.Sprintf("%s probe failed %d times (%v): stopping the container", kind, failures, err)
 			klog.Infof("pod %s: container %s: %s", c.w.key, c.spec.Name, msg)
 			appendLine(c.logFile(), msg)
-			grace := ptr.Deref(pr.TerminationGracePeriodSeconds, ptr.Deref(c.w.pod.Spec.TerminationGracePeriodSeconds, 30))
+			c.w.mu.Lock()
+			podGrace := c.w.pod.Spec.TerminationGracePeriodSeconds
+			c.w.mu.Unlock()
+			grace := ptr.Deref(pr.TerminationGracePeriodSeconds, ptr.Deref(podGrace, 30))
 			deadline := time.Now().Add(time.Duration(grace) * time.Second)
 			c.terminate(p, func() time.Time { return deadline })
 			return

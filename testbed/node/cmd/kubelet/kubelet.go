@@ -235,6 +235,10 @@ func killNetns(ns string) {
 // deleteNetns removes a network namespace (its veth goes with it) and its
 // /etc/netns directory.
 func deleteNetns(ns string) {
+	if _, err := os.Stat(filepath.Join("/run/netns", ns)); os.IsNotExist(err) {
+		_ = os.RemoveAll(filepath.Join("/etc/netns", ns))
+		return
+	}
 	if out, err := exec.Command("ip", "netns", "delete", ns).CombinedOutput(); err != nil {
 		klog.Warningf("ip netns delete %s: %v: %s", ns, err, strings.TrimSpace(string(out)))
 	}
