@@ -164,7 +164,7 @@ spec:
             - --secret-file
             - /run/raft-elector/peer/secret
             - --dns-interval
-            - 1s
+            - 500ms
             - --removal-grace
             - 5s
             - --no-kubernetes
