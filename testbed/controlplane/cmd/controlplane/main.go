@@ -196,11 +196,10 @@ type controlPlane struct {
 
 // prepare chooses ports and writes certificates, keys, tokens and kubeconfigs.
 func prepare(s settings, p paths) (*controlPlane, error) {
-	localHost := s.advertise.String()
+	// The address this host dials: the bind address unless that is loopback or "any".
+	localHost := s.bindAddress.String()
 	if s.bindAddress.IsLoopback() || s.bindAddress.IsUnspecified() {
 		localHost = "127.0.0.1"
-	} else if !s.bindAddress.Equal(s.advertise) {
-		localHost = s.bindAddress.String()
 	}
 	var err error
 	if s.securePort == 0 {
@@ -296,7 +295,7 @@ func (cp *controlPlane) runUntilSignal(sigs <-chan os.Signal, start time.Time) i
 		say("etcd: %v", err)
 		return 1
 	}
-	say("etcd serving on %s", cp.etcdURL)
+	say("etcd serving on %s after %s", cp.etcdURL, time.Since(start).Round(time.Millisecond))
 	stopEtcd := func() {
 		done := make(chan struct{})
 		go func() { etcd.Close(); close(done) }()
