@@ -11,8 +11,10 @@
 //!
 //! Then: `kubectl delete pod <leader>` (replacement pod, new leader),
 //! `kubectl scale` 3 → 5 → 3 (one leader after each), `kubectl rollout
-//! restart` (completes; one leader). The sampler runs throughout and the
-//! double-leader rule of `tests/support/cluster.rs` must find nothing.
+//! restart` (completes; one leader), and the bed's fault hooks: a killed
+//! follower is restarted by the kubelet, a frozen or cut-off leader is
+//! replaced and, back, does not lead too. The sampler runs throughout and
+//! the double-leader rule of `tests/support/cluster.rs` must find nothing.
 //!
 //! Needs root, iproute2, Go (or the bed's binaries already built) and the
 //! real kubectl in `.tools/bin/` (`scripts/install-kube-tools`); without
@@ -497,6 +499,66 @@ async fn wait_one_leader(
     }
 }
 
+/// Runs a fault hook `scripts/testbed <args>`; panics if it fails.
+async fn hook(args: &[&str]) {
+    let run = testbed(args).await;
+    assert_eq!(
+        run.code,
+        Some(0),
+        "scripts/testbed {} failed: {}",
+        args.join(" "),
+        run.output
+    );
+}
+
+/// Returns the restart count of a pod's container.
+async fn restart_count(bed: &Bed, pod: &str) -> u64 {
+    let text = kubectl_run(
+        bed,
+        &[
+            "get",
+            "pod",
+            "-n",
+            NS,
+            pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ],
+        None,
+    )
+    .await;
+    text.trim().parse().unwrap_or(0)
+}
+
+/// Waits until exactly one pod other than `not` answers 200 (seen twice in
+/// a row), whatever the pods' readiness (`not` may be frozen or cut off).
+async fn wait_leader_other_than(bed: &Bed, client: &reqwest::Client, not: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut last: Option<String> = None;
+    loop {
+        let others: Vec<Pod> = pods(bed)
+            .await
+            .into_iter()
+            .filter(|p| p.name != not)
+            .collect();
+        let now = leaders(client, &others).await;
+        match now.as_slice() {
+            [one] => {
+                if last.as_deref() == Some(one.as_str()) {
+                    return one.clone();
+                }
+                last = Some(one.clone());
+            }
+            _ => last = None,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single leader other than {not} within {WAIT:?} (now: {now:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Samples `/is-leader` of every pod of the Deployment (new ones as they
 /// appear) every [`SAMPLE_EVERY`] into [`Sample`]s, one slot per pod name.
 struct Sampler {
@@ -656,8 +718,9 @@ async fn dns_answers() -> (BTreeSet<Ipv4Addr>, Vec<(String, u16)>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_three_replica_deployment_elects_one_leader_and_survives_delete_scale_and_rollout() {
-    let test = "a_three_replica_deployment_elects_one_leader_and_survives_delete_scale_and_rollout";
+async fn a_three_replica_deployment_elects_one_leader_through_delete_scale_rollout_and_faults() {
+    let test =
+        "a_three_replica_deployment_elects_one_leader_through_delete_scale_rollout_and_faults";
     if let Some(reason) = missing_prerequisite() {
         eprintln!("SKIPPED {test}: {reason}");
         return;
@@ -800,6 +863,39 @@ async fn a_three_replica_deployment_elects_one_leader_and_survives_delete_scale_
         "rollout restart done in {:?}; leader {after_rollout}",
         rollout_started.elapsed()
     );
+
+    // Fault hooks. Kill a follower's processes: the kubelet restarts it.
+    let follower = pods(&bed)
+        .await
+        .into_iter()
+        .find(|p| p.name != after_rollout)
+        .expect("a follower pod")
+        .name;
+    hook(&["kill", &follower, NS]).await;
+    let deadline = Instant::now() + WAIT;
+    while restart_count(&bed, &follower).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the kubelet did not restart {follower} after scripts/testbed kill"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = wait_one_leader(&bed, &client, 3, None).await;
+    eprintln!("killed follower {follower}: restarted by the kubelet, leader {leader}");
+
+    // Freeze the leader: another pod leads; thawed, it does not lead too.
+    hook(&["freeze", &leader, NS]).await;
+    let during_freeze = wait_leader_other_than(&bed, &client, &leader).await;
+    hook(&["thaw", &leader, NS]).await;
+    let after_thaw = wait_one_leader(&bed, &client, 3, None).await;
+    eprintln!("froze leader {leader}: {during_freeze} led; thawed: leader {after_thaw}");
+
+    // Cut the leader's link: another pod leads; healed, one leader.
+    hook(&["cut", &after_thaw, NS]).await;
+    let during_cut = wait_leader_other_than(&bed, &client, &after_thaw).await;
+    hook(&["heal", &after_thaw, NS]).await;
+    let after_heal = wait_one_leader(&bed, &client, 3, None).await;
+    eprintln!("cut leader {after_thaw}: {during_cut} led; healed: leader {after_heal}");
 
     let (timeline, slots) = sampler.stop().await;
     let violations = timeline.violations();
