@@ -1,4 +1,4 @@
-module github.com/raft-elector/testbed/node
+module raft-elector.io/testbed/node
 
 go 1.26.8
 
