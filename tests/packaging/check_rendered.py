@@ -186,6 +186,13 @@ def check_set(name, docs):
             expect(http["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"},
                    "http port admits networkPolicy.httpFrom")
             expect({"ports": [{"port": 8080, "protocol": "TCP"}]} in np["spec"]["ingress"], "extraIngress kept")
+    if name == "subchart":
+        deploy = one(docs, "Deployment", "my-app")
+        names = [c["name"] for c in deploy["spec"]["template"]["spec"]["containers"]]
+        expect(names == ["app", "raft-elector"], f"the user's pod has app and sidecar, got {names}")
+        sidecar = deploy["spec"]["template"]["spec"]["containers"][1]
+        expect(arg(sidecar, "--bootstrap-expect") == "5", "the sidecar follows the parent's values for the subchart")
+        one(docs, "Secret", f"{fullname}-peer-secret")
     if name == "everything":
         one(docs, "PodDisruptionBudget")
         cm = one(docs, "ConfigMap", "elector-dashboard")
