@@ -37,9 +37,8 @@ fn have(tool: &str) -> bool {
     if tool.contains('/') {
         return Path::new(tool).is_file();
     }
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }
 
 /// Runs a check script; panics with its output unless it succeeds.
@@ -107,8 +106,14 @@ fn chart_image_and_crate_versions_agree() {
     ] {
         assert!(dockerfile.contains(label), "the Dockerfile lacks {label}");
     }
-    assert!(dockerfile.contains("USER 65532:65532"), "numeric non-root USER");
-    assert!(dockerfile.contains("FROM scratch"), "final stage is scratch");
+    assert!(
+        dockerfile.contains("USER 65532:65532"),
+        "numeric non-root USER"
+    );
+    assert!(
+        dockerfile.contains("FROM scratch"),
+        "final stage is scratch"
+    );
     assert!(dockerfile.contains("ENTRYPOINT [\"/raft-elector\"]"));
 }
 
@@ -119,7 +124,9 @@ fn exported_metrics() -> BTreeSet<String> {
     source
         .split('"')
         .filter(|s| {
-            s.starts_with("raft_elector_")
+            s.len() > "raft_elector_".len()
+                && s.starts_with("raft_elector_")
+                && !s.ends_with('_')
                 && s.chars()
                     .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
         })
@@ -220,7 +227,9 @@ fn manifests_keep_no_secret_and_say_how_to_create_it() {
         }
     }
     let kustomization = read("manifests/kustomization.yaml");
-    assert!(kustomization.contains("kubectl -n default create secret generic raft-elector-peer-secret"));
+    assert!(
+        kustomization.contains("kubectl -n default create secret generic raft-elector-peer-secret")
+    );
 }
 
 /// The shell script of the demo's app container (`manifests/demo/demo.yaml`,
@@ -311,7 +320,9 @@ async fn the_demo_app_works_only_while_its_own_sidecar_leads_and_stops_on_handof
     let script = demo_app_script();
     assert!(script.contains("singleton work unit"), "{script}");
     let mut cluster = Cluster::start(3, ClusterConfig::default()).await;
-    let first = cluster.wait_for_single_leader(Duration::from_secs(10)).await;
+    let first = cluster
+        .wait_for_single_leader(Duration::from_secs(10))
+        .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let apps: Vec<App> = (0..3)
         .map(|slot| {
@@ -334,12 +345,21 @@ async fn the_demo_app_works_only_while_its_own_sidecar_leads_and_stops_on_handof
         apps[first].lines()
     );
     for (slot, app) in apps.iter().enumerate().filter(|(s, _)| *s != first) {
-        assert_eq!(app.units(), 0, "follower {slot}'s app worked: {:?}", app.lines());
+        assert_eq!(
+            app.units(),
+            0,
+            "follower {slot}'s app worked: {:?}",
+            app.lines()
+        );
     }
 
     // SIGTERM hands leadership over; the old leader's app must stop at once.
     cluster.sigterm(first);
-    let second = cluster.wait_for_single_leader(Duration::from_secs(10)).await;
+    let exit = cluster.wait_exit(first, Duration::from_secs(10)).await;
+    assert!(exit.success(), "the old leader exited with {exit}");
+    let second = cluster
+        .wait_for_single_leader(Duration::from_secs(10))
+        .await;
     assert_ne!(second, first);
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let after: Vec<usize> = apps.iter().map(App::units).collect();
@@ -363,7 +383,12 @@ async fn the_demo_app_works_only_while_its_own_sidecar_leads_and_stops_on_handof
     );
     for (slot, app) in apps.iter().enumerate() {
         if slot != first && slot != second {
-            assert_eq!(app.units(), 0, "follower {slot}'s app worked: {:?}", app.lines());
+            assert_eq!(
+                app.units(),
+                0,
+                "follower {slot}'s app worked: {:?}",
+                app.lines()
+            );
         }
     }
 }
@@ -400,7 +425,10 @@ fn chart_manifests_and_dockerfile_pass_lint_schema_and_a_real_api_server() {
 #[test]
 fn the_image_binary_runs_in_an_empty_root_as_in_scratch() {
     let root_user = fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     if !root_user {
         eprintln!("skipped: scripts/check-image needs root (chroot, network namespaces)");
