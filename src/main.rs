@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use raft_elector::cli::{exit_code_for, Cli, Command, LogFormat};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
@@ -34,7 +35,7 @@ fn run(args: raft_elector::cli::RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(raft_elector::runtime::run(cfg, shutdown_signal()))
+    runtime.block_on(raft_elector::app::run(cfg, shutdown_signal()))
 }
 
 fn demo(args: raft_elector::cli::DemoArgs) -> anyhow::Result<()> {
@@ -48,8 +49,12 @@ fn demo(args: raft_elector::cli::DemoArgs) -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: files, pipes and `kubectl logs`
+    // get plain text, and NO_COLOR (no-color.org) turns it off everywhere.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

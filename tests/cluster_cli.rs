@@ -101,3 +101,42 @@ fn an_unknown_flag_exits_2() {
     let out = run(&[("--no-such-flag", "")], Some(SECRET));
     assert_refused(&out, "--no-such-flag");
 }
+
+#[test]
+fn text_logs_written_to_a_file_carry_no_escape_sequences() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).expect("create the log file");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--no-kubernetes", "--log-format", "text"]);
+    for (flag, value) in VALID {
+        cmd.args([flag, value]);
+    }
+    // A terminal-looking environment must not matter: stderr is a file.
+    cmd.env("RAFT_ELECTOR_SECRET", SECRET)
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    let mut child = cmd.spawn().expect("start raft-elector");
+    let text_path = log_path.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&text_path).unwrap_or_default();
+        if text.contains("starting raft-elector") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.contains("starting raft-elector"),
+        "the node logged nothing within 10 s:\n{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "the log file holds ANSI escape sequences:\n{text:?}"
+    );
+}

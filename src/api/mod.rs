@@ -22,8 +22,8 @@ pub mod wait;
 pub use status::{Answer, LeaderInfo, LeaderStatus};
 pub use status_file::spawn_status_file;
 
+use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::runtime::LeaderState;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};

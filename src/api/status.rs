@@ -1,7 +1,7 @@
 //! The JSON documents the API serves, computed from a [`LeaderState`] at an
 //! instant (the lease is a deadline, so "leader" depends on when you ask).
 
-use crate::runtime::LeaderState;
+use crate::leadership::LeaderState;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 

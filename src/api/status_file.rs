@@ -3,7 +3,7 @@
 
 use super::status::LeaderStatus;
 use super::wait::sleep_until_some;
-use crate::runtime::LeaderState;
+use crate::leadership::LeaderState;
 use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

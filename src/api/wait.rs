@@ -7,7 +7,7 @@
 //! the lease deadline and looks again.
 
 use super::status::Answer;
-use crate::runtime::LeaderState;
+use crate::leadership::LeaderState;
 use serde::Deserialize;
 use std::time::Duration;
 use thiserror::Error;

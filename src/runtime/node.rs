@@ -23,9 +23,9 @@
 //! (answers missing), it wakes just before the end to read what arrived.
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
-use super::state::LeaderState;
 use super::streams::InboundStreams;
 use super::timer::DeadlineTimer;
+use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};

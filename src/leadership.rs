@@ -1,4 +1,7 @@
-//! The leadership state the runtime publishes on its `watch` channel.
+//! The leadership state the node runtime publishes on its `watch` channel:
+//! the one type every downstream adapter (HTTP API, status file, Kubernetes
+//! publisher, metrics) reads. It lives outside `runtime` so adapters never
+//! import the runtime.
 
 use crate::raft::Role;
 use std::time::Duration;

@@ -1,0 +1,322 @@
+//! Wiring: builds the node and every adapter around it from a validated
+//! [`RunConfig`], and runs them until shutdown. This is the only module that
+//! knows all the others; each adapter talks to the node through channels.
+//!
+//! [`run`] takes the shutdown signal as a future, so `main` only wires
+//! signals. On shutdown the node hands leadership over and leaves the
+//! configuration first; the listeners stop after it.
+
+use crate::api;
+use crate::cli::{Discovery, RunConfig};
+use crate::discovery::{self, DiscoveryConfig, DiscoverySource};
+use crate::leadership::LeaderState;
+use crate::metrics::Metrics;
+use crate::raft::{NodeId, RaftCore, Time};
+use crate::runtime::{MembershipPolicy, NodeOptions, NodeTask};
+use crate::storage::{FileStore, HardStateStore, MemoryStore};
+use crate::transport::{self, PeerClient, PeerInfo, TransportConfig};
+use anyhow::{bail, Context};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How long a new peer must be seen before the leader adds it.
+const ADD_AFTER: Duration = Duration::from_secs(1);
+/// Longest graceful shutdown; the pod's grace period is 30 s by default.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Period of peer probes while this node has not joined a cluster.
+const PROBE_WHILE_JOINING: Duration = Duration::from_millis(250);
+/// A joined follower probes this many times less often than a leader.
+const FOLLOWER_PROBE_FACTOR: u32 = 10;
+/// Per-request timeout of peer RPCs, and the longest a message may wait in a
+/// peer's queue before it is stale.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// Capacity of the inbound peer-message queue.
+const INBOUND_QUEUE: usize = 1024;
+
+/// Runs the sidecar until `shutdown` resolves and the node has left.
+pub async fn run(
+    cfg: RunConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    let metrics = Metrics::new();
+    let (store, core) = open_core(&cfg)?;
+    let epoch = Instant::now();
+    info!(
+        id = %core.id(),
+        restored = !core.log().is_empty(),
+        advertise = %cfg.advertise,
+        "starting raft-elector"
+    );
+
+    let mut tcfg = TransportConfig::new(cfg.cluster_id.clone(), cfg.secret.clone());
+    // Long enough for one TCP retransmission (Linux's minimum RTO is
+    // 200 ms): a connection that lost a segment recovers instead of being
+    // torn down, and other connections carry the next heartbeats meanwhile.
+    tcfg.request_timeout = PEER_REQUEST_TIMEOUT;
+    tcfg.validate().context("invalid transport settings")?;
+    let tcfg = Arc::new(tcfg);
+    // Peers' replies arrive on the node's inbound queue like any message.
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let client = PeerClient::new(tcfg.clone(), metrics.clone(), inbound_tx.clone())?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let peer_listener = TcpListener::bind(cfg.peer_listen).await.with_context(|| {
+        format!(
+            "cannot listen for peers on {}: is the port in use? set --peer-listen",
+            cfg.peer_listen
+        )
+    })?;
+    let http_listener = TcpListener::bind(cfg.http_listen).await.with_context(|| {
+        format!(
+            "cannot listen for the HTTP API on {}: is the port in use? set --http-listen",
+            cfg.http_listen
+        )
+    })?;
+
+    let (seen_tx, seen_rx) = mpsc::channel(256);
+    let (identity_tx, identity_rx) = watch::channel(PeerInfo {
+        cluster_id: cfg.cluster_id.clone(),
+        id: core.id().clone(),
+        address: cfg.advertise.clone(),
+        joined: false,
+        term: core.term().0,
+        leader: None,
+        leaving: false,
+    });
+    let (state_tx, state_rx) = watch::channel(LeaderState::initial(
+        core.id().to_string(),
+        core.id().name.clone(),
+    ));
+
+    let mut tasks = JoinSet::new();
+    // Streams leaders open to this node go to the node task, which reads
+    // them when it wakes (see runtime::streams).
+    let (accepted_tx, accepted_rx) = mpsc::channel(16);
+    let router = transport::router_with_streams(
+        tcfg.clone(),
+        metrics.clone(),
+        inbound_tx,
+        identity_rx.clone(),
+        Some(accepted_tx),
+    );
+    let peer_stop = stopped();
+    tasks.spawn(async move {
+        if let Err(e) = transport::serve(peer_listener, router, peer_stop).await {
+            warn!(error = %e, "peer listener failed");
+        }
+    });
+    let app = api::router(state_rx.clone(), metrics.clone());
+    let http_stop = stopped();
+    tasks.spawn(async move {
+        let served = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_stop)
+            .await;
+        if let Err(e) = served {
+            warn!(error = %e, "HTTP listener failed");
+        }
+    });
+    if let Some(path) = cfg.status_file.clone() {
+        let handle = api::spawn_status_file(path, state_rx.clone(), stopped());
+        tasks.spawn(async move {
+            let _ = handle.await;
+        });
+    }
+
+    let source = match &cfg.discovery {
+        Discovery::Dns { name, port, server } => DiscoverySource::Dns {
+            name: name.clone(),
+            port: *port,
+            server: *server,
+        },
+        Discovery::Static(list) => DiscoverySource::Static(list.clone()),
+    };
+    source
+        .validate()
+        .context("invalid discovery settings (--service / --peers)")?;
+    let mut dcfg = DiscoveryConfig::new(source);
+    dcfg.interval = cfg.dns_interval;
+    let (pace_tx, pace) = watch::channel(cfg.dns_interval);
+    dcfg.pace = Some(pace);
+    let peers = discovery::spawn(dcfg, metrics.clone(), stopped());
+    tasks.spawn(probe_peers(
+        client.clone(),
+        peers,
+        cfg.advertise.clone(),
+        seen_tx,
+        cfg.dns_interval,
+        identity_rx,
+        pace_tx,
+        stopped(),
+    ));
+
+    if cfg.kubernetes {
+        info!("Kubernetes publishing (pod label, LeaderElection status) is not in this build; /is-leader, /leader and the status file carry leadership");
+    }
+    if cfg.bootstrap_expect.is_none() && core.log().is_empty() {
+        info!("no --bootstrap-expect: this node joins an existing cluster when its leader adds it");
+    }
+    let opts = NodeOptions {
+        cluster_id: cfg.cluster_id.clone(),
+        advertise: cfg.advertise.clone(),
+        bootstrap_expect: cfg.bootstrap_expect,
+        membership: MembershipPolicy {
+            add_after: ADD_AFTER,
+            removal_grace: cfg.removal_grace,
+        },
+        shutdown_timeout: SHUTDOWN_TIMEOUT,
+        max_frame_bytes: tcfg.max_body_bytes,
+    };
+    let node = NodeTask::new(
+        core,
+        epoch,
+        opts,
+        store,
+        client,
+        metrics,
+        state_tx,
+        identity_tx,
+    )
+    .with_accepted_streams(accepted_rx);
+    // A spawned task, not the runtime's main future: waking the main future
+    // goes through the driver's eventfd, one more syscall and wakeup for
+    // every message, which is most of a sidecar's idle CPU.
+    let result = match tokio::spawn(node.run(inbound_rx, seen_rx, shutdown)).await {
+        Ok(result) => result.map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::anyhow!("the node task failed: {e}")),
+    };
+    let _ = stop_tx.send(true);
+    // Listeners drain briefly (peers hold keep-alive connections open);
+    // nothing they do matters once the node is gone.
+    let drained = tokio::time::timeout(Duration::from_millis(200), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    result
+}
+
+/// Opens the state store and builds the core: restored from disk, or a new
+/// incarnation when there is no state.
+fn open_core(cfg: &RunConfig) -> anyhow::Result<(Box<dyn HardStateStore>, RaftCore)> {
+    let store: Box<dyn HardStateStore> = match &cfg.state_dir {
+        Some(dir) => Box::new(FileStore::open(dir)?),
+        None => Box::new(MemoryStore::default()),
+    };
+    let seed = rand::random();
+    let core = match store.load()? {
+        Some(state) => {
+            if state.id.name != cfg.id {
+                bail!(
+                    "the state in {:?} belongs to member {:?}, not {:?}: give each member its own --state-dir",
+                    cfg.state_dir,
+                    state.id.name,
+                    cfg.id
+                );
+            }
+            RaftCore::restore(
+                cfg.raft.clone(),
+                state,
+                cfg.advertise.clone(),
+                seed,
+                Time::ZERO,
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "persisted state is inconsistent ({e}); move it away to start as a new member"
+                )
+            })?
+        }
+        None => {
+            let id = NodeId::new(cfg.id.clone(), rand::random());
+            RaftCore::fresh(
+                cfg.raft.clone(),
+                id,
+                cfg.advertise.clone(),
+                seed,
+                Time::ZERO,
+            )
+        }
+    };
+    Ok((store, core))
+}
+
+/// Asks every discovered address who it is, each `interval` and whenever
+/// discovery changes, and hands the answers to the node.
+#[allow(clippy::too_many_arguments)]
+async fn probe_peers(
+    client: PeerClient,
+    mut peers: watch::Receiver<BTreeSet<String>>,
+    own: String,
+    seen: mpsc::Sender<PeerInfo>,
+    interval: Duration,
+    mut identity: watch::Receiver<PeerInfo>,
+    dns_pace: watch::Sender<Duration>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let addrs: Vec<String> = peers
+            .borrow_and_update()
+            .iter()
+            .filter(|a| **a != own)
+            .cloned()
+            .collect();
+        let mut asks = JoinSet::new();
+        for addr in addrs {
+            let c = client.clone();
+            asks.spawn(async move { c.hello(&addr).await });
+        }
+        while let Some(answer) = asks.join_next().await {
+            if let Ok(Ok(info)) = answer {
+                if seen.send(info).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // Until this node has joined, ask often: bootstrap and joining wait
+        // on it. A leader asks every interval: membership decides from it. A
+        // joined follower decides nothing, so it asks rarely (idle CPU).
+        // DNS follows the same pace, except that it never goes faster than
+        // the configured interval.
+        let (wait, dns_wait) = {
+            let me = identity.borrow();
+            if !me.joined {
+                (interval.min(PROBE_WHILE_JOINING), interval)
+            } else if me.leader.as_ref() == Some(&me.id) {
+                (interval, interval)
+            } else {
+                let slow = interval * FOLLOWER_PROBE_FACTOR;
+                (slow, slow)
+            }
+        };
+        dns_pace.send_if_modified(|pace| std::mem::replace(pace, dns_wait) != dns_wait);
+        tokio::select! {
+            // Re-ask on a timer: membership needs to know who is still there.
+            _ = tokio::time::sleep(wait) => {}
+            // Discovery changed: ask the new set at once.
+            changed = peers.changed() => if changed.is_err() { return },
+            // Joined, or became or stopped being leader: the pace changes.
+            changed = identity.changed() => if changed.is_err() { return },
+            _ = &mut stop => return,
+        }
+    }
+}
