@@ -14,12 +14,10 @@ import yaml
 
 ROLE_RULES = [
     ([""], ["pods"], ["get", "list", "watch", "patch"]),
-    (["raft-elector.io"], ["leaderelections"], ["get", "list", "watch", "create", "update", "patch"]),
-    (["raft-elector.io"], ["leaderelections/status"], ["get", "update", "patch"]),
-    ([""], ["events"], ["create", "patch"]),
-    (["events.k8s.io"], ["events"], ["create", "patch"]),
+    (["raft-elector.io"], ["leaderelections"], ["get", "list", "watch", "create"]),
+    (["raft-elector.io"], ["leaderelections/status"], ["update"]),
+    ([""], ["events"], ["create"]),
 ]
-
 
 class Broken(Exception):
     pass
