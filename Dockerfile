@@ -12,9 +12,9 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-alpine AS build
-# musl-dev: headers and crt files for the C parts of the dependencies.
+# gcc and musl-dev: the C parts of the dependencies (ring) and the crt files.
 # hadolint ignore=DL3018
-RUN apk add --no-cache musl-dev
+RUN apk add --no-cache gcc musl-dev
 WORKDIR /src
 COPY . .
 # On Alpine the host target is x86_64/aarch64-unknown-linux-musl, which links
