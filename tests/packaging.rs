@@ -23,6 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use support::cluster::{Cluster, ClusterConfig};
 
+/// The heavy checks (a release build, an API server) and the timed demo
+/// cluster run one at a time, so the build cannot starve the cluster.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The repository root.
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -319,6 +323,7 @@ async fn the_demo_app_works_only_while_its_own_sidecar_leads_and_stops_on_handof
     }
     let script = demo_app_script();
     assert!(script.contains("singleton work unit"), "{script}");
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start(3, ClusterConfig::default()).await;
     let first = cluster
         .wait_for_single_leader(Duration::from_secs(10))
@@ -419,6 +424,7 @@ fn chart_manifests_and_dockerfile_pass_lint_schema_and_a_real_api_server() {
         );
         return;
     }
+    let _one = ONE_AT_A_TIME.blocking_lock();
     run_script("scripts/check-packaging");
 }
 
@@ -443,5 +449,6 @@ fn the_image_binary_runs_in_an_empty_root_as_in_scratch() {
         eprintln!("skipped: rustup target add x86_64-unknown-linux-musl (scripts/check-image builds the static binary)");
         return;
     }
+    let _one = ONE_AT_A_TIME.blocking_lock();
     run_script("scripts/check-image");
 }
