@@ -3,7 +3,7 @@
 //! ```text
 //!   inbound peer messages ─┐
 //!   hello answers (seen) ──┤      ┌──────────────┐  persist ─► HardStateStore
-//!   raft timer (deadline) ─┼────► │  NodeTask    │  send ────► PeerClient
+//!   raft timer (deadline) ─┼────► │  NodeTask    │  send ────► SendToPeer (transport)
 //!   housekeeping (0.1-1 s) ┤      │  owns core   │  publish ─► watch<LeaderState>
 //!   shutdown future ───────┘      └──────────────┘              watch<PeerInfo>
 //! ```
@@ -12,24 +12,17 @@
 //! is saved (and fsynced) before any message that depends on it is sent. A
 //! failed save stops the node: sending after it could give a vote twice.
 //!
-//! A peer message that arrived as a request carries a reply slot: the
-//! messages addressed back to its sender in the following `Ready` (after the
-//! save) go into the HTTP answer instead of a request of their own.
-//!
-//! A leader whose lease outlasts its next heartbeat round by a margin sends
-//! AppendEntries over peer streams and reads the answers when it next wakes
-//! (at the latest for that round), so an idle leader wakes once per round,
-//! not once per answer. Should the lease come to end before the next round
-//! (answers missing), it wakes just before the end to read what arrived.
+//! Every message, answers included, goes to the transport by recipient:
+//! the transport puts it on the one connection to that peer (so an answer
+//! travels back on the connection its request came on).
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
-use super::streams::InboundStreams;
 use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
+use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
-use crate::transport::{AcceptedStream, Inbound, PeerClient, PeerInfo};
+use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -51,13 +44,6 @@ const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
 /// How recently a peer must have answered to count for bootstrap.
 const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
-/// How much longer than the next heartbeat round the lease must last for a
-/// leader to send over peer streams, whose answers it reads only at its next
-/// wakeup.
-const STREAM_LEASE_MARGIN: Duration = Duration::from_millis(10);
-/// A leader whose lease would end before its next round wakes this long
-/// before the end to read the answers waiting on its peer streams.
-const LEASE_RESCUE_LEAD: Duration = Duration::from_millis(3);
 
 /// Settings of the node task.
 #[derive(Clone, Debug)]
@@ -74,8 +60,6 @@ pub struct NodeOptions {
     pub membership: MembershipPolicy,
     /// Longest a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
-    /// Largest frame accepted on a peer stream (the transport's body limit).
-    pub max_frame_bytes: usize,
 }
 
 /// Why the node stopped with an error.
@@ -91,7 +75,7 @@ pub struct NodeTask {
     epoch: Instant,
     opts: NodeOptions,
     store: Box<dyn HardStateStore>,
-    client: PeerClient,
+    peers: Box<dyn SendToPeer>,
     metrics: Metrics,
     state_tx: watch::Sender<LeaderState>,
     identity_tx: watch::Sender<PeerInfo>,
@@ -103,16 +87,9 @@ pub struct NodeTask {
     leader_lost_at: Option<Instant>,
     /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
     bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
-    /// The sender of the message just stepped and its reply slot; filled by
-    /// the next `handle_ready`, after the save.
-    pending_reply: Option<(NodeId, ReplyTo)>,
     shutting_down: bool,
-    /// Wakes the task for Raft deadlines and stream polls.
+    /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
-    /// Streams leaders opened to this node, read when it wakes.
-    streams: InboundStreams,
-    /// Where the peer server hands those streams over.
-    accepted: Option<mpsc::Receiver<AcceptedStream>>,
 }
 
 impl NodeTask {
@@ -123,21 +100,18 @@ impl NodeTask {
         epoch: Instant,
         opts: NodeOptions,
         store: Box<dyn HardStateStore>,
-        client: PeerClient,
+        peers: Box<dyn SendToPeer>,
         metrics: Metrics,
         state_tx: watch::Sender<LeaderState>,
         identity_tx: watch::Sender<PeerInfo>,
     ) -> NodeTask {
         let membership = MembershipDriver::new(opts.membership.clone(), Instant::now());
-        let heartbeat = core.config().heartbeat_interval;
-        let max_frame = opts.max_frame_bytes;
-        let metrics_for_streams = metrics.clone();
         NodeTask {
             core,
             epoch,
             opts,
             store,
-            client,
+            peers,
             metrics,
             state_tx,
             identity_tx,
@@ -146,19 +120,9 @@ impl NodeTask {
             last_view: None,
             leader_lost_at: None,
             bootstrap_seen: HashMap::new(),
-            pending_reply: None,
             shutting_down: false,
             timer: DeadlineTimer::new(),
-            streams: InboundStreams::new(heartbeat, max_frame, metrics_for_streams),
-            accepted: None,
         }
-    }
-
-    /// Reads the peer streams the server hands over on `accepted` (built
-    /// with `transport::router_with_streams`).
-    pub fn with_accepted_streams(mut self, accepted: mpsc::Receiver<AcceptedStream>) -> NodeTask {
-        self.accepted = Some(accepted);
-        self
     }
 
     /// Runs until `shutdown` resolves, then hands over leadership, leaves the
@@ -209,28 +173,12 @@ impl NodeTask {
     // ----- inputs ------------------------------------------------------------
 
     fn step(&mut self, inbound: Inbound) {
-        let Inbound { msg, reply } = inbound;
-        self.pending_reply = reply.map(|reply| (msg.from.clone(), ReplyTo::Request(reply)));
-        self.step_message(msg);
-    }
-
-    /// Steps what waits on peer streams: messages on streams leaders opened
-    /// to this node (each answered on its stream, after the save), then the
-    /// answers to this node's own streamed messages.
-    fn read_streams(&mut self) -> Result<(), NodeError> {
-        if !self.streams.is_empty() {
-            for (stream, messages) in self.streams.receive() {
-                for msg in messages {
-                    self.pending_reply = Some((msg.from.clone(), ReplyTo::Stream(stream)));
-                    self.step_message(msg);
-                    self.handle_ready()?;
-                }
-            }
+        match inbound {
+            Inbound::Message(msg) => self.step_message(msg),
+            // A crash or a network failure; the election timeout decides
+            // what it means (issue 12 may act on a lost leader sooner).
+            Inbound::ConnectionLost { peer } => debug!(%peer, "connection to a peer lost"),
         }
-        for msg in self.client.take_streamed_replies() {
-            self.step_message(msg);
-        }
-        Ok(())
     }
 
     fn step_message(&mut self, msg: Message) {
@@ -365,10 +313,8 @@ impl NodeTask {
     // ----- output ----------------------------------------------------------------
 
     /// Persists, then sends, then publishes: the order the core requires.
-    /// Messages to the sender of a message waiting for its answer go into
-    /// that answer; a failed save drops it unanswered.
+    /// A failed save sends nothing.
     fn handle_ready(&mut self) -> Result<(), NodeError> {
-        let pending_reply = self.pending_reply.take();
         let ready = self.core.take_ready();
         if let Some(hs) = &ready.hard_state {
             if let Err(e) = self.store.save(hs) {
@@ -376,29 +322,8 @@ impl NodeTask {
                 return Err(NodeError::Persist(e));
             }
         }
-        let streams = self.streams_allowed();
-        match pending_reply {
-            Some((requester, reply)) => {
-                let (answer, others): (Vec<Message>, Vec<Message>) = ready
-                    .messages
-                    .into_iter()
-                    .partition(|msg| msg.to == requester);
-                match reply {
-                    // The peer stopped waiting (timed out): Raft tolerates the loss.
-                    ReplyTo::Request(reply) => {
-                        let _ = reply.send(answer);
-                    }
-                    ReplyTo::Stream(stream) => self.streams.answer(stream, &answer),
-                }
-                for msg in others {
-                    self.send(msg, streams);
-                }
-            }
-            None => {
-                for msg in ready.messages {
-                    self.send(msg, streams);
-                }
-            }
+        for msg in ready.messages {
+            self.send(msg);
         }
         if let Some(view) = ready.leadership {
             self.on_leadership(view);
@@ -406,49 +331,16 @@ impl NodeTask {
         Ok(())
     }
 
-    /// Returns whether AppendEntries may go over peer streams now: this node
-    /// leads and its lease lasts past the next round by a margin, so
-    /// answers read at the next wakeup renew it in time.
-    fn streams_allowed(&self) -> bool {
-        if self.core.role() != Role::Leader || self.shutting_down {
-            return false;
-        }
-        let needed = self.now() + self.core.config().heartbeat_interval + STREAM_LEASE_MARGIN;
-        self.core.lease_until().is_some_and(|until| until >= needed)
-    }
-
-    /// Returns when a leader should wake to read its peer streams because
-    /// its lease ends before anything else would wake it.
-    fn lease_rescue_at(&self) -> Option<Instant> {
-        if self.core.role() != Role::Leader {
-            return None;
-        }
-        let until = self.instant_of(self.core.lease_until()?);
-        let at = until.checked_sub(LEASE_RESCUE_LEAD)?;
-        (at > Instant::now()).then_some(at)
-    }
-
-    fn send(&mut self, msg: Message, streams: bool) {
+    /// Hands `msg` to the transport with the address to dial should there be
+    /// no connection to its recipient yet.
+    fn send(&mut self, msg: Message) {
         let address = self
             .core
             .configuration()
             .0
             .address(&msg.to)
-            .map(str::to_owned)
-            .or_else(|| self.directory.get(&msg.to).cloned());
-        match address {
-            Some(addr) if streams && matches!(msg.body, MessageBody::AppendEntries { .. }) => {
-                self.client.send_streamed(&addr, msg)
-            }
-            Some(addr) => self.client.send(&addr, msg),
-            None => {
-                self.metrics
-                    .peer_rpc_errors
-                    .with_label_values(&["unknown_address"])
-                    .inc();
-                debug!(to = %msg.to, kind = msg.body.kind(), "no address known for peer");
-            }
-        }
+            .or_else(|| self.directory.get(&msg.to).map(String::as_str));
+        self.peers.send(address, msg);
     }
 
     fn on_leadership(&mut self, view: Leadership) {
@@ -613,59 +505,19 @@ impl NodeTask {
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Result<(), NodeError> {
-        let mut deadline = self.instant_of(self.core.next_deadline()).min(until);
-        if let Some(rescue) = self.lease_rescue_at() {
-            deadline = deadline.min(rescue);
-        }
-        if let Some(poll) = self.streams.next_poll() {
-            deadline = deadline.min(poll);
-        }
-        // Whatever woke the task, what waits on peer streams is read first:
-        // heartbeats from a leader, then answers to this leader's rounds.
+        let deadline = self.instant_of(self.core.next_deadline()).min(until);
         tokio::select! {
             // A Raft timer (heartbeat round, election timeout, CheckQuorum;
-            // a tick before the core's deadline does nothing) or a stream poll.
+            // a tick before the core's deadline does nothing).
             _ = self.timer.sleep_until(deadline) => {
-                self.read_streams()?;
                 let now = self.now();
                 self.core.tick(now);
             }
             // A peer message, already authenticated by the transport.
-            Some(msg) = inbound.recv() => {
-                self.read_streams()?;
-                self.step(msg);
-            }
+            Some(msg) = inbound.recv() => self.step(msg),
             // A peer answered hello: who is where.
-            Some(info) = seen.recv() => {
-                self.read_streams()?;
-                self.peer_seen(info);
-            }
-            // A leader opened a stream to this node.
-            Some(stream) = next_accepted(&mut self.accepted) => {
-                self.streams.add(stream);
-                self.read_streams()?;
-            }
-            // A frame arrived on a watched stream.
-            _ = self.streams.arrival() => self.read_streams()?,
+            Some(info) = seen.recv() => self.peer_seen(info),
         }
         self.handle_ready()
-    }
-}
-
-/// Where the answer to the message being stepped goes.
-enum ReplyTo {
-    /// Into the HTTP answer of the request that carried it.
-    Request(oneshot::Sender<Vec<Message>>),
-    /// As the next answer frame on this accepted stream.
-    Stream(u64),
-}
-
-/// Waits for the next stream handed over, forever when there is no channel.
-async fn next_accepted(
-    accepted: &mut Option<mpsc::Receiver<AcceptedStream>>,
-) -> Option<AcceptedStream> {
-    match accepted {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
