@@ -40,6 +40,9 @@ const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
 /// follower's heartbeats wake the task anyway, and every extra wakeup is
 /// idle CPU.
 const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
+/// A peer unseen for this many removal graces is forgotten (the leader's
+/// membership driver has removed it from the configuration by then).
+const FORGET_UNSEEN_AFTER: u32 = 4;
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
 /// How recently a peer must have answered to count for bootstrap.
@@ -198,6 +201,16 @@ impl NodeTask {
             return;
         }
         let now = Instant::now();
+        // A new incarnation replaces the old one: forget the old.
+        let replaced: Vec<NodeId> = self
+            .bootstrap_seen
+            .keys()
+            .filter(|id| id.name == info.id.name && **id != info.id)
+            .cloned()
+            .collect();
+        for old in replaced {
+            self.forget_peer(&old);
+        }
         self.directory.insert(info.id.clone(), info.address.clone());
         if info.leaving {
             // A member on its way out is neither added again nor waited for.
@@ -208,6 +221,28 @@ impl NodeTask {
         }
         self.bootstrap_seen
             .insert(info.id.clone(), (info.joined, now));
+    }
+
+    /// Forgets what this node knows of a peer outside the configuration.
+    fn forget_peer(&mut self, id: &NodeId) {
+        self.directory.remove(id);
+        self.bootstrap_seen.remove(id);
+        self.membership.forget(id);
+    }
+
+    /// Forgets peers not seen for [`FORGET_UNSEEN_AFTER`] times the removal
+    /// grace: per-peer maps stay as small as the set of live peers.
+    fn prune_unseen(&mut self, now: Instant) {
+        let limit = self.opts.membership.removal_grace * FORGET_UNSEEN_AFTER;
+        let stale: Vec<NodeId> = self
+            .bootstrap_seen
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) > limit)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            self.forget_peer(&id);
+        }
     }
 
     /// Returns how often housekeeping runs: often where it decides something
@@ -224,6 +259,7 @@ impl NodeTask {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        self.prune_unseen(now);
         self.maybe_bootstrap(now);
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
@@ -418,7 +454,20 @@ impl NodeTask {
         self.metrics
             .is_leader
             .set(i64::from(state.is_leader_at(Instant::now())));
-        self.state_tx.send_replace(state);
+        // A lease extension alone wakes nobody (20 times a second on a
+        // leader): readers see the new deadline when they look, and waiters
+        // look again when the lease they saw runs out.
+        let now = Instant::now();
+        self.state_tx.send_if_modified(|current| {
+            let lease_only = current.lease_until.is_some_and(|until| until > now)
+                && state.lease_until.is_some()
+                && LeaderState {
+                    lease_until: current.lease_until,
+                    ..state.clone()
+                } == *current;
+            *current = state;
+            !lease_only
+        });
         let info = PeerInfo {
             cluster_id: self.opts.cluster_id.clone(),
             id: me.clone(),
@@ -519,5 +568,234 @@ impl NodeTask {
             Some(info) = seen.recv() => self.peer_seen(info),
         }
         self.handle_ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The node task with a recording store and transport: what it saves,
+    //! what it sends and where, in which order, and what it forgets.
+    use super::*;
+    use crate::raft::{Config, HardState, MessageBody, Term};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Saved { term: u64 },
+        Sent { to: NodeId, address: Option<String>, kind: &'static str },
+    }
+
+    type Log = Arc<Mutex<Vec<Event>>>;
+
+    struct Store {
+        log: Log,
+        fail: bool,
+    }
+
+    impl HardStateStore for Store {
+        fn load(&self) -> Result<Option<HardState>, StorageError> {
+            Ok(None)
+        }
+        fn save(&mut self, state: &HardState) -> Result<(), StorageError> {
+            if self.fail {
+                return Err(StorageError::Io {
+                    action: "write",
+                    path: "/full-disk".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            self.log.lock().unwrap().push(Event::Saved { term: state.term.0 });
+            Ok(())
+        }
+    }
+
+    struct Peers(Log);
+
+    impl SendToPeer for Peers {
+        fn send(&self, address: Option<&str>, msg: Message) {
+            self.0.lock().unwrap().push(Event::Sent {
+                to: msg.to.clone(),
+                address: address.map(str::to_owned),
+                kind: msg.body.kind(),
+            });
+        }
+    }
+
+    fn id(name: &str) -> NodeId {
+        NodeId::new(name, 1)
+    }
+
+    /// Node `a` of {a, b, c}, its initial state saved; the log is empty.
+    fn node(fail_saves: bool) -> (NodeTask, Log, watch::Receiver<LeaderState>) {
+        let log: Log = Arc::default();
+        let mut core = RaftCore::fresh(Config::default(), id("a"), "a:4041".into(), 7, Time::ZERO);
+        let voters = ["a", "b", "c"].map(|n| (id(n), format!("{n}:4041")));
+        core.bootstrap(Configuration::with_voters(voters), Time::ZERO)
+            .unwrap();
+        let (state_tx, state_rx) = watch::channel(LeaderState::initial("a#1".into(), "a".into()));
+        let (identity_tx, _) = watch::channel(PeerInfo {
+            cluster_id: "test".into(),
+            id: id("a"),
+            address: "a:4041".into(),
+            joined: false,
+            term: 0,
+            leader: None,
+            leaving: false,
+        });
+        let opts = NodeOptions {
+            cluster_id: "test".into(),
+            advertise: "a:4041".into(),
+            bootstrap_expect: None,
+            membership: MembershipPolicy {
+                add_after: Duration::from_secs(1),
+                removal_grace: Duration::from_secs(2),
+            },
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let store = Store {
+            log: log.clone(),
+            fail: false,
+        };
+        let mut task = NodeTask::new(
+            core,
+            Instant::now(),
+            opts,
+            Box::new(store),
+            Box::new(Peers(log.clone())),
+            Metrics::new(),
+            state_tx,
+            identity_tx,
+        );
+        task.handle_ready().unwrap();
+        log.lock().unwrap().clear();
+        if fail_saves {
+            task.store = Box::new(Store {
+                log: log.clone(),
+                fail: true,
+            });
+        }
+        (task, log, state_rx)
+    }
+
+    /// A vote request from `from` in `term` (a transfer, so stickiness does
+    /// not apply) with a log as long as anyone's.
+    fn vote_request(from: &str, term: u64) -> Inbound {
+        Inbound::Message(Message {
+            from: id(from),
+            to: id("a"),
+            term: Term(term),
+            body: MessageBody::RequestVote {
+                last_log_index: 100,
+                last_log_term: Term(term - 1),
+                transfer: true,
+            },
+        })
+    }
+
+    fn seen(name: &str, incarnation: u64) -> PeerInfo {
+        PeerInfo {
+            cluster_id: "test".into(),
+            id: NodeId::new(name, incarnation),
+            address: format!("{name}:4041"),
+            joined: false,
+            term: 0,
+            leader: None,
+            leaving: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_new_term_and_vote_are_saved_before_the_answer_is_sent() {
+        let (mut task, log, _) = node(false);
+        task.step(vote_request("b", 5));
+        task.handle_ready().unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.first(), Some(&Event::Saved { term: 5 }), "{log:?}");
+        assert_eq!(
+            log.get(1),
+            Some(&Event::Sent {
+                to: id("b"),
+                address: Some("b:4041".into()),
+                kind: "request_vote_response",
+            }),
+            "the answer goes to the requester at its configured address: {log:?}"
+        );
+        assert_eq!(log.len(), 2, "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_sends_nothing_and_stops_the_node() {
+        let (mut task, log, _) = node(true);
+        task.step(vote_request("b", 5));
+        assert!(matches!(task.handle_ready(), Err(NodeError::Persist(_))));
+        assert!(log.lock().unwrap().is_empty());
+        assert_eq!(task.metrics.persist_errors.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_a_stranger_goes_to_the_address_it_was_seen_at() {
+        let (mut task, log, _) = node(false);
+        task.peer_seen(seen("d", 1));
+        task.step(vote_request("d", 5));
+        task.handle_ready().unwrap();
+        let log = log.lock().unwrap();
+        let sent: Vec<_> = log
+            .iter()
+            .filter_map(|e| match e {
+                Event::Sent { to, address, .. } => Some((to.clone(), address.clone())),
+                Event::Saved { .. } => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![(NodeId::new("d", 1), Some("d:4041".into()))]);
+    }
+
+    #[tokio::test]
+    async fn a_new_incarnation_replaces_the_old_one_in_every_peer_map() {
+        let (mut task, _, _) = node(false);
+        task.peer_seen(seen("d", 1));
+        task.peer_seen(seen("d", 2));
+        let old = NodeId::new("d", 1);
+        assert!(!task.directory.contains_key(&old));
+        assert!(!task.bootstrap_seen.contains_key(&old));
+        assert_eq!(task.membership.address_of(&old), None);
+        assert!(task.directory.contains_key(&NodeId::new("d", 2)));
+    }
+
+    #[tokio::test]
+    async fn peers_unseen_for_long_are_forgotten() {
+        let (mut task, _, _) = node(false);
+        task.peer_seen(seen("d", 1));
+        task.prune_unseen(Instant::now() + Duration::from_secs(1));
+        assert_eq!(task.directory.len(), 1, "recently seen: kept");
+        task.prune_unseen(Instant::now() + Duration::from_secs(2) * (FORGET_UNSEEN_AFTER + 1));
+        assert!(task.directory.is_empty());
+        assert!(task.bootstrap_seen.is_empty());
+        assert_eq!(task.membership.address_of(&NodeId::new("d", 1)), None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_extension_alone_wakes_no_waiter() {
+        let (task, _, mut rx) = node(false);
+        let view = |lease_ms: u64| Leadership {
+            role: Role::Leader,
+            term: Term(3),
+            leader: Some(id("a")),
+            leader_address: Some("a:4041".into()),
+            lease_until: Some(task.now() + Duration::from_millis(lease_ms)),
+            is_voter: true,
+            voters: 3,
+            learners: 0,
+        };
+        task.publish(&view(100));
+        assert!(rx.has_changed().unwrap(), "becoming leader is news");
+        rx.borrow_and_update();
+        task.publish(&view(200));
+        assert!(!rx.has_changed().unwrap(), "an extension is not news");
+        let until = rx.borrow().lease_until.expect("lease");
+        assert!(until >= Instant::now() + Duration::from_millis(150), "but readers see it");
+        let mut other = view(200);
+        other.voters = 4;
+        task.publish(&other);
+        assert!(rx.has_changed().unwrap(), "anything else is news");
     }
 }

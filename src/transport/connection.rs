@@ -292,18 +292,28 @@ async fn read_loop(
     loop {
         let sealed = match frames.next().await {
             Some(Ok(sealed)) => sealed,
-            Some(Err(e)) => return End::Lost(e.into()),
+            Some(Err(e)) => {
+                let e = TransportError::from(e);
+                if e.metric_label() == "frame_too_large" {
+                    refuse(&ctx.metrics, "frame_too_large");
+                }
+                return End::Lost(e);
+            }
             None => return End::Lost(TransportError::Closed),
         };
-        let frame = match opener
-            .open(&sealed)
-            .map_err(TransportError::from)
-            .and_then(|plain| Frame::decode(&plain).map_err(TransportError::from))
-        {
-            Ok(frame) => frame,
+        // A frame that does not open (changed, replayed, reordered, of
+        // another connection) or decode closes the connection.
+        let frame = match opener.open(&sealed) {
+            Ok(plain) => match Frame::decode(&plain) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    refuse(&ctx.metrics, "malformed_frame");
+                    return End::Lost(e.into());
+                }
+            },
             Err(e) => {
-                refuse(&ctx.metrics, e.metric_label());
-                return End::Lost(e);
+                refuse(&ctx.metrics, "bad_frame");
+                return End::Lost(e.into());
             }
         };
         match frame {
