@@ -38,6 +38,8 @@ const FOLLOWER_PROBE_FACTOR: u32 = 10;
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long connections get to deliver their goodbyes at shutdown.
 const GOODBYE_DRAIN: Duration = Duration::from_millis(100);
+/// Accept queue of the peer port (the kernel caps it at `somaxconn`).
+const PEER_ACCEPT_BACKLOG: u32 = 4096;
 /// Capacity of the inbound peer-message queue.
 const INBOUND_QUEUE: usize = 1024;
 
@@ -76,7 +78,7 @@ pub async fn run(
         }
     };
 
-    let peer_listener = TcpListener::bind(cfg.peer_listen).await.with_context(|| {
+    let peer_listener = bind_peer_listener(cfg.peer_listen).with_context(|| {
         format!(
             "cannot listen for peers on {}: is the port in use? set --peer-listen",
             cfg.peer_listen
@@ -199,6 +201,20 @@ pub async fn run(
         tasks.abort_all();
     }
     result
+}
+
+/// Binds the peer port with a long accept queue: during a connection flood
+/// the accept loop closes strangers at once, and a short queue would only
+/// make the kernel hold (and retry) connections the loop has not seen yet.
+fn bind_peer_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(PEER_ACCEPT_BACKLOG)
 }
 
 /// Opens the state store and builds the core: restored from disk, or a new
