@@ -279,7 +279,11 @@ async fn bench(trials: usize, builds: &[Build], idle_rounds: usize) {
     let mut idle: Vec<Vec<Idle>> = builds.iter().map(|_| Vec::new()).collect();
     for round in 0..idle_rounds {
         for (i, build) in builds.iter().enumerate() {
-            eprintln!("{}: idle round {}, 5 nodes with default flags ...", build.name, round + 1);
+            eprintln!(
+                "{}: idle round {}, 5 nodes with default flags ...",
+                build.name,
+                round + 1
+            );
             let quiet = ClusterConfig {
                 extra_args: Vec::new(),
                 binary: build.binary.clone(),
@@ -359,7 +363,12 @@ fn print_idle(rounds: &[Idle]) {
     println!("| --- | --- | --- | --- |");
     let follower_max = |idle: &Idle| idle.followers.iter().map(|f| f.0).fold(0.0, f64::max);
     let follower_min = |idle: &Idle| idle.followers.iter().map(|f| f.0).fold(f64::MAX, f64::min);
-    let rss = |idle: &Idle| idle.followers.iter().map(|f| f.1).fold(idle.leader.1, f64::max);
+    let rss = |idle: &Idle| {
+        idle.followers
+            .iter()
+            .map(|f| f.1)
+            .fold(idle.leader.1, f64::max)
+    };
     for (i, idle) in rounds.iter().enumerate() {
         println!(
             "| {} | {:.2} | {:.2}–{:.2} | {:.1} |",
@@ -375,7 +384,9 @@ fn print_idle(rounds: &[Idle]) {
         v[v.len() / 2]
     };
     let spread = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
         hi - lo
     };
     let leaders: Vec<f64> = rounds.iter().map(|r| r.leader.0).collect();
@@ -388,8 +399,14 @@ fn print_idle(rounds: &[Idle]) {
         );
     }
     let idle = Idle {
-        leader: (median(leaders), rounds.iter().map(|r| r.leader.1).fold(0.0, f64::max)),
-        followers: vec![(median(followers), rounds.iter().map(rss).fold(0.0, f64::max))],
+        leader: (
+            median(leaders),
+            rounds.iter().map(|r| r.leader.1).fold(0.0, f64::max),
+        ),
+        followers: vec![(
+            median(followers),
+            rounds.iter().map(rss).fold(0.0, f64::max),
+        )],
     };
     let follower_cpu = idle.followers[0].0;
     let max_rss = idle.followers[0].1.max(idle.leader.1);

@@ -123,7 +123,7 @@ impl Metrics {
                     "raft_elector_peer_rpc_seconds",
                     "Peer dial and hello latency",
                 )
-                    .buckets(RPC_BUCKETS.to_vec()),
+                .buckets(RPC_BUCKETS.to_vec()),
                 &["kind"],
             )
             .expect("valid metric"),

@@ -135,7 +135,12 @@ async fn flood_one(addr: String, kind: Kind, seed: u64) -> Result<Duration, Stri
         }
     }
     loop {
-        match tokio::time::timeout(limit.saturating_sub(connected.elapsed()), stream.read(&mut buf)).await {
+        match tokio::time::timeout(
+            limit.saturating_sub(connected.elapsed()),
+            stream.read(&mut buf),
+        )
+        .await
+        {
             Ok(Ok(0)) | Ok(Err(_)) => return Ok(connected.elapsed()),
             Ok(Ok(_)) => continue,
             Err(_) => return Err("still open after the deadline".into()),
@@ -147,7 +152,9 @@ async fn flood_one(addr: String, kind: Kind, seed: u64) -> Result<Duration, Stri
 async fn a_connection_flood_neither_moves_the_leader_nor_grows_its_memory() {
     raise_nofile((IDLE + SLOW + GARBAGE + 2048) as u64);
     let mut cluster = Cluster::start(3, ClusterConfig::default()).await;
-    let leader = cluster.wait_for_single_leader(Duration::from_secs(10)).await;
+    let leader = cluster
+        .wait_for_single_leader(Duration::from_secs(10))
+        .await;
     let before = cluster.status(leader).await.expect("leader answers");
     let pid = cluster.node(leader).pid().expect("leader runs");
     let addr = cluster.node(leader).placement.peer.to_string();
@@ -211,7 +218,10 @@ async fn a_connection_flood_neither_moves_the_leader_nor_grows_its_memory() {
     watcher.abort();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let timeline = cluster.stop_sampling().await;
-    let after = cluster.status(leader).await.expect("leader answers after the flood");
+    let after = cluster
+        .status(leader)
+        .await
+        .expect("leader answers after the flood");
     let metrics = cluster.get(leader, "/metrics").await.expect("metrics").1;
     let refused: f64 = metrics
         .lines()
@@ -228,17 +238,43 @@ async fn a_connection_flood_neither_moves_the_leader_nor_grows_its_memory() {
         timeline.leaderships()
     );
     let problem_sample: Vec<_> = problems.iter().take(5).collect();
-    assert!(problems.is_empty(), "{} flood connections misbehaved, e.g. {problem_sample:?}", problems.len());
-    assert!(slowest <= DEADLINE + SLACK, "a connection lived {slowest:?}");
-    assert!(refused >= n as f64, "the flood shows in the metric: {refused} < {n}");
     assert!(
-        metric_value(&metrics, "raft_elector_peer_connections_refused_total{reason=\"handshake_cap\"}").unwrap_or(0.0) > 0.0,
+        problems.is_empty(),
+        "{} flood connections misbehaved, e.g. {problem_sample:?}",
+        problems.len()
+    );
+    assert!(
+        slowest <= DEADLINE + SLACK,
+        "a connection lived {slowest:?}"
+    );
+    assert!(
+        refused >= n as f64,
+        "the flood shows in the metric: {refused} < {n}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "raft_elector_peer_connections_refused_total{reason=\"handshake_cap\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0,
         "connections beyond the cap were closed at once"
     );
-    assert!(rss_growth <= MAX_RSS_GROWTH_KIB, "leader RSS grew {rss_growth} KiB");
+    assert!(
+        rss_growth <= MAX_RSS_GROWTH_KIB,
+        "leader RSS grew {rss_growth} KiB"
+    );
     assert_eq!(after.term, before.term, "the term stayed");
     assert_eq!(after.leader, before.leader, "the leader stayed");
-    assert_eq!(timeline.leaderships(), vec![(leader, before.term)], "one leadership throughout");
-    assert!(timeline.lease_lapses().is_empty(), "lease lapses: {:?}", timeline.lease_lapses());
+    assert_eq!(
+        timeline.leaderships(),
+        vec![(leader, before.term)],
+        "one leadership throughout"
+    );
+    assert!(
+        timeline.lease_lapses().is_empty(),
+        "lease lapses: {:?}",
+        timeline.lease_lapses()
+    );
     assert!(timeline.violations().is_empty());
 }

@@ -55,10 +55,11 @@ async fn connect(addr: &str) -> Conn {
 /// Handshakes with `cfg`; returns the connection and its keys.
 async fn handshake(addr: &str, cfg: &TransportConfig) -> Option<(Conn, Sealer, Opener)> {
     let mut conn = connect(addr).await;
-    let (sealer, opener) = tokio::time::timeout(Duration::from_secs(3), noise::initiate(&mut conn, cfg))
-        .await
-        .ok()?
-        .ok()?;
+    let (sealer, opener) =
+        tokio::time::timeout(Duration::from_secs(3), noise::initiate(&mut conn, cfg))
+            .await
+            .ok()?
+            .ok()?;
     Some((conn, sealer, opener))
 }
 
@@ -83,7 +84,9 @@ async fn closed_within(conn: &mut Conn, limit: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing() {
     let mut cluster = Cluster::start(3, ClusterConfig::default()).await;
-    let leader = cluster.wait_for_single_leader(Duration::from_secs(10)).await;
+    let leader = cluster
+        .wait_for_single_leader(Duration::from_secs(10))
+        .await;
     let before = cluster.status(leader).await.expect("leader answers");
     let leader_id: NodeId = before.node_id.parse().expect("node id");
     let addr = cluster.node(leader).placement.peer.to_string();
@@ -91,10 +94,14 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
     let limit = Duration::from_secs(3);
 
     // Another secret, another cluster: the handshake fails, the node closes.
-    let wrong_secret = TransportConfig::new(CLUSTER_ID, b"another-secret-of-32-bytes-long!".to_vec());
+    let wrong_secret =
+        TransportConfig::new(CLUSTER_ID, b"another-secret-of-32-bytes-long!".to_vec());
     let foreign = TransportConfig::new("other-cluster", SECRET.as_bytes().to_vec());
     for cfg in [&wrong_secret, &foreign] {
-        assert!(handshake(&addr, cfg).await.is_none(), "{cfg:?} must not handshake");
+        assert!(
+            handshake(&addr, cfg).await.is_none(),
+            "{cfg:?} must not handshake"
+        );
     }
 
     // Garbage instead of a handshake.
@@ -107,7 +114,9 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
 
     // A length prefix larger than any handshake message.
     let mut raw = TcpStream::connect(&addr).await.unwrap();
-    raw.write_all(&(OVERSIZED as u32).to_be_bytes()).await.unwrap();
+    raw.write_all(&(OVERSIZED as u32).to_be_bytes())
+        .await
+        .unwrap();
     let mut raw = Framed::new(raw, codec(16));
     assert!(closed_within(&mut raw, limit).await, "oversized closed");
 
@@ -118,11 +127,19 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
     // Handshake right, but an identity of another cluster.
     let (mut conn, mut sealer, _) = handshake(&addr, &ours).await.expect("handshake");
     send(&mut conn, &mut sealer, &identity("other-cluster")).await;
-    assert!(closed_within(&mut conn, limit).await, "foreign identity closed");
+    assert!(
+        closed_within(&mut conn, limit).await,
+        "foreign identity closed"
+    );
 
     // Handshake right, but a Raft message before any identity.
     let (mut conn, mut sealer, _) = handshake(&addr, &ours).await.expect("handshake");
-    send(&mut conn, &mut sealer, &harmless(intruder(), leader_id.clone())).await;
+    send(
+        &mut conn,
+        &mut sealer,
+        &harmless(intruder(), leader_id.clone()),
+    )
+    .await;
     assert!(closed_within(&mut conn, limit).await, "no identity closed");
 
     // Authenticated: a message in another's name is refused, the rest passes.
@@ -133,8 +150,18 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
         Frame::Identity(info) => assert_eq!(info.id, leader_id),
         other => panic!("expected the leader's identity, got {other:?}"),
     }
-    send(&mut conn, &mut sealer, &harmless(NodeId::new("someone-else", 1), leader_id.clone())).await;
-    send(&mut conn, &mut sealer, &harmless(intruder(), leader_id.clone())).await;
+    send(
+        &mut conn,
+        &mut sealer,
+        &harmless(NodeId::new("someone-else", 1), leader_id.clone()),
+    )
+    .await;
+    send(
+        &mut conn,
+        &mut sealer,
+        &harmless(intruder(), leader_id.clone()),
+    )
+    .await;
     // A replayed frame (the same sealed bytes twice) closes the connection.
     let replayed = sealer.seal(&Frame::Hello.encode().unwrap()).unwrap();
     conn.send(replayed.clone()).await.unwrap();
@@ -144,7 +171,10 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
     // Authenticated, then a tampered frame.
     let (mut conn, mut sealer, _) = handshake(&addr, &ours).await.expect("handshake");
     send(&mut conn, &mut sealer, &identity(CLUSTER_ID)).await;
-    let mut tampered = sealer.seal(&Frame::Hello.encode().unwrap()).unwrap().to_vec();
+    let mut tampered = sealer
+        .seal(&Frame::Hello.encode().unwrap())
+        .unwrap()
+        .to_vec();
     tampered[3] ^= 0x40;
     conn.send(Bytes::from(tampered)).await.unwrap();
     assert!(closed_within(&mut conn, limit).await, "tampered closed");
@@ -152,8 +182,13 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
     // Authenticated, then an oversized frame.
     let (mut conn, mut sealer, _) = handshake(&addr, &ours).await.expect("handshake");
     send(&mut conn, &mut sealer, &identity(CLUSTER_ID)).await;
-    conn.send(Bytes::from(vec![0u8; OVERSIZED])).await.unwrap_or(());
-    assert!(closed_within(&mut conn, limit).await, "oversized frame closed");
+    conn.send(Bytes::from(vec![0u8; OVERSIZED]))
+        .await
+        .unwrap_or(());
+    assert!(
+        closed_within(&mut conn, limit).await,
+        "oversized frame closed"
+    );
 
     let refused = [
         ("bad_handshake", 3.0), // wrong secret, foreign cluster, garbage
@@ -163,12 +198,24 @@ async fn bad_peer_connections_and_frames_are_refused_counted_and_change_nothing(
     ];
     for (reason, count) in refused {
         let series = format!("raft_elector_peer_connections_refused_total{{reason=\"{reason}\"}}");
-        assert_eq!(cluster.metric(leader, &series).await, Some(count), "{series}");
+        assert_eq!(
+            cluster.metric(leader, &series).await,
+            Some(count),
+            "{series}"
+        );
     }
-    let rejected = [("wrong_sender", 1.0), ("bad_frame", 2.0), ("frame_too_large", 1.0)];
+    let rejected = [
+        ("wrong_sender", 1.0),
+        ("bad_frame", 2.0),
+        ("frame_too_large", 1.0),
+    ];
     for (reason, count) in rejected {
         let series = format!("raft_elector_rejected_messages_total{{reason=\"{reason}\"}}");
-        assert_eq!(cluster.metric(leader, &series).await, Some(count), "{series}");
+        assert_eq!(
+            cluster.metric(leader, &series).await,
+            Some(count),
+            "{series}"
+        );
     }
 
     // Longer than an election timeout: a disturbed cluster would have moved on.

@@ -581,8 +581,14 @@ mod tests {
 
     #[derive(Debug, PartialEq)]
     enum Event {
-        Saved { term: u64 },
-        Sent { to: NodeId, address: Option<String>, kind: &'static str },
+        Saved {
+            term: u64,
+        },
+        Sent {
+            to: NodeId,
+            address: Option<String>,
+            kind: &'static str,
+        },
     }
 
     type Log = Arc<Mutex<Vec<Event>>>;
@@ -604,7 +610,10 @@ mod tests {
                     source: std::io::Error::other("disk full"),
                 });
             }
-            self.log.lock().unwrap().push(Event::Saved { term: state.term.0 });
+            self.log
+                .lock()
+                .unwrap()
+                .push(Event::Saved { term: state.term.0 });
             Ok(())
         }
     }
@@ -792,7 +801,10 @@ mod tests {
         task.publish(&view(200));
         assert!(!rx.has_changed().unwrap(), "an extension is not news");
         let until = rx.borrow().lease_until.expect("lease");
-        assert!(until >= Instant::now() + Duration::from_millis(150), "but readers see it");
+        assert!(
+            until >= Instant::now() + Duration::from_millis(150),
+            "but readers see it"
+        );
         let mut other = view(200);
         other.voters = 4;
         task.publish(&other);

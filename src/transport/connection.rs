@@ -19,13 +19,13 @@ use crate::metrics::Metrics;
 use crate::raft::NodeId;
 use futures::{SinkExt, StreamExt};
 use nix::sys::socket::{setsockopt, sockopt};
-use tokio_util::bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio_util::bytes::Bytes;
 use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 use tracing::debug;
 
@@ -137,12 +137,15 @@ async fn read_identity(
 ) -> Result<PeerInfo, TransportError> {
     let sealed = framed.next().await.ok_or(TransportError::Closed)??;
     match Frame::decode(&opener.open(&sealed)?)? {
-        Frame::Identity(peer) if peer.cluster_id != cfg.cluster_id => Err(TransportError::Identity(
-            format!("peer is in cluster {:?}, not ours", peer.cluster_id),
-        )),
-        Frame::Identity(peer) if peer.id == me.id => {
-            Err(TransportError::Identity("the peer is this node itself".into()))
+        Frame::Identity(peer) if peer.cluster_id != cfg.cluster_id => {
+            Err(TransportError::Identity(format!(
+                "peer is in cluster {:?}, not ours",
+                peer.cluster_id
+            )))
         }
+        Frame::Identity(peer) if peer.id == me.id => Err(TransportError::Identity(
+            "the peer is this node itself".into(),
+        )),
         Frame::Identity(peer) => Ok(peer),
         other => Err(TransportError::Identity(format!(
             "the first frame must be an identity, not {other:?}"
@@ -272,7 +275,11 @@ async fn write_loop(
             if sink.feed(sealed).await.is_err() {
                 return;
             }
-            next = if goodbye { None } else { frames.try_recv().ok() };
+            next = if goodbye {
+                None
+            } else {
+                frames.try_recv().ok()
+            };
         }
         if SinkExt::<Bytes>::flush(&mut sink).await.is_err() || goodbye {
             break;

@@ -36,13 +36,13 @@
 //! consecutive chunks, each with its own tag and nonce.
 
 use super::{TransportConfig, TransportError};
-use tokio_util::bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use snow::StatelessTransportState;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::bytes::Bytes;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 /// The Noise protocol name; see the module docs for why this pattern.
@@ -80,7 +80,9 @@ fn builder(
     let params: snow::params::NoiseParams = NOISE_PARAMS.parse()?;
     let mut prologue = PROLOGUE.to_vec();
     prologue.extend_from_slice(cfg.cluster_id.as_bytes());
-    let b = snow::Builder::new(params).psk(0, psk)?.prologue(&prologue)?;
+    let b = snow::Builder::new(params)
+        .psk(0, psk)?
+        .prologue(&prologue)?;
     if initiator {
         b.build_initiator()
     } else {
@@ -145,9 +147,7 @@ impl Sealer {
         let mut at = 0;
         for i in 0..chunks {
             let piece = &plain[(i * chunk).min(plain.len())..((i + 1) * chunk).min(plain.len())];
-            at += self
-                .keys
-                .write_message(self.nonce, piece, &mut out[at..])?;
+            at += self.keys.write_message(self.nonce, piece, &mut out[at..])?;
             self.nonce += 1;
         }
         out.truncate(at);
@@ -171,9 +171,7 @@ impl Opener {
         let mut out = vec![0u8; sealed.len()];
         let mut at = 0;
         for piece in sealed.chunks(MAX_NOISE_MESSAGE) {
-            at += self
-                .keys
-                .read_message(self.nonce, piece, &mut out[at..])?;
+            at += self.keys.read_message(self.nonce, piece, &mut out[at..])?;
             self.nonce += 1;
         }
         out.truncate(at);

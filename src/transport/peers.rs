@@ -163,7 +163,11 @@ impl Transport {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let entry = warned.entry(reason).or_insert((now - WARN_INTERVAL, 0));
         if now.duration_since(entry.0) >= WARN_INTERVAL {
-            warn!(reason, suppressed = entry.1, "refused a peer connection: {why}");
+            warn!(
+                reason,
+                suppressed = entry.1,
+                "refused a peer connection: {why}"
+            );
             *entry = (now, 0);
         } else {
             entry.1 += 1;
@@ -181,7 +185,8 @@ impl Transport {
         };
         let this = self.clone();
         let mut reg = self.registry();
-        if reg.links.len() >= self.inner.cfg.max_connections && !reg.links.contains_key(&est.peer.id)
+        if reg.links.len() >= self.inner.cfg.max_connections
+            && !reg.links.contains_key(&est.peer.id)
         {
             drop(reg);
             self.refused("too_many_connections", &TransportError::TooMany);
@@ -204,7 +209,10 @@ impl Transport {
             reg.at.insert(addr.to_string(), link.peer.clone());
         }
         reg.links.insert(link.peer.clone(), link.clone());
-        self.inner.metrics.peer_connections.set(reg.links.len() as i64);
+        self.inner
+            .metrics
+            .peer_connections
+            .set(reg.links.len() as i64);
         Some(link)
     }
 
@@ -216,7 +224,10 @@ impl Transport {
         }
         reg.links.remove(&link.peer);
         reg.at.retain(|_, id| *id != link.peer);
-        self.inner.metrics.peer_connections.set(reg.links.len() as i64);
+        self.inner
+            .metrics
+            .peer_connections
+            .set(reg.links.len() as i64);
         drop(reg);
         match end {
             End::Deliberate => debug!(peer = %link.peer, "peer connection closed"),
@@ -241,7 +252,8 @@ impl Transport {
     ) {
         if !reg.dials.contains_key(addr) {
             let now = Instant::now();
-            reg.failed.retain(|_, at| now.duration_since(*at) < DIAL_BACKOFF);
+            reg.failed
+                .retain(|_, at| now.duration_since(*at) < DIAL_BACKOFF);
             if reg.failed.contains_key(addr) {
                 if let Some(w) = waiter {
                     let _ = w.send(None);
@@ -365,11 +377,6 @@ impl Transport {
             link.close();
         }
     }
-
-    /// Returns the peers with a registered connection.
-    pub fn connected(&self) -> Vec<NodeId> {
-        self.registry().links.keys().cloned().collect()
-    }
 }
 
 impl SendToPeer for Transport {
@@ -390,5 +397,170 @@ impl SendToPeer for Transport {
             return;
         }
         self.via_dial(&mut reg, addr, Some(Frame::Raft(msg)), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{MessageBody, Term};
+
+    /// One transport on a loopback port and what it hands its node.
+    struct TestNode {
+        transport: Transport,
+        inbound: mpsc::Receiver<Inbound>,
+        addr: String,
+        id: NodeId,
+        me: watch::Sender<PeerInfo>,
+        _stop: oneshot::Sender<()>,
+    }
+
+    fn cfg() -> Arc<TransportConfig> {
+        Arc::new(TransportConfig::new("test", b"0123456789abcdef".to_vec()))
+    }
+
+    async fn start(name: &str) -> TestNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let id = NodeId::new(name, 1);
+        let (me, me_rx) = watch::channel(PeerInfo {
+            cluster_id: "test".into(),
+            id: id.clone(),
+            address: addr.clone(),
+            joined: true,
+            term: 1,
+            leader: None,
+            leaving: false,
+        });
+        let (tx, inbound) = mpsc::channel(64);
+        let transport = Transport::new(cfg(), Metrics::new(), me_rx, tx);
+        let (stop_tx, stop) = oneshot::channel::<()>();
+        let serving = transport.clone();
+        tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stop.await;
+                })
+                .await
+        });
+        TestNode {
+            transport,
+            inbound,
+            addr,
+            id,
+            me,
+            _stop: stop_tx,
+        }
+    }
+
+    fn msg(from: &TestNode, to: &TestNode) -> Message {
+        Message {
+            from: from.id.clone(),
+            to: to.id.clone(),
+            term: Term(1),
+            body: MessageBody::PreVoteResponse { granted: true },
+        }
+    }
+
+    async fn next(node: &mut TestNode) -> Inbound {
+        tokio::time::timeout(Duration::from_secs(2), node.inbound.recv())
+            .await
+            .expect("something arrives")
+            .expect("channel open")
+    }
+
+    /// Returns (peer, dialed by this side) of every registered connection.
+    fn links(node: &TestNode) -> Vec<(NodeId, bool)> {
+        let reg = node.transport.registry();
+        reg.links
+            .values()
+            .map(|l| (l.peer.clone(), l.dialed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_answer_travels_back_on_the_connection_its_request_came_on() {
+        let (mut a, mut b) = (start("a").await, start("b").await);
+        a.transport.send(Some(&b.addr), msg(&a, &b));
+        assert!(matches!(next(&mut b).await, Inbound::Message(m) if m.from == a.id));
+        // No address: only the existing connection can carry it.
+        b.transport.send(None, msg(&b, &a));
+        assert!(matches!(next(&mut a).await, Inbound::Message(m) if m.from == b.id));
+        assert_eq!(links(&a), vec![(b.id.clone(), true)]);
+        assert_eq!(links(&b), vec![(a.id.clone(), false)]);
+    }
+
+    #[tokio::test]
+    async fn both_dialing_at_once_settles_on_the_connection_the_lower_id_dialed() {
+        let (mut a, mut b) = (start("a").await, start("b").await);
+        a.transport.send(Some(&b.addr), msg(&a, &b));
+        b.transport.send(Some(&a.addr), msg(&b, &a));
+        assert!(matches!(next(&mut a).await, Inbound::Message(_)));
+        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(links(&a), vec![(b.id.clone(), true)], "a < b: a's dial");
+        assert_eq!(links(&b), vec![(a.id.clone(), false)]);
+        // Closing the loser was deliberate on both sides.
+        assert!(a.inbound.try_recv().is_err() && b.inbound.try_recv().is_err());
+        // And the kept connection carries both ways.
+        b.transport.send(None, msg(&b, &a));
+        assert!(matches!(next(&mut a).await, Inbound::Message(_)));
+    }
+
+    #[tokio::test]
+    async fn a_goodbye_ends_a_connection_without_a_loss_report() {
+        let (a, mut b) = (start("a").await, start("b").await);
+        a.transport.send(Some(&b.addr), msg(&a, &b));
+        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
+        a.transport.close_all();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(links(&b).is_empty() && links(&a).is_empty());
+        assert!(b.inbound.try_recv().is_err(), "no ConnectionLost");
+    }
+
+    #[tokio::test]
+    async fn an_end_without_goodbye_is_reported_as_a_lost_connection() {
+        let mut b = start("b").await;
+        let crasher = PeerInfo {
+            cluster_id: "test".into(),
+            id: NodeId::new("crasher", 9),
+            address: "127.0.0.1:9".into(),
+            joined: true,
+            term: 1,
+            leader: None,
+            leaving: false,
+        };
+        let est = connection::dial(&b.addr, &cfg(), &crasher).await.unwrap();
+        assert_eq!(est.peer.id, b.id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(est); // the socket closes without a goodbye, as in a crash
+        match next(&mut b).await {
+            Inbound::ConnectionLost { peer } => assert_eq!(peer, crasher.id),
+            other => panic!("expected ConnectionLost, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_answers_the_peers_current_identity() {
+        let (a, b) = (start("a").await, start("b").await);
+        let first = a.transport.hello(&b.addr).await.unwrap();
+        assert_eq!((first.id.clone(), first.term), (b.id.clone(), 1));
+        b.me.send_modify(|me| me.term = 5);
+        let second = a.transport.hello(&b.addr).await.unwrap();
+        assert_eq!(second.term, 5, "asked again on the same connection");
+        assert_eq!(links(&a).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_message_for_an_unknown_peer_without_address_is_dropped_and_counted() {
+        let (a, b) = (start("a").await, start("b").await);
+        a.transport.send(None, msg(&a, &b));
+        let errors = a
+            .transport
+            .inner
+            .metrics
+            .peer_rpc_errors
+            .with_label_values(&["unknown_address"]);
+        assert_eq!(errors.get(), 1);
     }
 }

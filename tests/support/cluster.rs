@@ -440,12 +440,10 @@ impl Cluster {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| {
-                let bin = self.config.binary.display();
-                panic!("cannot start {bin} for {}: {e}", node.name)
-            });
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            let bin = self.config.binary.display();
+            panic!("cannot start {bin} for {}: {e}", node.name)
+        });
         node.child = Some(child);
         node.exit = None;
     }
