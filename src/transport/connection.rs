@@ -168,6 +168,10 @@ pub struct Link {
     closing: Arc<AtomicBool>,
 }
 
+/// A frame could not be queued: the peer's queue is full or its writer gone.
+#[derive(Debug)]
+pub struct QueueFull;
+
 /// How a connection ended, as the reader saw it.
 #[derive(Debug)]
 pub enum End {
@@ -233,9 +237,10 @@ impl Link {
         link
     }
 
-    /// Queues `frame`; returns it when the queue is full or the writer gone.
-    pub fn try_send(&self, frame: Frame) -> Result<(), Frame> {
-        self.out.try_send(frame).map_err(|e| e.into_inner())
+    /// Queues `frame`; fails (dropping it) when the queue is full or the
+    /// writer gone.
+    pub fn try_send(&self, frame: Frame) -> Result<(), QueueFull> {
+        self.out.try_send(frame).map_err(|_| QueueFull)
     }
 
     /// Closes on purpose: what is queued goes first, then a goodbye. The
