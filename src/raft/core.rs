@@ -17,6 +17,11 @@
 //! node refuses votes while it heard from a leader in the last
 //! `election_timeout_min` (stickiness). Together these guarantee that no two
 //! nodes hold a lease at the same instant, given bounded clock drift.
+//!
+//! Retiring (a node that got SIGTERM, see [`RaftCore::retire`]): it never
+//! campaigns, never becomes leader and answers TimeoutNow with Leave (the
+//! refusal); a retiring leader hands over to a voter not known to be
+//! retiring, or [`abdicates`](RaftCore::abdicate) when none is left.
 
 use super::config::{Config, MAX_ENTRIES_PER_MESSAGE};
 use super::log::RaftLog;
@@ -238,6 +243,16 @@ pub struct RaftCore {
     /// Voters that answered this campaign, and how.
     votes: BTreeMap<NodeId, bool>,
     lead: Option<LeaderState>,
+    /// Set by [`retire`](Self::retire), never cleared: this node is going
+    /// away and must not lead again.
+    retiring: bool,
+    /// Members known to be going away (they sent Leave, or the runtime saw
+    /// them say so); never transfer targets. Only members of the current
+    /// configuration are kept.
+    retiring_peers: BTreeSet<NodeId>,
+    /// The term in which this node's leader left without a successor
+    /// ([`abdicate`](Self::abdicate)): the group is going away.
+    abdicated_in: Option<Term>,
     // Output.
     messages: Vec<Message>,
     hard_state_dirty: bool,
@@ -296,6 +311,9 @@ impl RaftCore {
             last_leader_contact: now,
             votes: BTreeMap::new(),
             lead: None,
+            retiring: false,
+            retiring_peers: BTreeSet::new(),
+            abdicated_in: None,
             messages: Vec::new(),
             hard_state_dirty: false,
             published: None,
@@ -410,6 +428,29 @@ impl RaftCore {
     /// Returns when this node last heard from a live leader (or led a round).
     pub fn last_leader_contact(&self) -> Time {
         self.last_leader_contact
+    }
+
+    /// Returns whether [`retire`](Self::retire) was called.
+    pub fn is_retiring(&self) -> bool {
+        self.retiring
+    }
+
+    /// Returns whether every voter other than this node is known to be
+    /// retiring: nobody is left to hand leadership over to, or to remove
+    /// this node.
+    pub fn others_retiring(&self) -> bool {
+        self.config
+            .voters
+            .keys()
+            .filter(|v| **v != self.id)
+            .all(|v| self.retiring_peers.contains(v))
+    }
+
+    /// Returns whether the leader of the current term left without a
+    /// successor ([`abdicate`](Self::abdicate)): every voter it knew of was
+    /// going away.
+    pub fn leader_abdicated(&self) -> bool {
+        self.lead.is_none() && self.abdicated_in == Some(self.term)
     }
 
     /// Returns whether a leader transfer is under way.
@@ -592,7 +633,8 @@ impl RaftCore {
         Ok(self.append_config(next))
     }
 
-    /// Hands leadership to `target`, or to the most up-to-date other voter.
+    /// Hands leadership to `target`, or to the most up-to-date other voter
+    /// not known to be retiring.
     /// The lease is given up at once and not regained in this term; if the
     /// target has not taken over within `election_timeout_min`, this node
     /// steps down and a normal election follows.
@@ -617,7 +659,7 @@ impl RaftCore {
                 .config
                 .voters
                 .keys()
-                .filter(|v| **v != self.id)
+                .filter(|v| **v != self.id && !self.retiring_peers.contains(*v))
                 .max_by_key(|v| {
                     let p = lead.progress.get(*v);
                     (
@@ -659,6 +701,51 @@ impl RaftCore {
         }
     }
 
+    /// Marks this node as going away for good (SIGTERM). From here on it
+    /// never starts a pre-vote or an election, never becomes leader, and
+    /// answers TimeoutNow with Leave (a refusal the leader acts on at once).
+    /// A pre-candidate or candidate gives up its campaign at once; a leader
+    /// keeps leading until it hands over ([`transfer_leadership`](Self::transfer_leadership))
+    /// or [`abdicate`](Self::abdicate)s. It still votes for others: a
+    /// retiring voter's vote may be what lets the rest elect a successor.
+    pub fn retire(&mut self, now: Time) {
+        self.retiring = true;
+        if matches!(self.role, Role::PreCandidate | Role::Candidate) {
+            let term = self.term;
+            self.become_follower(now, term, None);
+        }
+    }
+
+    /// Records that member `id` is going away (e.g. its hello said so): it
+    /// is no longer a transfer target. Non-members are ignored.
+    pub fn note_retiring(&mut self, id: &NodeId) {
+        if self.config.contains(id) && *id != self.id {
+            self.retiring_peers.insert(id.clone());
+        }
+    }
+
+    /// Steps down without a successor and sends Leave to every other member,
+    /// so that retiring followers stop waiting for a leader that will never
+    /// remove them. Only a retiring leader abdicates (returns whether it
+    /// did); call it when [`transfer_leadership`](Self::transfer_leadership)
+    /// finds nobody to hand over to.
+    pub fn abdicate(&mut self, now: Time) -> bool {
+        if self.lead.is_none() || !self.retiring {
+            return false;
+        }
+        let others: Vec<NodeId> = self
+            .config
+            .members()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in others {
+            self.send(id, MessageBody::Leave);
+        }
+        self.step_down(now);
+        true
+    }
+
     /// Changes the election timeout range; takes effect at the next timer reset.
     /// The range MUST keep `min <= max` and `heartbeat < min`.
     pub fn set_election_timeouts(&mut self, min: Duration, max: Duration) {
@@ -693,8 +780,8 @@ impl RaftCore {
     }
 
     fn election_timeout(&mut self, now: Time) {
-        if !self.config.is_voter(&self.id) {
-            // Learners and non-members never campaign.
+        if !self.config.is_voter(&self.id) || self.retiring {
+            // Learners, non-members and retiring nodes never campaign.
             self.reset_election_timer(now);
             return;
         }
@@ -764,6 +851,9 @@ impl RaftCore {
 
     /// Starts an election in the next term (Raft paper §5.2).
     fn campaign(&mut self, now: Time, transfer: bool) {
+        if self.retiring {
+            return;
+        }
         self.term = self.term.next();
         self.voted_for = Some(self.id.clone());
         self.hard_state_dirty = true;
@@ -810,7 +900,11 @@ impl RaftCore {
         let quorum = self.config.quorum();
         let yes = self.votes.values().filter(|g| **g).count();
         let no = self.votes.len() - yes;
-        if yes >= quorum {
+        if yes >= quorum && self.retiring {
+            // A node going away never accepts leadership.
+            let term = self.term;
+            self.become_follower(now, term, None);
+        } else if yes >= quorum {
             match role {
                 Role::PreCandidate => self.campaign(now, false),
                 _ => self.become_leader(now),
@@ -932,14 +1026,32 @@ impl RaftCore {
             // Only the leader of this term may hand over its term.
             return;
         }
+        if self.retiring {
+            // Refuse: Leave tells the leader to pick another target now
+            // rather than wait out the transfer deadline.
+            self.send(from, MessageBody::Leave);
+            return;
+        }
         self.campaign(now, true);
     }
 
+    /// A member is going away: a leader removes it (and picks another
+    /// transfer target if it was the target); a follower whose own leader
+    /// sends Leave learns that the leader left without a successor.
     fn handle_leave(&mut self, from: NodeId) {
+        if !self.config.contains(&from) {
+            return;
+        }
+        self.retiring_peers.insert(from.clone());
         if let Some(lead) = self.lead.as_mut() {
-            if self.config.contains(&from) {
-                lead.leaving.insert(from);
+            if lead.transfer.as_ref().is_some_and(|t| t.target == from) {
+                // The target refused; the lease stays forfeited if
+                // TimeoutNow went out.
+                lead.transfer = None;
             }
+            lead.leaving.insert(from);
+        } else if self.leader.as_ref() == Some(&from) {
+            self.abdicated_in = Some(self.term);
         }
     }
 
@@ -1437,6 +1549,8 @@ impl RaftCore {
         let (index, config) = self.log.latest_config();
         self.config_index = index;
         self.config = config.clone();
+        let config = &self.config;
+        self.retiring_peers.retain(|id| config.contains(id));
         let last = self.log.last_index();
         let me = self.id.clone();
         // A member removed by a still-uncommitted change keeps receiving
