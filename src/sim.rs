@@ -513,8 +513,9 @@ impl Sim {
     }
 
     /// Retires the node in `slot` (SIGTERM: it never campaigns or leads
-    /// again); a leader hands over to a voter not known to be retiring, or
-    /// abdicates when none is left. Returns whether it was leading.
+    /// again) as the runtime does: a leader hands over to a voter not known
+    /// to be retiring, or abdicates when none is left; anyone else asks to
+    /// leave once. Returns whether it was leading.
     pub fn retire(&mut self, slot: usize) -> bool {
         let now = self.local_now(slot);
         let Some(core) = self.nodes[slot].core.as_mut() else {
@@ -522,6 +523,9 @@ impl Sim {
         };
         core.retire(now);
         let leading = core.role() == Role::Leader;
+        if !leading {
+            core.leave();
+        }
         self.process_ready(slot);
         leading
     }

@@ -30,7 +30,7 @@ use super::types::{Configuration, HardState, LogIndex, NodeId, Payload, Snapshot
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 use thiserror::Error;
@@ -215,7 +215,14 @@ struct LeaderState {
     transfer: Option<Transfer>,
     /// Members that asked to leave and wait for removal.
     leaving: BTreeSet<NodeId>,
+    /// Members this leader removed, latest last (at most
+    /// [`REMEMBERED_REMOVALS`]): told too when it abdicates, since one may
+    /// not have received its removal yet.
+    removed: VecDeque<NodeId>,
 }
+
+/// How many removals a leader remembers for [`RaftCore::abdicate`].
+const REMEMBERED_REMOVALS: usize = 16;
 
 /// One node's Raft state machine: pure, driven by [`tick`](RaftCore::tick)
 /// and [`step`](RaftCore::step), its output taken with
@@ -630,6 +637,12 @@ impl RaftCore {
         let mut next = self.config.clone();
         next.voters.remove(id);
         next.learners.remove(id);
+        if let Some(lead) = self.lead.as_mut() {
+            if lead.removed.len() == REMEMBERED_REMOVALS {
+                lead.removed.pop_front();
+            }
+            lead.removed.push_back(id.clone());
+        }
         Ok(self.append_config(next))
     }
 
@@ -684,7 +697,9 @@ impl RaftCore {
     }
 
     /// Asks the leader to remove this node (graceful leave). Returns whether a
-    /// leader was known to ask.
+    /// leader was known to ask. Without one, tells every other voter
+    /// instead: whoever leads next removes this node and never hands
+    /// leadership to it, and a group going away learns who is leaving.
     pub fn leave(&mut self) -> bool {
         match self.leader.clone() {
             Some(l) if l != self.id => {
@@ -697,7 +712,19 @@ impl RaftCore {
                 }
                 true
             }
-            None => false,
+            None => {
+                let voters: Vec<NodeId> = self
+                    .config
+                    .voters
+                    .keys()
+                    .filter(|v| **v != self.id)
+                    .cloned()
+                    .collect();
+                for v in voters {
+                    self.send(v, MessageBody::Leave);
+                }
+                false
+            }
         }
     }
 
@@ -730,14 +757,18 @@ impl RaftCore {
     /// did); call it when [`transfer_leadership`](Self::transfer_leadership)
     /// finds nobody to hand over to.
     pub fn abdicate(&mut self, now: Time) -> bool {
-        if self.lead.is_none() || !self.retiring {
+        let Some(lead) = self.lead.as_ref().filter(|_| self.retiring) else {
             return false;
-        }
-        let others: Vec<NodeId> = self
+        };
+        // Members it removed too: one may not have its removal yet and
+        // would otherwise wait for a leader that is gone.
+        let others: BTreeSet<NodeId> = self
             .config
             .members()
-            .filter(|(id, _)| **id != self.id)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id)
+            .chain(lead.removed.iter())
+            .filter(|id| **id != self.id)
+            .cloned()
             .collect();
         for id in others {
             self.send(id, MessageBody::Leave);
@@ -1104,6 +1135,7 @@ impl RaftCore {
             lease_forfeited: false,
             transfer: None,
             leaving: BTreeSet::new(),
+            removed: VecDeque::new(),
         });
         self.broadcast_append(now);
         self.maybe_commit(now);

@@ -995,3 +995,38 @@ fn retiring_peers_outside_the_configuration_are_not_kept() {
     b.note_retiring(&id("c"));
     assert!(b.others_retiring());
 }
+
+#[test]
+fn a_node_that_leaves_without_a_known_leader_tells_every_other_voter() {
+    let mut b = node("b");
+    b.retire(ms(1000));
+    b.take_ready();
+    assert!(!b.leave(), "no leader known");
+    let mut sent = sent_kinds(&b.take_ready());
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![("a".to_string(), "leave"), ("c".to_string(), "leave")]
+    );
+}
+
+#[test]
+fn an_abdicating_leader_also_tells_the_members_it_just_removed() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    a.step(ms(2001), ack("c", 1, 2, ms(2000))).unwrap();
+    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave)).unwrap();
+    a.tick(ms(2050));
+    assert!(!a.configuration().0.contains(&id("c")), "c removed");
+    a.take_ready();
+    a.retire(ms(2051));
+    a.step(ms(2052), msg("b", "a", 1, MessageBody::Leave)).unwrap();
+    assert!(a.transfer_leadership(ms(2052), None).is_err());
+    assert!(a.abdicate(ms(2052)));
+    let mut sent = sent_kinds(&a.take_ready());
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![("b".to_string(), "leave"), ("c".to_string(), "leave")]
+    );
+}

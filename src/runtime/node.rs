@@ -582,6 +582,8 @@ impl NodeTask {
         info!(role = %self.core.role(), "shutting down: retiring, never leading again");
         self.handle_ready()?;
         let mut next_leave = Instant::now();
+        // The leader last asked: a new one (or none) is asked at once.
+        let mut asked: Option<Option<NodeId>> = None;
         let reason = loop {
             if let Some(reason) = self.nothing_left_to_wait_for() {
                 break reason;
@@ -602,7 +604,10 @@ impl NodeTask {
                         }
                     }
                 }
-            } else if Instant::now() >= next_leave {
+            } else if Instant::now() >= next_leave
+                || asked.as_ref() != Some(&self.core.leader().cloned())
+            {
+                asked = Some(self.core.leader().cloned());
                 if self.core.leave() {
                     debug!("asked the leader to remove this member");
                 }
