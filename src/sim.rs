@@ -751,8 +751,14 @@ impl Sim {
                 }
             }
             if self.nodes[slot].last_role != Role::Leader {
-                if self.nodes[slot].core.as_ref().is_some_and(|c| c.is_retiring()) {
-                    self.violation(format!("{id} became leader of term {term} after it retired"));
+                if self.nodes[slot]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.is_retiring())
+                {
+                    self.violation(format!(
+                        "{id} became leader of term {term} after it retired"
+                    ));
                 }
                 self.check_leader_completeness(slot);
             }

@@ -45,7 +45,9 @@ async fn wait_for_voters(cluster: &Cluster, voters: usize, what: &str) -> usize 
                 .is_some_and(|(_, v, l)| (v, l) == (voters, 0))
         })
         .await;
-    configuration(cluster).await.map_or(0, |(leader, _, _)| leader)
+    configuration(cluster)
+        .await
+        .map_or(0, |(leader, _, _)| leader)
 }
 
 /// Returns the JSON log lines of the process a slot runs (or ran) last.
@@ -139,7 +141,10 @@ async fn scaling_five_to_three_removes_the_departed_members_for_good() {
     let mut adds_before = BTreeMap::new();
     for &s in &survivors {
         let adds = cluster
-            .metric(s, "raft_elector_membership_changes_total{kind=\"add_learner\"}")
+            .metric(
+                s,
+                "raft_elector_membership_changes_total{kind=\"add_learner\"}",
+            )
             .await
             .unwrap_or(0.0);
         adds_before.insert(s, adds);
@@ -161,7 +166,11 @@ async fn scaling_five_to_three_removes_the_departed_members_for_good() {
         let addr = cluster.node(d).advertise;
         watchers.push((d, exited, watch_departed(addr, exited).await));
     }
-    let last_exit = watchers.iter().map(|(_, at, _)| *at).max().unwrap_or(termed);
+    let last_exit = watchers
+        .iter()
+        .map(|(_, at, _)| *at)
+        .max()
+        .unwrap_or(termed);
     wait_for_voters(&cluster, 3, "three voters, no learner").await;
     let settled = last_exit.elapsed();
     // Well past the re-add window of the old bug (a sighting stays fresh
@@ -180,7 +189,11 @@ async fn scaling_five_to_three_removes_the_departed_members_for_good() {
             exited.duration_since(termed)
         );
         assert_eq!(left["fields"]["removed"], Value::Bool(true), "node-{d}");
-        assert_eq!(arrivals.raft_after(WITHIN), 0, "Raft RPCs to departed node-{d}: {arrivals:?}");
+        assert_eq!(
+            arrivals.raft_after(WITHIN),
+            0,
+            "Raft RPCs to departed node-{d}: {arrivals:?}"
+        );
         assert_eq!(
             arrivals.all_after(Duration::from_secs(3)),
             0,
@@ -191,10 +204,16 @@ async fn scaling_five_to_three_removes_the_departed_members_for_good() {
     assert_eq!((voters, learners), (3, 0), "departed members were re-added");
     for &s in &survivors {
         let adds = cluster
-            .metric(s, "raft_elector_membership_changes_total{kind=\"add_learner\"}")
+            .metric(
+                s,
+                "raft_elector_membership_changes_total{kind=\"add_learner\"}",
+            )
             .await
             .unwrap_or(0.0);
-        assert_eq!(adds, adds_before[&s], "node-{s} proposed AddLearner after the scale-down");
+        assert_eq!(
+            adds, adds_before[&s],
+            "node-{s} proposed AddLearner after the scale-down"
+        );
         let re_added = last_run(&cluster.node(s).log).iter().any(|l| {
             let change = l["fields"]["change"].as_str().unwrap_or("");
             change.contains("AddLearner")
@@ -202,7 +221,10 @@ async fn scaling_five_to_three_removes_the_departed_members_for_good() {
                     .iter()
                     .any(|d| change.contains(&format!("\"node-{d}\"")))
         });
-        assert!(!re_added, "node-{s} logged an AddLearner of a departed member");
+        assert!(
+            !re_added,
+            "node-{s} logged an AddLearner of a departed member"
+        );
     }
     eprintln!(
         "scale 5 -> 3: 3 voters / 0 learners {settled:?} after the last exit ({:?} after SIGTERM)",
@@ -228,7 +250,10 @@ async fn group_shutdowns(n: usize, trials: usize, net: u8) -> Vec<Duration> {
         }
         for (slot, at) in termed.into_iter().enumerate() {
             let status = cluster.wait_exit(slot, EXIT).await;
-            assert!(status.success(), "trial {trial}: node-{slot} exited with {status}");
+            assert!(
+                status.success(),
+                "trial {trial}: node-{slot} exited with {status}"
+            );
             exits.push(at.elapsed());
         }
         let mut removed = Vec::new();
@@ -299,7 +324,11 @@ async fn rolling_restart(n: usize, net: u8) -> (usize, usize) {
         assert!(exit.success(), "node-{slot} exited with {exit}");
         let left = last_run(&cluster.node(slot).log);
         let left = left_line(&left).expect("a 'left the cluster' line");
-        assert_eq!(left["fields"]["removed"], Value::Bool(true), "node-{slot}: {left}");
+        assert_eq!(
+            left["fields"]["removed"],
+            Value::Bool(true),
+            "node-{slot}: {left}"
+        );
         cluster.restart(slot, false).await;
         wait_for_voters(&cluster, n, "the new incarnation joined as a voter").await;
     }

@@ -415,7 +415,12 @@ fn a_group_retiring_at_once_elects_nobody_and_its_leader_abdicates() {
                             c.leader().map(|l| l.name.clone()),
                             c.leader_abdicated(),
                             c.others_retiring(),
-                            c.configuration().0.voters.keys().map(|v| v.name.clone()).collect::<Vec<_>>()
+                            c.configuration()
+                                .0
+                                .voters
+                                .keys()
+                                .map(|v| v.name.clone())
+                                .collect::<Vec<_>>()
                         )
                     })
                     .collect::<Vec<_>>()

@@ -260,6 +260,8 @@ pub struct RaftCore {
     /// The term in which this node's leader left without a successor
     /// ([`abdicate`](Self::abdicate)): the group is going away.
     abdicated_in: Option<Term>,
+    /// The latest term this node led. Reset never; volatile.
+    led_term: Option<Term>,
     // Output.
     messages: Vec<Message>,
     hard_state_dirty: bool,
@@ -321,6 +323,7 @@ impl RaftCore {
             retiring: false,
             retiring_peers: BTreeSet::new(),
             abdicated_in: None,
+            led_term: None,
             messages: Vec::new(),
             hard_state_dirty: false,
             published: None,
@@ -700,6 +703,9 @@ impl RaftCore {
     /// leader was known to ask. Without one, tells every other voter
     /// instead: whoever leads next removes this node and never hands
     /// leadership to it, and a group going away learns who is leaving.
+    /// Except a leader that stepped down in this term: its followers may
+    /// still take it for their leader, and Leave from their leader means it
+    /// [abdicated](Self::abdicate); it asks the next leader instead.
     pub fn leave(&mut self) -> bool {
         match self.leader.clone() {
             Some(l) if l != self.id => {
@@ -712,6 +718,7 @@ impl RaftCore {
                 }
                 true
             }
+            None if self.led_term == Some(self.term) => false,
             None => {
                 let voters: Vec<NodeId> = self
                     .config
@@ -1112,6 +1119,7 @@ impl RaftCore {
 
     fn become_leader(&mut self, now: Time) {
         self.role = Role::Leader;
+        self.led_term = Some(self.term);
         self.leader = Some(self.id.clone());
         self.votes.clear();
         // Probe from the log as it was before the no-op, so the first append

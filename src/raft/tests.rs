@@ -890,7 +890,8 @@ fn a_retiring_follower_answers_timeout_now_from_its_leader_with_leave() {
     let t = ms(4000);
     let mut b = follower_b_of_a(t);
     b.retire(t);
-    b.step(t, msg("a", "b", 1, MessageBody::TimeoutNow)).unwrap();
+    b.step(t, msg("a", "b", 1, MessageBody::TimeoutNow))
+        .unwrap();
     assert_eq!(b.role(), Role::Follower);
     assert_eq!(b.term(), Term(1), "no campaign");
     let ready = b.take_ready();
@@ -936,15 +937,20 @@ fn a_leader_whose_transfer_target_refuses_hands_over_to_the_next_voter_at_once()
     let second = a.transfer_leadership(ms(2003), None).unwrap();
     assert_ne!(second, first, "a retiring voter is no target");
     let ready = a.take_ready();
-    assert_eq!(sent_kinds(&ready), vec![(second.name.clone(), "timeout_now")]);
+    assert_eq!(
+        sent_kinds(&ready),
+        vec![(second.name.clone(), "timeout_now")]
+    );
 }
 
 #[test]
 fn a_retiring_leader_with_every_other_voter_leaving_abdicates_and_tells_every_member() {
     let mut a = leader_a();
     a.retire(ms(2001));
-    a.step(ms(2001), msg("b", "a", 1, MessageBody::Leave)).unwrap();
-    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave)).unwrap();
+    a.step(ms(2001), msg("b", "a", 1, MessageBody::Leave))
+        .unwrap();
+    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave))
+        .unwrap();
     assert!(a.others_retiring());
     assert_eq!(
         a.transfer_leadership(ms(2002), None),
@@ -1015,12 +1021,14 @@ fn an_abdicating_leader_also_tells_the_members_it_just_removed() {
     let mut a = leader_a();
     a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
     a.step(ms(2001), ack("c", 1, 2, ms(2000))).unwrap();
-    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave)).unwrap();
+    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave))
+        .unwrap();
     a.tick(ms(2050));
     assert!(!a.configuration().0.contains(&id("c")), "c removed");
     a.take_ready();
     a.retire(ms(2051));
-    a.step(ms(2052), msg("b", "a", 1, MessageBody::Leave)).unwrap();
+    a.step(ms(2052), msg("b", "a", 1, MessageBody::Leave))
+        .unwrap();
     assert!(a.transfer_leadership(ms(2052), None).is_err());
     assert!(a.abdicate(ms(2052)));
     let mut sent = sent_kinds(&a.take_ready());
@@ -1028,5 +1036,21 @@ fn an_abdicating_leader_also_tells_the_members_it_just_removed() {
     assert_eq!(
         sent,
         vec![("b".to_string(), "leave"), ("c".to_string(), "leave")]
+    );
+}
+
+#[test]
+fn a_leader_that_stepped_down_in_this_term_does_not_tell_its_followers_it_leaves() {
+    let mut a = leader_a();
+    a.retire(ms(2001));
+    a.transfer_leadership(ms(2001), None).unwrap();
+    a.take_ready();
+    // The target never takes over: a steps down at the transfer deadline.
+    a.tick(ms(2001) + Duration::from_millis(150));
+    assert_eq!(a.role(), Role::Follower);
+    assert!(!a.leave());
+    assert!(
+        a.take_ready().messages.is_empty(),
+        "a Leave from their leader would tell b and c the group is going away"
     );
 }

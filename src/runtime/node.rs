@@ -239,6 +239,9 @@ impl NodeTask {
     fn step_message(&mut self, msg: Message) {
         let now = self.now();
         let (from, kind) = (msg.from.clone(), msg.body.kind());
+        if matches!(msg.body, MessageBody::Leave | MessageBody::TimeoutNow) {
+            debug!(%from, kind, term = msg.term.0, "lifecycle message");
+        }
         if let Err(e) = self.core.step(now, msg) {
             self.metrics
                 .rejected_messages
@@ -614,7 +617,13 @@ impl NodeTask {
                 next_leave = Instant::now() + LEAVE_RETRY;
             }
             self.handle_ready()?;
-            let wake = next_leave.min(deadline).min(Instant::now() + LEAVE_RECHECK);
+            // Never a wakeup in the past: that would spin without yielding
+            // and starve the tasks that carry this node's messages.
+            let now = Instant::now();
+            let mut wake = (now + LEAVE_RECHECK).min(deadline);
+            if next_leave > now {
+                wake = wake.min(next_leave);
+            }
             self.pump(inbound, seen, wake).await?;
         };
         let removed = !self.core.configuration().0.contains(self.core.id());
@@ -647,9 +656,7 @@ impl NodeTask {
         if self.core.leader_abdicated() {
             return Some("the leader left without a successor: the group is going away");
         }
-        let silent = self
-            .now()
-            .saturating_since(self.core.last_leader_contact())
+        let silent = self.now().saturating_since(self.core.last_leader_contact())
             >= self.core.config().election_timeout_max;
         if self.core.others_retiring() && silent {
             return Some("every other voter is leaving and no leader is left");
