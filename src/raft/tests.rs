@@ -573,8 +573,58 @@ fn bootstrap_is_refused_once_a_node_has_state() {
     let mut x = RaftCore::fresh(Config::default(), id("x"), "x:1".into(), 1, ms(1));
     assert_eq!(
         x.bootstrap(three_voters(), ms(1)),
-        Err(BootstrapError::SelfNotVoter)
+        Err(BootstrapError::SelfNotMember)
     );
+}
+
+#[test]
+fn a_promised_node_refuses_strangers_and_any_other_first_configuration() {
+    let mut x = RaftCore::fresh(Config::default(), id("a"), "a:1".into(), 1, ms(1));
+    x.lock_bootstrap(three_voters()).unwrap();
+    assert_eq!(
+        x.take_ready().hard_state.and_then(|h| h.bootstrap_lock),
+        Some(three_voters()),
+        "the promise is in the hard state to persist"
+    );
+    let other = Configuration::with_voters(["a", "d", "e"].map(|n| (id(n), format!("{n}:1"))));
+    assert_eq!(
+        x.lock_bootstrap(other.clone()),
+        Err(BootstrapError::LockedToAnother)
+    );
+    assert_eq!(
+        x.bootstrap(other, ms(2)),
+        Err(BootstrapError::LockedToAnother)
+    );
+    let stranger = msg(
+        "d",
+        "a",
+        3,
+        MessageBody::RequestVote {
+            last_log_index: 1,
+            last_log_term: Term(0),
+            transfer: false,
+        },
+    );
+    assert_eq!(
+        x.step(ms(500), stranger),
+        Err(StepError::OutsideBootstrapLock { from: id("d") })
+    );
+    assert_eq!(x.term(), Term(0), "a refused message changes nothing");
+    // A member's vote request moves the term; bootstrap still works after it.
+    let member = msg(
+        "b",
+        "a",
+        3,
+        MessageBody::RequestVote {
+            last_log_index: 1,
+            last_log_term: Term(0),
+            transfer: false,
+        },
+    );
+    x.step(ms(500), member).unwrap();
+    assert_eq!(x.term(), Term(3));
+    x.bootstrap(three_voters(), ms(501)).unwrap();
+    assert!(x.is_pristine_bootstrap());
 }
 
 #[test]

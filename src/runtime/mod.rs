@@ -14,10 +14,12 @@
 //!        HTTP API (/is-leader, /leader, wait, /metrics)    status file (optional)
 //! ```
 
+pub mod bootstrap;
 pub mod membership;
 pub mod node;
 pub mod streams;
 pub mod timer;
 
+pub use bootstrap::{BootstrapAuthority, BootstrapStep, LocalAgreement};
 pub use membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 pub use node::{NodeError, NodeOptions, NodeTask};

@@ -22,12 +22,13 @@
 //! not once per answer. Should the lease come to end before the next round
 //! (answers missing), it wakes just before the end to read what arrived.
 
+use super::bootstrap::{BootstrapAuthority, BootstrapStep, LocalAgreement, LocalView, PeerReport};
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::streams::InboundStreams;
 use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
+use crate::raft::{Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
 use crate::transport::{AcceptedStream, Inbound, PeerClient, PeerInfo};
 use std::collections::HashMap;
@@ -49,8 +50,6 @@ const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
 const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
-/// How recently a peer must have answered to count for bootstrap.
-const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
 /// How much longer than the next heartbeat round the lease must last for a
 /// leader to send over peer streams, whose answers it reads only at its next
 /// wakeup.
@@ -66,8 +65,8 @@ pub struct NodeOptions {
     pub cluster_id: String,
     /// Address peers reach this node at.
     pub advertise: String,
-    /// Local bootstrap: form the cluster once this many members (self
-    /// included) are seen and none has joined one; the lowest id bootstraps.
+    /// Local bootstrap: the first configuration holds this many members
+    /// (self included), agreed on by all of them (`runtime::bootstrap`).
     /// `None`: only join a cluster formed elsewhere.
     pub bootstrap_expect: Option<usize>,
     /// Membership debounce and removal grace.
@@ -101,8 +100,8 @@ pub struct NodeTask {
     last_view: Option<Leadership>,
     /// When the known leader was lost (for the election-duration histogram).
     leader_lost_at: Option<Instant>,
-    /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
-    bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
+    /// Who decides the first configuration (`None`: join only).
+    bootstrap: Option<Box<dyn BootstrapAuthority>>,
     /// The sender of the message just stepped and its reply slot; filled by
     /// the next `handle_ready`, after the save.
     pending_reply: Option<(NodeId, ReplyTo)>,
@@ -129,6 +128,10 @@ impl NodeTask {
         identity_tx: watch::Sender<PeerInfo>,
     ) -> NodeTask {
         let membership = MembershipDriver::new(opts.membership.clone(), Instant::now());
+        let bootstrap = opts.bootstrap_expect.map(|expect| {
+            Box::new(LocalAgreement::new(expect, core.config().max_voters))
+                as Box<dyn BootstrapAuthority>
+        });
         let heartbeat = core.config().heartbeat_interval;
         let max_frame = opts.max_frame_bytes;
         let metrics_for_streams = metrics.clone();
@@ -145,7 +148,7 @@ impl NodeTask {
             directory: HashMap::new(),
             last_view: None,
             leader_lost_at: None,
-            bootstrap_seen: HashMap::new(),
+            bootstrap,
             pending_reply: None,
             shutting_down: false,
             timer: DeadlineTimer::new(),
@@ -251,15 +254,31 @@ impl NodeTask {
         }
         let now = Instant::now();
         self.directory.insert(info.id.clone(), info.address.clone());
-        if info.leaving {
+        // A node holding a bootstrap promise and no log is about to form
+        // its own first configuration: never add it (runtime::bootstrap).
+        let promised = info.bootstrap_lock.is_some() && !info.joined;
+        if info.leaving || promised {
             // A member on its way out is neither added again nor waited for.
             self.membership.forget(&info.id);
         } else {
             self.membership
                 .observe(info.id.clone(), info.address.clone(), now);
         }
-        self.bootstrap_seen
-            .insert(info.id.clone(), (info.joined, now));
+        if let Some(authority) = self.bootstrap.as_mut() {
+            let t = Time::from_nanos(now.duration_since(self.epoch).as_nanos() as u64);
+            authority.observe(
+                t,
+                PeerReport {
+                    id: info.id,
+                    address: info.address,
+                    joined: info.joined,
+                    leaving: info.leaving,
+                    lock: info.bootstrap_lock,
+                },
+            );
+            // Decide at once: the agreement advances one hello answer at a time.
+            self.run_bootstrap();
+        }
     }
 
     /// Returns how often housekeeping runs: often where it decides something
@@ -276,7 +295,7 @@ impl NodeTask {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
-        self.maybe_bootstrap(now);
+        self.run_bootstrap();
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
         }
@@ -287,39 +306,70 @@ impl NodeTask {
 impl NodeTask {
     // ----- bootstrap and membership --------------------------------------------
 
-    /// Local bootstrap: once `bootstrap_expect` members (self included) answer
-    /// and none of them has joined a cluster, the lowest id forms a cluster of
-    /// itself; everyone else is then added by its membership driver.
-    fn maybe_bootstrap(&mut self, now: Instant) {
-        let Some(expect) = self.opts.bootstrap_expect else {
+    /// Asks the bootstrap authority for its next step and applies it: a
+    /// promise (persisted by the next `handle_ready`, then reported), the
+    /// first configuration, or a new incarnation.
+    fn run_bootstrap(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        let Some(authority) = self.bootstrap.as_mut() else {
             return;
         };
-        if !self.core.log().is_empty() || self.shutting_down {
+        let now = Time::from_nanos(Instant::now().duration_since(self.epoch).as_nanos() as u64);
+        let core = &self.core;
+        let log_empty = core.log().is_empty();
+        // Cheap exit for a member of a running cluster (the common case).
+        if !log_empty && !core.is_pristine_bootstrap() {
             return;
         }
-        let fresh: Vec<(&NodeId, bool)> = self
-            .bootstrap_seen
-            .iter()
-            .filter(|(_, (_, at))| now.saturating_duration_since(*at) <= BOOTSTRAP_FRESHNESS)
-            .map(|(id, (joined, _))| (id, *joined))
-            .collect();
-        if fresh.iter().any(|(_, joined)| *joined) {
-            return; // a cluster exists: wait to be added to it
+        let local = LocalView {
+            id: core.id(),
+            address: &self.opts.advertise,
+            log_empty,
+            pristine: core.is_pristine_bootstrap(),
+            config: core.configuration().0,
+            lock: core.bootstrap_lock(),
+        };
+        let step = authority.decide(now, &local);
+        for refusal in authority.take_refusals() {
+            warn!("{refusal}");
         }
-        if fresh.len() + 1 < expect {
+        let Some(step) = step else {
             return;
-        }
+        };
         let me = self.core.id().clone();
-        if fresh.iter().any(|(id, _)| **id < me) {
-            return; // a lower id bootstraps
-        }
-        let config = Configuration::with_voters([(me.clone(), self.opts.advertise.clone())]);
-        let t = self.now();
-        match self.core.bootstrap(config, t) {
-            Ok(()) => {
-                info!(node = %me, seen = fresh.len() + 1, "bootstrapped a new cluster as its first voter")
+        match step {
+            BootstrapStep::Lock(config) => {
+                let members = config.voters.len() + config.learners.len();
+                match self.core.lock_bootstrap(config) {
+                    Ok(()) => info!(node = %me, members, "promised a first configuration"),
+                    Err(e) => warn!(error = %e, "bootstrap promise refused"),
+                }
             }
-            Err(e) => warn!(error = %e, "bootstrap refused"),
+            BootstrapStep::Bootstrap(config) => {
+                let (voters, learners) = (config.voters.len(), config.learners.len());
+                match self.core.bootstrap(config, now) {
+                    Ok(()) => {
+                        self.metrics.bootstraps.inc();
+                        info!(node = %me, voters, learners, "bootstrapped the first configuration")
+                    }
+                    Err(e) => warn!(error = %e, "bootstrap refused"),
+                }
+            }
+            BootstrapStep::Abandon(reason) => {
+                let id = NodeId::new(me.name.clone(), rand::random());
+                info!(old = %me, new = %id, reason, "giving up the bootstrap attempt; continuing as a new incarnation");
+                self.metrics.bootstrap_abandons.inc();
+                self.core = RaftCore::fresh(
+                    self.core.config().clone(),
+                    id,
+                    self.opts.advertise.clone(),
+                    rand::random(),
+                    now,
+                );
+                authority.reset();
+            }
         }
     }
 
@@ -400,8 +450,15 @@ impl NodeTask {
                 }
             }
         }
-        if let Some(view) = ready.leadership {
-            self.on_leadership(view);
+        match ready.leadership {
+            Some(view) => self.on_leadership(view),
+            // A saved promise or first configuration is reported at once.
+            None if ready.hard_state.is_some() => {
+                if let Some(view) = self.last_view.clone() {
+                    self.publish(&view);
+                }
+            }
+            None => {}
         }
         Ok(())
     }
@@ -535,6 +592,7 @@ impl NodeTask {
             term: view.term.0,
             leader: view.leader.clone(),
             leaving: self.shutting_down,
+            bootstrap_lock: self.core.bootstrap_lock().cloned(),
         };
         // Only real changes wake the identity's readers (not lease renewals).
         self.identity_tx.send_if_modified(|current| {

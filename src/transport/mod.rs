@@ -149,6 +149,10 @@ pub struct PeerInfo {
     /// Whether the node is shutting down; it must not be added again.
     #[serde(default)]
     pub leaving: bool,
+    /// The first configuration the node promised to bootstrap with (local
+    /// bootstrap agreement, `runtime::bootstrap`); reported only once persisted.
+    #[serde(default)]
+    pub bootstrap_lock: Option<raft::Configuration>,
 }
 
 /// Cause of a connection or request failure (an I/O, hyper or reqwest error).

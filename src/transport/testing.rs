@@ -100,6 +100,7 @@ pub(crate) fn identity(cluster: &str, addr: SocketAddr) -> PeerInfo {
         joined: true,
         term: 7,
         leader: Some(NodeId::new("pod-a", 0xa)),
+        bootstrap_lock: None,
     }
 }
 
