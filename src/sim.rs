@@ -200,7 +200,8 @@ pub struct Sim {
     blocked: Vec<Vec<bool>>,
     loss: f64,
     // Invariant records.
-    leaders_by_term: HashMap<Term, NodeId>,
+    /// Leader of each term, per lineage (first configuration's members).
+    leaders_by_term: HashMap<(Vec<NodeId>, Term), NodeId>,
     votes: HashMap<(NodeId, Term), NodeId>,
     committed: BTreeMap<u64, (Term, Payload)>,
     /// Term of every committed index seen, including snapshot points.
@@ -993,14 +994,21 @@ impl Sim {
         let commit = core.commit_index();
         // At most one leader per term.
         if role == Role::Leader {
-            match self.leaders_by_term.get(&term) {
+            // Terms count within one lineage (first configuration); a
+            // retired lineage's terms may repeat in a new one.
+            let lineage: Vec<NodeId> = self
+                .lineage_of
+                .get(&id)
+                .map(|c| c.members().map(|(m, _)| m.clone()).collect())
+                .unwrap_or_default();
+            match self.leaders_by_term.get(&(lineage.clone(), term)) {
                 Some(other) if *other != id => {
                     let what = format!("two leaders in term {term}: {other} and {id}");
                     self.violation(what);
                 }
                 Some(_) => {}
                 None => {
-                    self.leaders_by_term.insert(term, id.clone());
+                    self.leaders_by_term.insert((lineage, term), id.clone());
                 }
             }
             if self.nodes[slot].last_role != Role::Leader {

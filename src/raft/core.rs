@@ -452,12 +452,12 @@ impl RaftCore {
         self.bootstrap_lock.as_ref()
     }
 
-    /// Returns whether this node holds nothing but a bootstrap configuration:
-    /// no leader ever replicated an entry to it (its cluster may never have
-    /// elected anyone).
+    /// Returns whether this node knows of nothing committed beyond its
+    /// bootstrap configuration: as far as it can tell, its cluster never
+    /// finished a first election.
     pub fn is_pristine_bootstrap(&self) -> bool {
         let snap = self.log.snapshot();
-        snap.last_index == 1 && snap.last_term == Term(0) && self.log.last_index() == 1
+        snap.last_index == 1 && snap.last_term == Term(0) && self.commit == 1
     }
 
     /// Takes what the caller must do: persist, then send, then publish.

@@ -39,9 +39,11 @@
 //!    another configuration, a member was replaced by a new incarnation of
 //!    its name, another cluster answers, or not every member confirmed
 //!    within [`LOCK_TIMEOUT`]) is given up, and so is a bootstrapped
-//!    configuration that never received an entry from a leader once a
-//!    majority of its voters is gone: the node continues as a **new
-//!    incarnation** with no state, exactly like a stateless restart.
+//!    configuration under which this node knows nothing committed once a
+//!    majority of its voters is gone (replaced by new incarnations, or
+//!    silent for [`LOCK_TIMEOUT`] while a majority of the expected members
+//!    answer unbootstrapped): the node continues as a **new incarnation**
+//!    with no state, exactly like a stateless restart.
 //! 5. **Join, never bootstrap.** A node that sees a member of an existing
 //!    cluster does not propose; it waits to be added as a learner. A node
 //!    with a log never bootstraps. A leader never adds a node that holds a
@@ -105,6 +107,10 @@ pub const REPORT_FRESHNESS: Duration = Duration::from_secs(3);
 /// (a member died before confirming and will not come back under its id);
 /// also how long a never-led first configuration waits for silent voters.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a promise is held before a replaced member makes it give up:
+/// a little over two hello rounds, so a member that bootstrapped the
+/// promise is heard from first.
+pub const SETTLE: Duration = Duration::from_millis(600);
 /// Reports older than this are forgotten.
 const REPORT_RETENTION: Duration = Duration::from_secs(12);
 
@@ -132,7 +138,7 @@ pub struct LocalView<'a> {
     pub address: &'a str,
     /// Whether its log is empty (never bootstrapped nor joined).
     pub log_empty: bool,
-    /// Whether its log holds only a bootstrap configuration.
+    /// Whether nothing beyond its bootstrap configuration is known committed.
     pub pristine: bool,
     /// Its configuration (the first configuration when pristine).
     pub config: &'a Configuration,
@@ -355,7 +361,9 @@ impl LocalAgreement {
         }
         let mut confirmed = true;
         for (m, _) in p.members().filter(|(m, _)| *m != me) {
-            if self.replaced(now, m) {
+            // Not final at once: until a round of answers has arrived, a
+            // member that bootstrapped P may not have been heard from yet.
+            if self.replaced(now, m) && now.saturating_since(since) >= SETTLE {
                 return Some(BootstrapStep::Abandon(format!(
                     "member {m} of the promised configuration was replaced by a new incarnation"
                 )));
@@ -614,10 +622,25 @@ mod tests {
         let mut agreement = LocalAgreement::new(3, 5);
         agreement.observe(t(0), report("b", 1, false, Some(p.clone())));
         agreement.observe(t(1), report("c", 2, false, None));
-        assert!(matches!(
+        assert_eq!(
             agreement.decide(t(1), &view(&a, &empty, Some(&p))),
+            None,
+            "b may have bootstrapped P: wait for a round of answers"
+        );
+        let settled = t(SETTLE.as_millis() as u64 + 1);
+        agreement.observe(settled, report("c", 2, false, None));
+        assert!(matches!(
+            agreement.decide(settled, &view(&a, &empty, Some(&p))),
             Some(BootstrapStep::Abandon(_))
         ));
+        // A member that bootstrapped P overrides the replaced one.
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("c", 2, false, None));
+        agreement.observe(t(0), report("b", 1, true, Some(p.clone())));
+        assert_eq!(
+            agreement.decide(t(0), &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Bootstrap(p.clone()))
+        );
     }
 
     #[test]
