@@ -512,6 +512,7 @@ impl Sim {
         match RaftCore::restore(self.cfg.raft.clone(), state, addr, seed, now) {
             Ok(core) => {
                 self.stats.restarts_with_state += 1;
+                self.note(format!("restart with state of {}", core.id()));
                 let n = &mut self.nodes[slot];
                 n.checked_commit = core.commit_index();
                 n.core = Some(core);

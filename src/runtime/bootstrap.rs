@@ -237,11 +237,17 @@ impl LocalAgreement {
         self.expect
     }
 
+    /// Returns the current reports: recent, not leaving, not this node, and
+    /// only the latest incarnation of each name (one process runs per name,
+    /// so an older incarnation's report describes a process that is gone).
     fn fresh<'a>(&'a self, now: Time, me: &'a NodeId) -> impl Iterator<Item = (&'a PeerReport, Time)> + 'a {
         self.reports
             .values()
             .filter(move |(r, at)| {
-                r.id != *me && !r.leaving && now.saturating_since(*at) <= REPORT_FRESHNESS
+                r.id != *me
+                    && !r.leaving
+                    && now.saturating_since(*at) <= REPORT_FRESHNESS
+                    && !self.replaced(now, &r.id)
             })
             .map(|(r, at)| (r, *at))
     }
