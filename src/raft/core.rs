@@ -790,6 +790,9 @@ impl RaftCore {
         if self.lead.as_ref().is_some_and(|l| now >= l.heartbeat_due) {
             self.broadcast_append(now);
         }
+        // A sole voter commits its own entries: no answer would trigger it
+        // (e.g. a learner added and gone before it ever answered).
+        self.maybe_commit(now);
         self.drive_membership();
     }
 

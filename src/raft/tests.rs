@@ -642,6 +642,24 @@ fn a_single_voter_elects_itself_and_holds_a_lease() {
 }
 
 #[test]
+fn a_sole_voter_commits_a_change_even_when_no_member_ever_answers() {
+    let mut a = RaftCore::fresh(Config::default(), id("a"), "a:4041".into(), 1, ms(0));
+    a.bootstrap(
+        Configuration::with_voters([(id("a"), "a:4041".to_string())]),
+        ms(0),
+    )
+    .unwrap();
+    let t = a.next_deadline();
+    a.tick(t);
+    assert_eq!(a.role(), Role::Leader);
+    let index = a.propose_add_learner(id("b"), "b:4041".into()).unwrap();
+    assert!(a.commit_index() < index, "appended, not yet committed");
+    let next = a.next_deadline();
+    a.tick(next);
+    assert_eq!(a.commit_index(), index, "committed at the next tick without b");
+}
+
+#[test]
 fn append_entries_that_would_truncate_committed_entries_is_refused() {
     let a = leader_a();
     let mut b = node("b");
