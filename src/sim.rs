@@ -105,15 +105,30 @@ impl fmt::Display for Violation {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { to: usize, msg: Message },
-    Tick { slot: usize, generation: u64 },
+    Deliver {
+        to: usize,
+        msg: Message,
+    },
+    Tick {
+        slot: usize,
+        generation: u64,
+    },
     Membership,
     /// A node's process starts for the first time (bootstrap mode).
-    Start { slot: usize },
+    Start {
+        slot: usize,
+    },
     /// A node asks every peer who it is (bootstrap mode).
-    Probe { slot: usize, generation: u64 },
+    Probe {
+        slot: usize,
+        generation: u64,
+    },
     /// A peer's hello answer arrives.
-    Report { to: usize, generation: u64, report: PeerReport },
+    Report {
+        to: usize,
+        generation: u64,
+        report: PeerReport,
+    },
 }
 
 struct Scheduled {
@@ -276,9 +291,7 @@ impl Sim {
         };
         if let Some(b) = sim.cfg.bootstrap.clone() {
             for slot in 0..sim.cfg.nodes {
-                let at = sim
-                    .rng
-                    .random_range(0..=b.start_within.as_nanos() as u64);
+                let at = sim.rng.random_range(0..=b.start_within.as_nanos() as u64);
                 sim.schedule_at(at, Event::Start { slot });
             }
             if sim.cfg.drive_membership {
@@ -407,9 +420,10 @@ impl Sim {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for slot in 0..self.nodes.len() {
-            let line = match self.core(slot) {
-                None => format!("n{slot}: down\n"),
-                Some(c) => format!(
+            let line =
+                match self.core(slot) {
+                    None => format!("n{slot}: down\n"),
+                    Some(c) => format!(
                     "n{slot}: {} {:?} t{} commit {} last {} pristine {} voters {:?} lock {:?}\n",
                     c.id(),
                     c.role(),
@@ -421,7 +435,7 @@ impl Sim {
                     c.bootstrap_lock()
                         .map(|l| l.members().map(|(v, _)| v.to_string()).collect::<Vec<_>>()),
                 ),
-            };
+                };
             out.push_str(&line);
         }
         out
@@ -434,7 +448,8 @@ impl Sim {
 
     fn note(&mut self, what: String) {
         if self.events.len() < 10_000 {
-            self.events.push(format!("{:.3} ms: {what}", self.now as f64 / 1e6));
+            self.events
+                .push(format!("{:.3} ms: {what}", self.now as f64 / 1e6));
         }
     }
 
@@ -562,7 +577,9 @@ impl Sim {
         n.agreement = Some(LocalAgreement::new(b.expect, self.cfg.raft.max_voters));
         n.probe_generation += 1;
         let generation = n.probe_generation;
-        let first = self.rng.random_range(0..=b.probe_interval.as_nanos() as u64 / 4);
+        let first = self
+            .rng
+            .random_range(0..=b.probe_interval.as_nanos() as u64 / 4);
         self.schedule_at(self.now + first, Event::Probe { slot, generation });
     }
 
@@ -614,7 +631,9 @@ impl Sim {
             );
         }
         self.run_bootstrap(slot);
-        let jitter = self.rng.random_range(0..=b.probe_interval.as_nanos() as u64 / 10);
+        let jitter = self
+            .rng
+            .random_range(0..=b.probe_interval.as_nanos() as u64 / 10);
         self.schedule(
             b.probe_interval + Duration::from_nanos(jitter),
             Event::Probe { slot, generation },
@@ -643,9 +662,17 @@ impl Sim {
         let me = core.id().clone();
         match step {
             BootstrapStep::Lock(config) => {
-                let what = format!("{me} promises {:?}", config.members().map(|(m, _)| m.to_string()).collect::<Vec<_>>());
+                let what = format!(
+                    "{me} promises {:?}",
+                    config
+                        .members()
+                        .map(|(m, _)| m.to_string())
+                        .collect::<Vec<_>>()
+                );
                 if let Err(e) = core.lock_bootstrap(config) {
-                    self.violation(format!("n{slot}: the agreement asked for a refused promise: {e}"));
+                    self.violation(format!(
+                        "n{slot}: the agreement asked for a refused promise: {e}"
+                    ));
                 }
                 self.note(what);
             }
@@ -655,19 +682,28 @@ impl Sim {
                     self.note(format!("{me} bootstraps"));
                     self.lineage_of.insert(me, config);
                 }
-                Err(e) => {
-                    self.violation(format!("n{slot}: the agreement asked for a refused bootstrap: {e}"))
-                }
+                Err(e) => self.violation(format!(
+                    "n{slot}: the agreement asked for a refused bootstrap: {e}"
+                )),
             },
             BootstrapStep::Abandon(why) => {
-                self.events.push(format!("{:.3} ms: {me} abandons: {why}", self.now as f64 / 1e6));
+                self.events.push(format!(
+                    "{:.3} ms: {me} abandons: {why}",
+                    self.now as f64 / 1e6
+                ));
                 agreement.reset();
                 self.stats.abandons += 1;
                 self.retired.insert(me, self.now);
                 n.incarnations += 1;
                 let id = NodeId::new(n.name.clone(), n.incarnations);
                 let seed = self.rng.random();
-                n.core = Some(RaftCore::fresh(self.cfg.raft.clone(), id, address, seed, now));
+                n.core = Some(RaftCore::fresh(
+                    self.cfg.raft.clone(),
+                    id,
+                    address,
+                    seed,
+                    now,
+                ));
                 n.checked_commit = 0;
             }
         }

@@ -171,13 +171,31 @@ async fn survivors_elect_at_once_when_the_first_leader_dies_right_after_bootstra
     }
     for (n, f, v) in &table {
         if f.len() >= 20 {
-            assert!(quantile(f, 0.99) <= Duration::from_millis(350), "{n} nodes: failover p99 {:?}", quantile(f, 0.99));
-            assert!(quantile(v, 0.5) <= Duration::from_secs(1), "{n} nodes: formation p50 {:?}", quantile(v, 0.5));
-            assert!(quantile(v, 0.99) <= Duration::from_secs(2), "{n} nodes: formation p99 {:?}", quantile(v, 0.99));
+            assert!(
+                quantile(f, 0.99) <= Duration::from_millis(350),
+                "{n} nodes: failover p99 {:?}",
+                quantile(f, 0.99)
+            );
+            assert!(
+                quantile(v, 0.5) <= Duration::from_secs(1),
+                "{n} nodes: formation p50 {:?}",
+                quantile(v, 0.5)
+            );
+            assert!(
+                quantile(v, 0.99) <= Duration::from_secs(2),
+                "{n} nodes: formation p99 {:?}",
+                quantile(v, 0.99)
+            );
         } else {
             // Few trials on a shared machine: bounds with headroom.
-            assert!(quantile(f, 1.0) <= Duration::from_secs(1), "{n} nodes: failover {f:?}");
-            assert!(quantile(v, 1.0) <= Duration::from_secs(3), "{n} nodes: formation {v:?}");
+            assert!(
+                quantile(f, 1.0) <= Duration::from_secs(1),
+                "{n} nodes: failover {f:?}"
+            );
+            assert!(
+                quantile(v, 1.0) <= Duration::from_secs(3),
+                "{n} nodes: formation {v:?}"
+            );
         }
     }
 }
@@ -255,10 +273,19 @@ async fn scale_walk(names: Names) {
                 cluster.dns_remove(slot);
                 cluster.sigterm(slot);
                 let exit = cluster.wait_exit(slot, Duration::from_secs(15)).await;
-                assert!(exit.success(), "{} exited with {exit}", cluster.node(slot).name);
+                assert!(
+                    exit.success(),
+                    "{} exited with {exit}",
+                    cluster.node(slot).name
+                );
             }
         }
-        wait_settled(&cluster, target, &format!("{names:?} names: scaled to {target}")).await;
+        wait_settled(
+            &cluster,
+            target,
+            &format!("{names:?} names: scaled to {target}"),
+        )
+        .await;
         log.push((target, started.elapsed()));
     }
     let timeline = cluster.stop_sampling().await;

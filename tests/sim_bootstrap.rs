@@ -10,7 +10,9 @@
 //! configuration held every expected member (voters up to `max_voters`).
 //!
 //! Replay one run with `SIM_SEED=<seed> SIM_NODES=<n> cargo test --test sim_bootstrap`.
-//! `SIM_SEEDS=<count>` changes how many seeds per size run (default 1000).
+//! `SIM_SEEDS=<count>` changes how many seeds per size run (default 1000);
+//! `SIM_TRACE=1` with `SIM_SEED` prints the run's starts, crashes, promises,
+//! bootstraps and abandons, then every node's state after healing.
 
 use raft_elector::runtime::bootstrap::first_voter_count;
 use raft_elector::sim::{Sim, SimBootstrap, SimConfig, SimStats};
@@ -120,6 +122,8 @@ fn check_many(nodes: usize) {
         let faults = seed % 10 != 0;
         let out = run_one(nodes, seed, faults);
         total.crashes += out.stats.crashes;
+        total.restarts_with_state += out.stats.restarts_with_state;
+        total.leaders += out.stats.leaders;
         total.restarts_without_state += out.stats.restarts_without_state;
         total.partitions += out.stats.partitions;
         total.bootstraps += out.stats.bootstraps;
@@ -138,7 +142,10 @@ fn check_many(nodes: usize) {
     }
     recoveries.sort();
     starts.sort();
-    let q = |v: &[Duration], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied();
+    let q = |v: &[Duration], p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .copied()
+    };
     println!(
         "{nodes} nodes, {} seeds: leader after heal p50 {:?} p99 {:?} max {:?}; from the last start without faults p50 {:?} max {:?}",
         seeds.len(),

@@ -656,7 +656,11 @@ fn a_sole_voter_commits_a_change_even_when_no_member_ever_answers() {
     assert!(a.commit_index() < index, "appended, not yet committed");
     let next = a.next_deadline();
     a.tick(next);
-    assert_eq!(a.commit_index(), index, "committed at the next tick without b");
+    assert_eq!(
+        a.commit_index(),
+        index,
+        "committed at the next tick without b"
+    );
 }
 
 #[test]

@@ -240,7 +240,11 @@ impl LocalAgreement {
     /// Returns the current reports: recent, not leaving, not this node, and
     /// only the latest incarnation of each name (one process runs per name,
     /// so an older incarnation's report describes a process that is gone).
-    fn fresh<'a>(&'a self, now: Time, me: &'a NodeId) -> impl Iterator<Item = (&'a PeerReport, Time)> + 'a {
+    fn fresh<'a>(
+        &'a self,
+        now: Time,
+        me: &'a NodeId,
+    ) -> impl Iterator<Item = (&'a PeerReport, Time)> + 'a {
         self.reports
             .values()
             .filter(move |(r, at)| {
@@ -375,29 +379,30 @@ impl LocalAgreement {
                 )));
             }
             match self.reports.get(m) {
-                Some((r, at)) if now.saturating_since(*at) <= REPORT_FRESHNESS => {
-                    match &r.lock {
-                        Some(q) if q == p => {}
-                        Some(_) => {
-                            return Some(BootstrapStep::Abandon(format!(
-                                "member {m} promised another first configuration"
-                            )))
-                        }
-                        None if r.joined => {
-                            return Some(BootstrapStep::Abandon(format!(
-                                "member {m} joined a cluster without this promise"
-                            )))
-                        }
-                        None => confirmed = false,
+                Some((r, at)) if now.saturating_since(*at) <= REPORT_FRESHNESS => match &r.lock {
+                    Some(q) if q == p => {}
+                    Some(_) => {
+                        return Some(BootstrapStep::Abandon(format!(
+                            "member {m} promised another first configuration"
+                        )))
                     }
-                }
+                    None if r.joined => {
+                        return Some(BootstrapStep::Abandon(format!(
+                            "member {m} joined a cluster without this promise"
+                        )))
+                    }
+                    None => confirmed = false,
+                },
                 _ => confirmed = false,
             }
         }
         if confirmed {
             return Some(BootstrapStep::Bootstrap(p.clone()));
         }
-        if let Some((r, _)) = self.fresh(now, me).find(|(r, _)| r.joined && !p.contains(&r.id)) {
+        if let Some((r, _)) = self
+            .fresh(now, me)
+            .find(|(r, _)| r.joined && !p.contains(&r.id))
+        {
             return Some(BootstrapStep::Abandon(format!(
                 "{} belongs to a cluster outside the promised configuration",
                 r.id
@@ -422,8 +427,8 @@ impl LocalAgreement {
             .fresh(now, me)
             .filter(|(r, _)| !r.joined && r.lock.is_none())
             .count();
-        let silence_counts = now.saturating_since(since) > LOCK_TIMEOUT
-            && unbootstrapped >= self.expect / 2 + 1;
+        let silence_counts =
+            now.saturating_since(since) > LOCK_TIMEOUT && unbootstrapped >= self.expect / 2 + 1;
         let alive = voters
             .keys()
             .filter(|m| {
@@ -517,7 +522,11 @@ mod tests {
         )
     }
 
-    fn view<'a>(me: &'a NodeId, empty: &'a Configuration, lock: Option<&'a Configuration>) -> LocalView<'a> {
+    fn view<'a>(
+        me: &'a NodeId,
+        empty: &'a Configuration,
+        lock: Option<&'a Configuration>,
+    ) -> LocalView<'a> {
         LocalView {
             id: me,
             address: "x:4041",
@@ -538,13 +547,26 @@ mod tests {
         let a = id("a", 1);
         let mut agreement = LocalAgreement::new(3, 5);
         agreement.observe(t(0), report("b", 1, false, None));
-        assert_eq!(agreement.decide(t(0), &view(&a, &empty, None)), None, "sees 2 of 3");
+        assert_eq!(
+            agreement.decide(t(0), &view(&a, &empty, None)),
+            None,
+            "sees 2 of 3"
+        );
         agreement.observe(t(1), report("c", 1, false, None));
         let step = agreement.decide(t(1), &view(&a, &empty, None));
         let expected = Configuration {
             voters: [("a", 1), ("b", 1), ("c", 1)]
                 .iter()
-                .map(|(n, i)| (id(n, *i), if *n == "a" { "x:4041".into() } else { format!("{n}:4041") }))
+                .map(|(n, i)| {
+                    (
+                        id(n, *i),
+                        if *n == "a" {
+                            "x:4041".into()
+                        } else {
+                            format!("{n}:4041")
+                        },
+                    )
+                })
                 .collect(),
             learners: Default::default(),
         };
@@ -559,7 +581,8 @@ mod tests {
 
     #[test]
     fn seven_expected_members_give_five_voters_and_two_learners() {
-        let members: Vec<(&str, u64)> = ["a", "b", "c", "d", "e", "f", "g"].map(|n| (n, 1)).to_vec();
+        let members: Vec<(&str, u64)> =
+            ["a", "b", "c", "d", "e", "f", "g"].map(|n| (n, 1)).to_vec();
         let c = config(&members);
         assert_eq!((c.voters.len(), c.learners.len()), (5, 2));
         assert_eq!(first_voter_count(4, 5), 3);
@@ -578,7 +601,11 @@ mod tests {
             agreement.decide(t(0), &view(&b, &empty, None)),
             Some(BootstrapStep::Lock(p.clone()))
         );
-        assert_eq!(agreement.decide(t(1), &view(&b, &empty, Some(&p))), None, "c has not confirmed");
+        assert_eq!(
+            agreement.decide(t(1), &view(&b, &empty, Some(&p))),
+            None,
+            "c has not confirmed"
+        );
         agreement.observe(t(2), report("c", 1, false, Some(p.clone())));
         assert_eq!(
             agreement.decide(t(2), &view(&b, &empty, Some(&p))),
@@ -658,7 +685,10 @@ mod tests {
         agreement.observe(t(0), report("b", 1, false, Some(p.clone())));
         assert_eq!(agreement.decide(t(0), &view(&a, &empty, Some(&p))), None);
         agreement.observe(t(2_000), report("b", 1, false, Some(p.clone())));
-        assert_eq!(agreement.decide(t(2_000), &view(&a, &empty, Some(&p))), None);
+        assert_eq!(
+            agreement.decide(t(2_000), &view(&a, &empty, Some(&p))),
+            None
+        );
         let late = t(LOCK_TIMEOUT.as_millis() as u64 + 1);
         assert!(matches!(
             agreement.decide(late, &view(&a, &empty, Some(&p))),
