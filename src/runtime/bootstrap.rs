@@ -428,7 +428,7 @@ impl LocalAgreement {
             .filter(|(r, _)| !r.joined && r.lock.is_none())
             .count();
         let silence_counts =
-            now.saturating_since(since) > LOCK_TIMEOUT && unbootstrapped >= self.expect / 2 + 1;
+            now.saturating_since(since) > LOCK_TIMEOUT && unbootstrapped > self.expect / 2;
         let alive = voters
             .keys()
             .filter(|m| {

@@ -1,5 +1,7 @@
-//! The node runtime: the one task that owns the Raft core, and the
-//! membership driver it consults. [`crate::app`] wires the adapters around it.
+//! The node runtime: the one task that owns the Raft core, and what it
+//! consults: the membership driver and the bootstrap authority (which
+//! agrees on the first configuration, [`bootstrap`]). [`crate::app`] wires
+//! the adapters around it.
 //!
 //! ```text
 //!  DNS / static peers ─► discovery ─► hello prober ─(PeerInfo)─┐
