@@ -187,3 +187,36 @@ fn five_nodes_bootstrap_one_fault_tolerant_cluster_under_faults() {
 fn seven_nodes_bootstrap_five_voters_and_two_learners_under_faults() {
     check_many(7);
 }
+
+#[test]
+fn members_started_minutes_apart_form_one_cluster_right_after_the_last_one_starts() {
+    for nodes in [3, 5, 7] {
+        let mut worst = Duration::ZERO;
+        for seed in 0..env_u64("SIM_SEEDS").map_or(20, |n| n / 50 + 1) {
+            let mut cfg = bootstrap_config(nodes, seed);
+            cfg.loss = 0.0;
+            if let Some(b) = cfg.bootstrap.as_mut() {
+                b.start_within = Duration::from_secs(300);
+            }
+            let mut sim = Sim::new(cfg);
+            let lease = sim.run_until_lease(Duration::from_secs(320));
+            assert!(
+                lease.is_some(),
+                "{nodes} nodes, seed {seed}: no leader after all started minutes apart"
+            );
+            let since_last = sim.now().saturating_sub(sim.last_start());
+            worst = worst.max(since_last);
+            assert!(
+                since_last <= LIVENESS_BOUND,
+                "{nodes} nodes, seed {seed}: leader {since_last:?} after the last start (replay: SIM_SEED={seed} SIM_NODES={nodes})"
+            );
+            sim.run_for(Duration::from_secs(1));
+            assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+            assert_eq!(sim.committed_first_configurations().len(), 1);
+            assert_eq!(sim.stats().abandons, 0, "nothing to give up without faults");
+        }
+        println!(
+            "{nodes} nodes started within 5 minutes: leader at most {worst:?} after the last start"
+        );
+    }
+}
