@@ -100,6 +100,7 @@ pub async fn run(
         term: core.term().0,
         leader: None,
         leaving: false,
+        bootstrap_lock: core.bootstrap_lock().cloned(),
     });
     let (state_tx, state_rx) = watch::channel(LeaderState::initial(
         core.id().to_string(),

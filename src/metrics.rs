@@ -58,6 +58,10 @@ pub struct Metrics {
     pub membership_changes: IntCounterVec,
     /// Hard-state writes that failed.
     pub persist_errors: IntCounter,
+    /// First configurations this node installed (local bootstrap).
+    pub bootstraps: IntCounter,
+    /// Bootstrap attempts given up (the node became a new incarnation).
+    pub bootstrap_abandons: IntCounter,
     /// Build information (value is always 1).
     pub build_info: IntGaugeVec,
 }
@@ -171,6 +175,16 @@ impl Metrics {
                 "Hard-state writes that failed",
             )
             .expect("valid metric"),
+            bootstraps: IntCounter::new(
+                "raft_elector_bootstraps_total",
+                "First configurations this node installed",
+            )
+            .expect("valid metric"),
+            bootstrap_abandons: IntCounter::new(
+                "raft_elector_bootstrap_abandons_total",
+                "Bootstrap attempts given up for a new incarnation",
+            )
+            .expect("valid metric"),
             build_info: IntGaugeVec::new(
                 Opts::new("raft_elector_build_info", "Build information"),
                 &["version"],
@@ -188,6 +202,8 @@ impl Metrics {
     fn register_all(&self) {
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(self.is_leader.clone()),
+            Box::new(self.bootstraps.clone()),
+            Box::new(self.bootstrap_abandons.clone()),
             Box::new(self.term.clone()),
             Box::new(self.leader_changes.clone()),
             Box::new(self.elections_started.clone()),

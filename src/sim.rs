@@ -23,6 +23,9 @@ use crate::raft::{
     Config, Configuration, HardState, Message, MessageBody, NodeId, Payload, RaftCore, Role, Term,
     Time,
 };
+use crate::runtime::bootstrap::{
+    BootstrapAuthority, BootstrapStep, LocalAgreement, LocalView, PeerReport,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
@@ -58,6 +61,22 @@ pub struct SimConfig {
     pub connection_end_loss: f64,
     /// Test-only mutation: new leaders skip waiting out the previous lease.
     pub mutate_skip_lease_wait: bool,
+    /// Local bootstrap instead of a preset first configuration: nodes start
+    /// at random times without state and agree on it themselves.
+    pub bootstrap: Option<SimBootstrap>,
+}
+
+/// How the nodes of a simulated cluster bootstrap themselves with the
+/// runtime's [`LocalAgreement`], exchanging hello-like reports.
+#[derive(Clone, Debug)]
+pub struct SimBootstrap {
+    /// `--bootstrap-expect`.
+    pub expect: usize,
+    /// Each node starts at a random time in `[0, start_within]`.
+    pub start_within: Duration,
+    /// Period of each node's hello probes (the runtime probes every 250 ms
+    /// until it has joined, then more slowly).
+    pub probe_interval: Duration,
 }
 
 impl SimConfig {
@@ -75,6 +94,7 @@ impl SimConfig {
             connection_ends: false,
             connection_end_loss: 0.2,
             mutate_skip_lease_wait: false,
+            bootstrap: None,
         }
     }
 }
@@ -109,6 +129,21 @@ enum Event {
     ConnectionLost {
         to: usize,
         peer: NodeId,
+    },
+    /// A node's process starts for the first time (bootstrap mode).
+    Start {
+        slot: usize,
+    },
+    /// A node asks every peer who it is (bootstrap mode).
+    Probe {
+        slot: usize,
+        generation: u64,
+    },
+    /// A peer's hello answer arrives.
+    Report {
+        to: usize,
+        generation: u64,
+        report: PeerReport,
     },
 }
 
@@ -158,6 +193,10 @@ pub struct SimStats {
     pub leaders: u64,
     /// Configuration entries committed after bootstrap.
     pub config_changes_committed: u64,
+    /// First configurations installed by local bootstrap.
+    pub bootstraps: u64,
+    /// Bootstrap attempts given up (new incarnations).
+    pub abandons: u64,
 }
 
 /// One node slot: a process that can crash and come back.
@@ -176,6 +215,11 @@ struct SimNode {
     /// Highest index whose committed entry was checked against the record.
     checked_commit: u64,
     last_role: Role,
+    /// Whether the process was ever started.
+    started: bool,
+    /// The local bootstrap agreement of the running process (bootstrap mode).
+    agreement: Option<LocalAgreement>,
+    probe_generation: u64,
 }
 
 /// The simulated cluster.
@@ -191,7 +235,8 @@ pub struct Sim {
     blocked: Vec<Vec<bool>>,
     loss: f64,
     // Invariant records.
-    leaders_by_term: HashMap<Term, NodeId>,
+    /// Leader of each term, per lineage (first configuration's members).
+    leaders_by_term: HashMap<(Vec<NodeId>, Term), NodeId>,
     votes: HashMap<(NodeId, Term), NodeId>,
     committed: BTreeMap<u64, (Term, Payload)>,
     /// Term of every committed index seen, including snapshot points.
@@ -201,6 +246,15 @@ pub struct Sim {
     /// Every (real time, node, term) at which a node first held a lease in a term.
     lease_starts: Vec<(u64, NodeId, Term)>,
     stats: SimStats,
+    /// The first configuration of each identity's lineage: the one it
+    /// bootstrapped with, or its leader's.
+    lineage_of: HashMap<NodeId, Configuration>,
+    /// First configurations under which some entry beyond them was committed.
+    committed_lineages: Vec<Configuration>,
+    /// Real time of the last scheduled first start (bootstrap mode).
+    last_start: u64,
+    /// Lifecycle events (starts, crashes, restarts, bootstraps, abandons), for replaying a seed.
+    events: Vec<String>,
 }
 
 impl Sim {
@@ -226,6 +280,9 @@ impl Sim {
                 lease_end_real: 0,
                 checked_commit: 0,
                 last_role: Role::Follower,
+                started: false,
+                agreement: None,
+                probe_generation: 0,
             });
         }
         let loss = cfg.loss;
@@ -247,7 +304,21 @@ impl Sim {
             violations: Vec::new(),
             lease_starts: Vec::new(),
             stats: SimStats::default(),
+            lineage_of: HashMap::new(),
+            committed_lineages: Vec::new(),
+            last_start: 0,
+            events: Vec::new(),
         };
+        if let Some(b) = sim.cfg.bootstrap.clone() {
+            for slot in 0..sim.cfg.nodes {
+                let at = sim.rng.random_range(0..=b.start_within.as_nanos() as u64);
+                sim.schedule_at(at, Event::Start { slot });
+            }
+            if sim.cfg.drive_membership {
+                sim.schedule(Duration::from_millis(100), Event::Membership);
+            }
+            return sim;
+        }
         let mut initial = Configuration::default();
         for slot in 0..sim.cfg.nodes {
             sim.start_fresh(slot);
@@ -260,7 +331,9 @@ impl Sim {
             }
         }
         for slot in 0..sim.cfg.nodes {
-            if initial.is_voter(&sim.node_id(slot).expect("started")) {
+            let id = sim.node_id(slot).expect("started");
+            sim.lineage_of.insert(id.clone(), initial.clone());
+            if initial.is_voter(&id) {
                 let now = sim.local_now(slot);
                 if let Some(core) = sim.nodes[slot].core.as_mut() {
                     // A fresh core always accepts a bootstrap.
@@ -363,6 +436,55 @@ impl Sim {
         s
     }
 
+    /// Describes every node's bootstrap state, one line each (for debugging a seed).
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for slot in 0..self.nodes.len() {
+            let line =
+                match self.core(slot) {
+                    None => format!("n{slot}: down\n"),
+                    Some(c) => format!(
+                    "n{slot}: {} {:?} t{} commit {} last {} pristine {} voters {:?} lock {:?}\n",
+                    c.id(),
+                    c.role(),
+                    c.term(),
+                    c.commit_index(),
+                    c.log().last_index(),
+                    c.is_pristine_bootstrap(),
+                    c.configuration().0.voters.keys().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    c.bootstrap_lock()
+                        .map(|l| l.members().map(|(v, _)| v.to_string()).collect::<Vec<_>>()),
+                ),
+                };
+            out.push_str(&line);
+        }
+        out
+    }
+
+    /// Returns the lifecycle events so far, one line each with its time.
+    pub fn events(&self) -> &[String] {
+        &self.events
+    }
+
+    fn note(&mut self, what: String) {
+        if self.events.len() < 10_000 {
+            self.events
+                .push(format!("{:.3} ms: {what}", self.now as f64 / 1e6));
+        }
+    }
+
+    /// Returns when the last node started for the first time on its own
+    /// schedule (bootstrap mode), in virtual time since the start.
+    pub fn last_start(&self) -> Duration {
+        Duration::from_nanos(self.last_start)
+    }
+
+    /// Returns the first configurations under which an entry beyond them
+    /// was committed (at most one is safe).
+    pub fn committed_first_configurations(&self) -> &[Configuration] {
+        &self.committed_lineages
+    }
+
     /// Returns the safety violations seen so far.
     pub fn violations(&self) -> &[Violation] {
         &self.violations
@@ -395,8 +517,10 @@ impl Sim {
 
     /// Crashes a node: its volatile state is gone, its disk stays.
     pub fn crash(&mut self, slot: usize) {
-        if self.nodes[slot].core.is_some() {
+        if let Some(c) = self.nodes[slot].core.as_ref() {
+            let what = format!("crash {}", c.id());
             self.stats.crashes += 1;
+            self.note(what);
             if self.cfg.connection_ends {
                 if let Some(peer) = self.node_id(slot) {
                     // The kernel closes the dead process's sockets; each live
@@ -420,6 +544,8 @@ impl Sim {
         n.lease_end_real = 0;
         n.tick_generation += 1;
         n.scheduled_deadline = None;
+        n.agreement = None;
+        n.probe_generation += 1;
     }
 
     /// Restarts a crashed node from what it persisted, or fresh if it never did.
@@ -441,10 +567,12 @@ impl Sim {
                     core.mutate_skip_lease_wait();
                 }
                 self.stats.restarts_with_state += 1;
+                self.note(format!("restart with state of {}", core.id()));
                 let n = &mut self.nodes[slot];
                 n.checked_commit = core.commit_index();
                 n.core = Some(core);
                 self.process_ready(slot);
+                self.start_probing(slot);
             }
             Err(e) => self.violation(format!("n{slot}: persisted state does not restore: {e}")),
         }
@@ -456,6 +584,7 @@ impl Sim {
             return;
         }
         if let Some(old) = self.nodes[slot].disk.take() {
+            self.note(format!("restart without state of {}", old.id));
             self.retired.insert(old.id, self.now);
         }
         self.stats.restarts_without_state += 1;
@@ -476,6 +605,152 @@ impl Sim {
         }
         n.core = Some(core);
         n.checked_commit = 0;
+        n.started = true;
+        self.process_ready(slot);
+        self.start_probing(slot);
+    }
+
+    // ----- local bootstrap ---------------------------------------------------------
+
+    /// Gives a (re)started process a new agreement and starts its probes.
+    fn start_probing(&mut self, slot: usize) {
+        let Some(b) = self.cfg.bootstrap.clone() else {
+            return;
+        };
+        let n = &mut self.nodes[slot];
+        n.agreement = Some(LocalAgreement::new(b.expect, self.cfg.raft.max_voters));
+        n.probe_generation += 1;
+        let generation = n.probe_generation;
+        let first = self
+            .rng
+            .random_range(0..=b.probe_interval.as_nanos() as u64 / 4);
+        self.schedule_at(self.now + first, Event::Probe { slot, generation });
+    }
+
+    /// Returns what `slot` answers to hello right now.
+    fn report_of(&self, slot: usize) -> Option<PeerReport> {
+        let core = self.core(slot)?;
+        Some(PeerReport {
+            id: core.id().clone(),
+            address: format!("{}:4041", self.nodes[slot].name),
+            joined: core.configuration().0.contains(core.id()),
+            leaving: false,
+            lock: core.bootstrap_lock().cloned(),
+        })
+    }
+
+    fn one_way_delay(&mut self) -> Duration {
+        let (lo, hi) = self.cfg.delay;
+        if hi > lo {
+            lo + Duration::from_nanos(self.rng.random_range(0..(hi - lo).as_nanos() as u64))
+        } else {
+            lo
+        }
+    }
+
+    /// Asks every peer reachable both ways for its report, then decides.
+    fn probe(&mut self, slot: usize) {
+        let Some(b) = self.cfg.bootstrap.clone() else {
+            return;
+        };
+        let generation = self.nodes[slot].probe_generation;
+        for peer in 0..self.nodes.len() {
+            if peer == slot || self.blocked[slot][peer] || self.blocked[peer][slot] {
+                continue;
+            }
+            if self.rng.random::<f64>() < self.loss || self.rng.random::<f64>() < self.loss {
+                continue;
+            }
+            let Some(report) = self.report_of(peer) else {
+                continue;
+            };
+            let rtt = self.one_way_delay() + self.one_way_delay();
+            self.schedule(
+                rtt,
+                Event::Report {
+                    to: slot,
+                    generation,
+                    report,
+                },
+            );
+        }
+        self.run_bootstrap(slot);
+        let jitter = self
+            .rng
+            .random_range(0..=b.probe_interval.as_nanos() as u64 / 10);
+        self.schedule(
+            b.probe_interval + Duration::from_nanos(jitter),
+            Event::Probe { slot, generation },
+        );
+    }
+
+    /// Applies the agreement's next step to `slot`'s core, as the runtime does.
+    fn run_bootstrap(&mut self, slot: usize) {
+        let now = self.local_now(slot);
+        let n = &mut self.nodes[slot];
+        let (Some(core), Some(agreement)) = (n.core.as_mut(), n.agreement.as_mut()) else {
+            return;
+        };
+        let address = format!("{}:4041", n.name);
+        let local = LocalView {
+            id: core.id(),
+            address: &address,
+            log_empty: core.log().is_empty(),
+            pristine: core.is_pristine_bootstrap(),
+            config: core.configuration().0,
+            lock: core.bootstrap_lock(),
+        };
+        let Some(step) = agreement.decide(now, &local) else {
+            return;
+        };
+        let me = core.id().clone();
+        match step {
+            BootstrapStep::Lock(config) => {
+                let what = format!(
+                    "{me} promises {:?}",
+                    config
+                        .members()
+                        .map(|(m, _)| m.to_string())
+                        .collect::<Vec<_>>()
+                );
+                if let Err(e) = core.lock_bootstrap(config) {
+                    self.violation(format!(
+                        "n{slot}: the agreement asked for a refused promise: {e}"
+                    ));
+                }
+                self.note(what);
+            }
+            BootstrapStep::Bootstrap(config) => match core.bootstrap(config.clone(), now) {
+                Ok(()) => {
+                    self.stats.bootstraps += 1;
+                    self.note(format!("{me} bootstraps"));
+                    self.lineage_of.insert(me, config);
+                }
+                Err(e) => self.violation(format!(
+                    "n{slot}: the agreement asked for a refused bootstrap: {e}"
+                )),
+            },
+            BootstrapStep::Abandon(why) => {
+                self.events.push(format!(
+                    "{:.3} ms: {me} abandons: {why}",
+                    self.now as f64 / 1e6
+                ));
+                agreement.reset();
+                self.stats.abandons += 1;
+                self.retired.insert(me, self.now);
+                n.incarnations += 1;
+                let id = NodeId::new(n.name.clone(), n.incarnations);
+                let seed = self.rng.random();
+                n.core = Some(RaftCore::fresh(
+                    self.cfg.raft.clone(),
+                    id,
+                    address,
+                    seed,
+                    now,
+                ));
+                n.checked_commit = 0;
+            }
+        }
         self.process_ready(slot);
     }
 
@@ -682,9 +957,43 @@ impl Sim {
                     return;
                 };
                 self.stats.delivered += 1;
+                let was_empty = core.log().is_empty();
+                let from = msg.from.clone();
                 // Refusals (e.g. for an old incarnation) change nothing; that is the point.
                 let _ = core.step(now, msg);
+                if was_empty && !core.log().is_empty() {
+                    // Joined through a leader: the leader's lineage.
+                    let me = core.id().clone();
+                    if let Some(first) = self.lineage_of.get(&from).cloned() {
+                        self.lineage_of.insert(me, first);
+                    }
+                }
                 self.process_ready(to);
+            }
+            Event::Start { slot } => {
+                if !self.nodes[slot].started {
+                    self.last_start = self.now;
+                    self.start_fresh(slot);
+                }
+            }
+            Event::Probe { slot, generation } => {
+                if self.nodes[slot].probe_generation == generation && self.is_alive(slot) {
+                    self.probe(slot);
+                }
+            }
+            Event::Report {
+                to,
+                generation,
+                report,
+            } => {
+                if self.nodes[to].probe_generation != generation {
+                    return;
+                }
+                let now = self.local_now(to);
+                if let Some(agreement) = self.nodes[to].agreement.as_mut() {
+                    agreement.observe(now, report);
+                    self.run_bootstrap(to);
+                }
             }
             Event::Tick { slot, generation } => {
                 if self.nodes[slot].tick_generation != generation {
@@ -720,7 +1029,12 @@ impl Sim {
         let Some(leader) = self.leader() else {
             return;
         };
+        // Like the runtime: a node holding a bootstrap promise and no log is never added.
         let live: Vec<(NodeId, String)> = (0..self.nodes.len())
+            .filter(|s| {
+                self.core(*s)
+                    .is_some_and(|c| !(c.log().is_empty() && c.bootstrap_lock().is_some()))
+            })
             .filter_map(|s| self.node_id(s).map(|id| (id, format!("n{s}:4041"))))
             .collect();
         let Some(core) = self.nodes[leader].core.as_mut() else {
@@ -824,16 +1138,24 @@ impl Sim {
         let id = core.id().clone();
         let term = core.term();
         let role = core.role();
+        let commit = core.commit_index();
         // At most one leader per term.
         if role == Role::Leader {
-            match self.leaders_by_term.get(&term) {
+            // Terms count within one lineage (first configuration); a
+            // retired lineage's terms may repeat in a new one.
+            let lineage: Vec<NodeId> = self
+                .lineage_of
+                .get(&id)
+                .map(|c| c.members().map(|(m, _)| m.clone()).collect())
+                .unwrap_or_default();
+            match self.leaders_by_term.get(&(lineage.clone(), term)) {
                 Some(other) if *other != id => {
                     let what = format!("two leaders in term {term}: {other} and {id}");
                     self.violation(what);
                 }
                 Some(_) => {}
                 None => {
-                    self.leaders_by_term.insert(term, id.clone());
+                    self.leaders_by_term.insert((lineage, term), id.clone());
                 }
             }
             if self.nodes[slot].last_role != Role::Leader {
@@ -850,6 +1172,22 @@ impl Sim {
             }
         }
         self.nodes[slot].last_role = role;
+        // At most one first configuration ever commits anything beyond itself.
+        if commit >= 2 {
+            if let Some(first) = self.lineage_of.get(&id) {
+                if !self.committed_lineages.contains(first) {
+                    self.committed_lineages.push(first.clone());
+                    if self.committed_lineages.len() == 2 {
+                        let what = format!(
+                            "two first configurations committed entries: {:?} and {:?}",
+                            self.committed_lineages[0].voters.keys().collect::<Vec<_>>(),
+                            self.committed_lineages[1].voters.keys().collect::<Vec<_>>()
+                        );
+                        self.violation(what);
+                    }
+                }
+            }
+        }
         // No two valid leases at any instant.
         let lease_end = match self.nodes[slot].core.as_ref().and_then(|c| c.lease_until()) {
             Some(until) if until > self.local_now(slot) => self.real_at(slot, until) - 1,
@@ -1090,6 +1428,10 @@ impl Sim {
     /// A new incarnation may replace a member only once every earlier
     /// replacement has finished, so a majority of voters is never lost forever.
     fn replacement_allowed(&self) -> bool {
+        if self.cfg.bootstrap.is_some() && self.leaders_by_term.is_empty() {
+            // Until a first leader is elected, a member may come back as anyone.
+            return true;
+        }
         self.committed_configuration().is_some_and(|c| {
             c.members().all(|(id, _)| !self.retired.contains_key(id))
                 && c.voters.len() == self.cfg.nodes.min(self.cfg.raft.max_voters)

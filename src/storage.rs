@@ -195,6 +195,7 @@ mod tests {
                 last_term: Term(0),
                 config: Configuration::with_voters([(id, "10.0.0.1:4041".to_string())]),
             },
+            bootstrap_lock: None,
             entries: vec![Entry {
                 index: 2,
                 term: Term(4),

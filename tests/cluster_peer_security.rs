@@ -33,6 +33,7 @@ fn identity(cluster: &str) -> Frame {
         term: 0,
         leader: None,
         leaving: false,
+        bootstrap_lock: None,
     })
 }
 

@@ -749,8 +749,8 @@ async fn twenty_ms_rtt_and_five_percent_loss_cause_no_leader_flapping() {
         static_config(),
     )
     .await;
-    // The first leader bootstraps alone and adds the others as learners,
-    // then voters; watch the cluster once all five vote.
+    // All five are voters from the first configuration (bootstrap);
+    // watch the cluster once every node reports them.
     cluster
         .wait_for_single_leader(Duration::from_secs(15))
         .await;

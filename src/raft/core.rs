@@ -157,6 +157,8 @@ pub enum StepError {
     MalformedSnapshot { index: LogIndex, commit: LogIndex },
     #[error("a second leader {other} claims term {term}")]
     SecondLeader { other: NodeId, term: Term },
+    #[error("{from} is not in the first configuration this node promised to bootstrap with")]
+    OutsideBootstrapLock { from: NodeId },
 }
 
 impl StepError {
@@ -169,6 +171,7 @@ impl StepError {
             StepError::MalformedEntries { .. } => "malformed_entries",
             StepError::MalformedSnapshot { .. } => "malformed_snapshot",
             StepError::SecondLeader { .. } => "second_leader",
+            StepError::OutsideBootstrapLock { .. } => "outside_bootstrap_lock",
         }
     }
 }
@@ -208,8 +211,12 @@ pub enum TransferError {
 pub enum BootstrapError {
     #[error("this node already has state (term {0}); it joins the existing cluster")]
     AlreadyInitialized(Term),
-    #[error("the bootstrap configuration must include this node as a voter")]
-    SelfNotVoter,
+    #[error("the bootstrap configuration must include this node")]
+    SelfNotMember,
+    #[error("the bootstrap configuration has no voter")]
+    NoVoter,
+    #[error("this incarnation already promised another first configuration")]
+    LockedToAnother,
 }
 
 /// The leader's view of one member (Raft paper Figure 2, "volatile state on leaders").
@@ -276,6 +283,8 @@ pub struct RaftCore {
     term: Term,
     voted_for: Option<NodeId>,
     log: RaftLog,
+    /// The first configuration this incarnation promised (persisted).
+    bootstrap_lock: Option<Configuration>,
     // Volatile state.
     role: Role,
     leader: Option<NodeId>,
@@ -340,6 +349,7 @@ impl RaftCore {
         let mut core = RaftCore::with_log(cfg, state.id, address, seed, now, log);
         core.term = state.term;
         core.voted_for = state.voted_for;
+        core.bootstrap_lock = state.bootstrap_lock;
         Ok(core)
     }
 
@@ -360,6 +370,7 @@ impl RaftCore {
             term: Term(0),
             voted_for: None,
             log,
+            bootstrap_lock: None,
             role: Role::Follower,
             leader: None,
             commit,
@@ -538,7 +549,22 @@ impl RaftCore {
             voted_for: self.voted_for.clone(),
             snapshot: self.log.snapshot().clone(),
             entries: self.log.entries().to_vec(),
+            bootstrap_lock: self.bootstrap_lock.clone(),
         }
+    }
+
+    /// Returns the first configuration this incarnation promised to
+    /// bootstrap with, if any (see [`lock_bootstrap`](Self::lock_bootstrap)).
+    pub fn bootstrap_lock(&self) -> Option<&Configuration> {
+        self.bootstrap_lock.as_ref()
+    }
+
+    /// Returns whether this node knows of nothing committed beyond its
+    /// bootstrap configuration: as far as it can tell, its cluster never
+    /// finished a first election.
+    pub fn is_pristine_bootstrap(&self) -> bool {
+        let snap = self.log.snapshot();
+        snap.last_index == 1 && snap.last_term == Term(0) && self.commit == 1
     }
 
     /// Takes what the caller must do: persist, then send, then publish.
@@ -576,14 +602,51 @@ impl RaftCore {
         }
     }
 
-    /// Forms a new cluster from `config` if this node has no state at all.
-    /// Every node bootstrapped this way MUST be given the same configuration.
-    pub fn bootstrap(&mut self, config: Configuration, now: Time) -> Result<(), BootstrapError> {
-        if !self.log.is_empty() || self.term != Term(0) {
+    /// Promises, durably, that this incarnation bootstraps with no other
+    /// first configuration than `config`; the promise is in the next
+    /// `Ready`'s hard state and MUST be persisted before it is reported to
+    /// a peer. While promised and without a log, messages from outside
+    /// `config` are refused, so no other cluster can adopt this node.
+    /// An incarnation promises at most once (the agreement's safety rests on
+    /// it): a node that gives up its promise continues as a new incarnation.
+    pub fn lock_bootstrap(&mut self, config: Configuration) -> Result<(), BootstrapError> {
+        if !self.log.is_empty() {
             return Err(BootstrapError::AlreadyInitialized(self.term));
         }
-        if !config.is_voter(&self.id) {
-            return Err(BootstrapError::SelfNotVoter);
+        if !config.contains(&self.id) {
+            return Err(BootstrapError::SelfNotMember);
+        }
+        if config.voters.is_empty() {
+            return Err(BootstrapError::NoVoter);
+        }
+        match &self.bootstrap_lock {
+            Some(locked) if *locked == config => Ok(()),
+            Some(_) => Err(BootstrapError::LockedToAnother),
+            None => {
+                self.bootstrap_lock = Some(config);
+                self.hard_state_dirty = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// Forms a new cluster from `config` if this node has no log yet (its
+    /// term may have moved: a member of the same first configuration may
+    /// already have asked for its vote). Every node bootstrapped this way
+    /// MUST be given the same configuration, and a node that promised one
+    /// with [`lock_bootstrap`](Self::lock_bootstrap) bootstraps with no other.
+    pub fn bootstrap(&mut self, config: Configuration, now: Time) -> Result<(), BootstrapError> {
+        if !self.log.is_empty() {
+            return Err(BootstrapError::AlreadyInitialized(self.term));
+        }
+        if !config.contains(&self.id) {
+            return Err(BootstrapError::SelfNotMember);
+        }
+        if config.voters.is_empty() {
+            return Err(BootstrapError::NoVoter);
+        }
+        if self.bootstrap_lock.as_ref().is_some_and(|l| *l != config) {
+            return Err(BootstrapError::LockedToAnother);
         }
         self.log.install_snapshot(Snapshot {
             last_index: 1,
@@ -607,6 +670,13 @@ impl RaftCore {
         }
         if msg.from == self.id {
             return Err(StepError::FromSelf(msg.from));
+        }
+        if self.log.is_empty() {
+            if let Some(lock) = &self.bootstrap_lock {
+                if !lock.contains(&msg.from) {
+                    return Err(StepError::OutsideBootstrapLock { from: msg.from });
+                }
+            }
         }
         if msg.term > self.term {
             if !self.accept_higher_term(now, &msg) {
@@ -948,6 +1018,9 @@ impl RaftCore {
             self.broadcast_append(now);
         }
         self.maybe_send_timeout_now(now);
+        // A sole voter commits its own entries: no answer would trigger it
+        // (e.g. a learner added and gone before it ever answered).
+        self.maybe_commit(now);
         self.drive_membership();
     }
 

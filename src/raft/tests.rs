@@ -583,8 +583,58 @@ fn bootstrap_is_refused_once_a_node_has_state() {
     let mut x = RaftCore::fresh(Config::default(), id("x"), "x:1".into(), 1, ms(1));
     assert_eq!(
         x.bootstrap(three_voters(), ms(1)),
-        Err(BootstrapError::SelfNotVoter)
+        Err(BootstrapError::SelfNotMember)
     );
+}
+
+#[test]
+fn a_promised_node_refuses_strangers_and_any_other_first_configuration() {
+    let mut x = RaftCore::fresh(Config::default(), id("a"), "a:1".into(), 1, ms(1));
+    x.lock_bootstrap(three_voters()).unwrap();
+    assert_eq!(
+        x.take_ready().hard_state.and_then(|h| h.bootstrap_lock),
+        Some(three_voters()),
+        "the promise is in the hard state to persist"
+    );
+    let other = Configuration::with_voters(["a", "d", "e"].map(|n| (id(n), format!("{n}:1"))));
+    assert_eq!(
+        x.lock_bootstrap(other.clone()),
+        Err(BootstrapError::LockedToAnother)
+    );
+    assert_eq!(
+        x.bootstrap(other, ms(2)),
+        Err(BootstrapError::LockedToAnother)
+    );
+    let stranger = msg(
+        "d",
+        "a",
+        3,
+        MessageBody::RequestVote {
+            last_log_index: 1,
+            last_log_term: Term(0),
+            transfer: false,
+        },
+    );
+    assert_eq!(
+        x.step(ms(500), stranger),
+        Err(StepError::OutsideBootstrapLock { from: id("d") })
+    );
+    assert_eq!(x.term(), Term(0), "a refused message changes nothing");
+    // A member's vote request moves the term; bootstrap still works after it.
+    let member = msg(
+        "b",
+        "a",
+        3,
+        MessageBody::RequestVote {
+            last_log_index: 1,
+            last_log_term: Term(0),
+            transfer: false,
+        },
+    );
+    x.step(ms(500), member).unwrap();
+    assert_eq!(x.term(), Term(3));
+    x.bootstrap(three_voters(), ms(501)).unwrap();
+    assert!(x.is_pristine_bootstrap());
 }
 
 #[test]
@@ -599,6 +649,28 @@ fn a_single_voter_elects_itself_and_holds_a_lease() {
     a.tick(t);
     assert_eq!(a.role(), Role::Leader);
     assert!(a.has_lease(t));
+}
+
+#[test]
+fn a_sole_voter_commits_a_change_even_when_no_member_ever_answers() {
+    let mut a = RaftCore::fresh(Config::default(), id("a"), "a:4041".into(), 1, ms(0));
+    a.bootstrap(
+        Configuration::with_voters([(id("a"), "a:4041".to_string())]),
+        ms(0),
+    )
+    .unwrap();
+    let t = a.next_deadline();
+    a.tick(t);
+    assert_eq!(a.role(), Role::Leader);
+    let index = a.propose_add_learner(id("b"), "b:4041".into()).unwrap();
+    assert!(a.commit_index() < index, "appended, not yet committed");
+    let next = a.next_deadline();
+    a.tick(next);
+    assert_eq!(
+        a.commit_index(),
+        index,
+        "committed at the next tick without b"
+    );
 }
 
 #[test]

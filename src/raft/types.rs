@@ -267,4 +267,9 @@ pub struct HardState {
     pub snapshot: Snapshot,
     /// Log entries after the snapshot, in index order.
     pub entries: Vec<Entry>,
+    /// The first configuration this incarnation promised to bootstrap with
+    /// (local bootstrap agreement, `runtime::bootstrap`). Persisted before
+    /// it is reported to any peer; an incarnation promises at most once.
+    #[serde(default)]
+    pub bootstrap_lock: Option<Configuration>,
 }

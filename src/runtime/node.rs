@@ -16,11 +16,12 @@
 //! the transport puts it on the one connection to that peer (so an answer
 //! travels back on the connection its request came on).
 
+use super::bootstrap::{BootstrapAuthority, BootstrapStep, LocalAgreement, LocalView, PeerReport};
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
+use crate::raft::{Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
 use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
@@ -48,8 +49,6 @@ const LEAVE_RETRY: Duration = Duration::from_millis(200);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
-/// How recently a peer must have answered to count for bootstrap.
-const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
 
 /// Settings of the node task.
 #[derive(Clone, Debug)]
@@ -58,8 +57,8 @@ pub struct NodeOptions {
     pub cluster_id: String,
     /// Address peers reach this node at.
     pub advertise: String,
-    /// Local bootstrap: form the cluster once this many members (self
-    /// included) are seen and none has joined one; the lowest id bootstraps.
+    /// Local bootstrap: the first configuration holds this many members
+    /// (self included), agreed on by all of them (`runtime::bootstrap`).
     /// `None`: only join a cluster formed elsewhere.
     pub bootstrap_expect: Option<usize>,
     /// Membership debounce and removal grace.
@@ -91,8 +90,10 @@ pub struct NodeTask {
     last_view: Option<Leadership>,
     /// When the known leader was lost (for the election-duration histogram).
     leader_lost_at: Option<Instant>,
-    /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
-    bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
+    /// When each peer last answered hello (pruned: see `prune_unseen`).
+    last_seen: HashMap<NodeId, Instant>,
+    /// Who decides the first configuration (`None`: join only).
+    bootstrap: Option<Box<dyn BootstrapAuthority>>,
     shutting_down: bool,
     /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
@@ -112,6 +113,10 @@ impl NodeTask {
         identity_tx: watch::Sender<PeerInfo>,
     ) -> NodeTask {
         let membership = MembershipDriver::new(opts.membership.clone(), Instant::now());
+        let bootstrap = opts.bootstrap_expect.map(|expect| {
+            Box::new(LocalAgreement::new(expect, core.config().max_voters))
+                as Box<dyn BootstrapAuthority>
+        });
         NodeTask {
             core,
             epoch,
@@ -125,7 +130,8 @@ impl NodeTask {
             directory: HashMap::new(),
             last_view: None,
             leader_lost_at: None,
-            bootstrap_seen: HashMap::new(),
+            last_seen: HashMap::new(),
+            bootstrap,
             shutting_down: false,
             timer: DeadlineTimer::new(),
         }
@@ -215,7 +221,7 @@ impl NodeTask {
         let now = Instant::now();
         // A new incarnation replaces the old one: forget the old.
         let replaced: Vec<NodeId> = self
-            .bootstrap_seen
+            .last_seen
             .keys()
             .filter(|id| id.name == info.id.name && **id != info.id)
             .cloned()
@@ -224,23 +230,42 @@ impl NodeTask {
             self.forget_peer(&old);
         }
         self.directory.insert(info.id.clone(), info.address.clone());
+        self.last_seen.insert(info.id.clone(), now);
+        // A node holding a bootstrap promise and no log is about to form
+        // its own first configuration: never add it (runtime::bootstrap).
+        let promised = info.bootstrap_lock.is_some() && !info.joined;
         if info.leaving {
             // A member on its way out is neither added again nor waited for,
             // nor handed leadership.
             self.membership.tombstone(info.id.clone(), now);
             self.core.note_retiring(&info.id);
+        } else if promised {
+            self.membership.forget(&info.id);
         } else {
             self.membership
                 .observe(info.id.clone(), info.address.clone(), now);
         }
-        self.bootstrap_seen
-            .insert(info.id.clone(), (info.joined, now));
+        if let Some(authority) = self.bootstrap.as_mut() {
+            let t = Time::from_nanos(now.duration_since(self.epoch).as_nanos() as u64);
+            authority.observe(
+                t,
+                PeerReport {
+                    id: info.id,
+                    address: info.address,
+                    joined: info.joined,
+                    leaving: info.leaving,
+                    lock: info.bootstrap_lock,
+                },
+            );
+            // Decide at once: the agreement advances one hello answer at a time.
+            self.run_bootstrap();
+        }
     }
 
     /// Forgets what this node knows of a peer outside the configuration.
     fn forget_peer(&mut self, id: &NodeId) {
         self.directory.remove(id);
-        self.bootstrap_seen.remove(id);
+        self.last_seen.remove(id);
         self.membership.forget(id);
     }
 
@@ -249,9 +274,9 @@ impl NodeTask {
     fn prune_unseen(&mut self, now: Instant) {
         let limit = self.opts.membership.removal_grace * FORGET_UNSEEN_AFTER;
         let stale: Vec<NodeId> = self
-            .bootstrap_seen
+            .last_seen
             .iter()
-            .filter(|(_, (_, at))| now.saturating_duration_since(*at) > limit)
+            .filter(|(_, at)| now.saturating_duration_since(**at) > limit)
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -274,7 +299,7 @@ impl NodeTask {
     fn housekeeping(&mut self) {
         let now = Instant::now();
         self.prune_unseen(now);
-        self.maybe_bootstrap(now);
+        self.run_bootstrap();
         // Every role tracks removals: a follower that becomes leader must
         // not re-add what its predecessor removed.
         let me = self.core.id().clone();
@@ -290,39 +315,70 @@ impl NodeTask {
 impl NodeTask {
     // ----- bootstrap and membership --------------------------------------------
 
-    /// Local bootstrap: once `bootstrap_expect` members (self included) answer
-    /// and none of them has joined a cluster, the lowest id forms a cluster of
-    /// itself; everyone else is then added by its membership driver.
-    fn maybe_bootstrap(&mut self, now: Instant) {
-        let Some(expect) = self.opts.bootstrap_expect else {
+    /// Asks the bootstrap authority for its next step and applies it: a
+    /// promise (persisted by the next `handle_ready`, then reported), the
+    /// first configuration, or a new incarnation.
+    fn run_bootstrap(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        let Some(authority) = self.bootstrap.as_mut() else {
             return;
         };
-        if !self.core.log().is_empty() || self.shutting_down {
+        let now = Time::from_nanos(Instant::now().duration_since(self.epoch).as_nanos() as u64);
+        let core = &self.core;
+        let log_empty = core.log().is_empty();
+        // Cheap exit for a member of a running cluster (the common case).
+        if !log_empty && !core.is_pristine_bootstrap() {
             return;
         }
-        let fresh: Vec<(&NodeId, bool)> = self
-            .bootstrap_seen
-            .iter()
-            .filter(|(_, (_, at))| now.saturating_duration_since(*at) <= BOOTSTRAP_FRESHNESS)
-            .map(|(id, (joined, _))| (id, *joined))
-            .collect();
-        if fresh.iter().any(|(_, joined)| *joined) {
-            return; // a cluster exists: wait to be added to it
+        let local = LocalView {
+            id: core.id(),
+            address: &self.opts.advertise,
+            log_empty,
+            pristine: core.is_pristine_bootstrap(),
+            config: core.configuration().0,
+            lock: core.bootstrap_lock(),
+        };
+        let step = authority.decide(now, &local);
+        for refusal in authority.take_refusals() {
+            warn!("{refusal}");
         }
-        if fresh.len() + 1 < expect {
+        let Some(step) = step else {
             return;
-        }
+        };
         let me = self.core.id().clone();
-        if fresh.iter().any(|(id, _)| **id < me) {
-            return; // a lower id bootstraps
-        }
-        let config = Configuration::with_voters([(me.clone(), self.opts.advertise.clone())]);
-        let t = self.now();
-        match self.core.bootstrap(config, t) {
-            Ok(()) => {
-                info!(node = %me, seen = fresh.len() + 1, "bootstrapped a new cluster as its first voter")
+        match step {
+            BootstrapStep::Lock(config) => {
+                let members = config.voters.len() + config.learners.len();
+                match self.core.lock_bootstrap(config) {
+                    Ok(()) => info!(node = %me, members, "promised a first configuration"),
+                    Err(e) => warn!(error = %e, "bootstrap promise refused"),
+                }
             }
-            Err(e) => warn!(error = %e, "bootstrap refused"),
+            BootstrapStep::Bootstrap(config) => {
+                let (voters, learners) = (config.voters.len(), config.learners.len());
+                match self.core.bootstrap(config, now) {
+                    Ok(()) => {
+                        self.metrics.bootstraps.inc();
+                        info!(node = %me, voters, learners, "bootstrapped the first configuration")
+                    }
+                    Err(e) => warn!(error = %e, "bootstrap refused"),
+                }
+            }
+            BootstrapStep::Abandon(reason) => {
+                let id = NodeId::new(me.name.clone(), rand::random());
+                info!(old = %me, new = %id, reason, "giving up the bootstrap attempt; continuing as a new incarnation");
+                self.metrics.bootstrap_abandons.inc();
+                self.core = RaftCore::fresh(
+                    self.core.config().clone(),
+                    id,
+                    self.opts.advertise.clone(),
+                    rand::random(),
+                    now,
+                );
+                authority.reset();
+            }
         }
     }
 
@@ -380,8 +436,15 @@ impl NodeTask {
         for msg in ready.messages {
             self.send(msg);
         }
-        if let Some(view) = ready.leadership {
-            self.on_leadership(view);
+        match ready.leadership {
+            Some(view) => self.on_leadership(view),
+            // A saved promise or first configuration is reported at once.
+            None if ready.hard_state.is_some() => {
+                if let Some(view) = self.last_view.clone() {
+                    self.publish(&view);
+                }
+            }
+            None => {}
         }
         Ok(())
     }
@@ -495,6 +558,7 @@ impl NodeTask {
             term: view.term.0,
             leader: view.leader.clone(),
             leaving: self.shutting_down,
+            bootstrap_lock: self.core.bootstrap_lock().cloned(),
         };
         // Only real changes wake the identity's readers (not lease renewals).
         self.identity_tx.send_if_modified(|current| {
@@ -642,7 +706,7 @@ mod tests {
     //! The node task with a recording store and transport: what it saves,
     //! what it sends and where, in which order, and what it forgets.
     use super::*;
-    use crate::raft::{Config, HardState, Term};
+    use crate::raft::{Config, Configuration, HardState, Term};
     use std::sync::{Arc, Mutex};
 
     #[derive(Debug, PartialEq)]
@@ -716,6 +780,7 @@ mod tests {
             term: 0,
             leader: None,
             leaving: false,
+            bootstrap_lock: None,
         });
         let opts = NodeOptions {
             cluster_id: "test".into(),
@@ -776,6 +841,7 @@ mod tests {
             term: 0,
             leader: None,
             leaving: false,
+            bootstrap_lock: None,
         }
     }
 
@@ -831,7 +897,7 @@ mod tests {
         task.peer_seen(seen("d", 2));
         let old = NodeId::new("d", 1);
         assert!(!task.directory.contains_key(&old));
-        assert!(!task.bootstrap_seen.contains_key(&old));
+        assert!(!task.last_seen.contains_key(&old));
         assert_eq!(task.membership.address_of(&old), None);
         assert!(task.directory.contains_key(&NodeId::new("d", 2)));
     }
@@ -844,7 +910,7 @@ mod tests {
         assert_eq!(task.directory.len(), 1, "recently seen: kept");
         task.prune_unseen(Instant::now() + Duration::from_secs(2) * (FORGET_UNSEEN_AFTER + 1));
         assert!(task.directory.is_empty());
-        assert!(task.bootstrap_seen.is_empty());
+        assert!(task.last_seen.is_empty());
         assert_eq!(task.membership.address_of(&NodeId::new("d", 1)), None);
     }
 

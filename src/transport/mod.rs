@@ -173,6 +173,10 @@ pub struct PeerInfo {
     /// Whether the node is shutting down; it must not be added again.
     #[serde(default)]
     pub leaving: bool,
+    /// The first configuration the node promised to bootstrap with (local
+    /// bootstrap agreement, `runtime::bootstrap`); reported only once persisted.
+    #[serde(default)]
+    pub bootstrap_lock: Option<raft::Configuration>,
 }
 
 /// What the transport hands the node.

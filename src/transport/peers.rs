@@ -431,6 +431,7 @@ mod tests {
             term: 1,
             leader: None,
             leaving: false,
+            bootstrap_lock: None,
         });
         let (tx, inbound) = mpsc::channel(64);
         let transport = Transport::new(cfg(), Metrics::new(), me_rx, tx);
@@ -529,6 +530,7 @@ mod tests {
             term: 1,
             leader: None,
             leaving: false,
+            bootstrap_lock: None,
         };
         let est = connection::dial(&b.addr, &cfg(), &crasher).await.unwrap();
         assert_eq!(est.peer.id, b.id);

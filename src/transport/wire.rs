@@ -64,6 +64,7 @@ mod tests {
                 term: 3,
                 leader: Some(id.clone()),
                 leaving: false,
+                bootstrap_lock: None,
             }),
             Frame::Hello,
             Frame::Raft(Message {

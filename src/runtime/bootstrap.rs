@@ -1,0 +1,725 @@
+//! Bootstrap: the first configuration holds every expected member as a voter
+//! (up to `--max-voters`, the rest learners), agreed on before any vote.
+//!
+//! With `--bootstrap-expect N` the group is fault tolerant from its first
+//! election, the way Consul's `bootstrap_expect` and etcd's
+//! `--initial-cluster` are: there is never a one-voter cluster that grows
+//! later. Who decides the first configuration is a [`BootstrapAuthority`]:
+//! today the members' [`LocalAgreement`]; in Kubernetes (issue 9) a
+//! compare-and-swap on the LeaderElection CR status takes its place (see
+//! "The seam" below).
+//!
+//! # The local agreement: one proposer, a promise from everyone, then bootstrap
+//!
+//! ```text
+//!   hello answers (PeerInfo: joined, bootstrap_lock) ──► observe()
+//!                                                           │
+//!   housekeeping / each answer ──► decide(local view) ──────┤
+//!        ┌──────────────────────────────────────────────────┘
+//!        ▼
+//!   Lock(P)       promise P: persisted in the hard state BEFORE it is reported
+//!   Bootstrap(P)  every member of P reports the promise P: install P as index 1
+//!   Abandon       the promise can never complete: continue as a new incarnation
+//! ```
+//!
+//! 1. **Propose.** A node with an empty log and no promise, that sees no
+//!    member of an existing cluster and at least `N − 1` other fresh,
+//!    unjoined, unpromised peers (one id per name), takes itself and the
+//!    `N − 1` lowest of them. If it is the lowest id of that set it promises
+//!    the set as configuration `P` (voters: the lowest ids, as many as the
+//!    largest odd number ≤ `min(N, max_voters)`; the others learners).
+//! 2. **Adopt.** A node with an empty log and no promise that sees a peer
+//!    report a promise `P` containing its own id (same incarnation), with
+//!    `N` members of distinct names and the voter rule above, promises `P`.
+//! 3. **Bootstrap.** A node that promised `P` and sees every other member
+//!    of `P` report the promise `P`, or one member report having
+//!    bootstrapped `P` (which it did only after seeing every promise),
+//!    installs `P` as its first configuration, then elects as usual.
+//! 4. **Abandon.** A promise that can never complete (a member promised
+//!    another configuration, a member was replaced by a new incarnation of
+//!    its name, another cluster answers, or not every member confirmed
+//!    within [`LOCK_TIMEOUT`]) is given up, and so is a bootstrapped
+//!    configuration under which this node knows nothing committed once a
+//!    majority of its voters is gone (replaced by new incarnations, or
+//!    silent for [`LOCK_TIMEOUT`] while a majority of the expected members
+//!    answer unbootstrapped): the node continues as a **new incarnation**
+//!    with no state, exactly like a stateless restart.
+//! 5. **Join, never bootstrap.** A node that sees a member of an existing
+//!    cluster does not propose; it waits to be added as a learner. A node
+//!    with a log never bootstraps. A leader never adds a node that holds a
+//!    promise and no log, and such a node refuses messages from outside its
+//!    promise (`RaftCore::lock_bootstrap`).
+//!
+//! # Why two clusters never both elect a leader for one group
+//!
+//! - *Promises are unique per incarnation.* An incarnation promises at most
+//!   once (the core refuses a second), persists the promise before it is
+//!   reported, and restarts with state keep it. Giving a promise up makes a
+//!   new incarnation; the old identity never answers, votes or acknowledges
+//!   again (the same rule as a stateless restart).
+//! - *Bootstrap needs every member's promise.* So if some node bootstrapped
+//!   `P` and another `P' ≠ P`, a member common to both would have promised
+//!   both: impossible. **Two first configurations never share a member.**
+//! - *Lineages never share a member later either.* A leader adds only peers
+//!   with neither a log nor a promise; a node with a promise refuses every
+//!   message from outside it, and a node that received a leader's entries
+//!   has a log and never promises or bootstraps. So every identity belongs
+//!   to at most one lineage (first configuration and what its leaders added).
+//! - *Two lineages cannot both have a live quorum.* A first configuration
+//!   names `N` distinct member names; a leader (with a lease) needs
+//!   acknowledgements from a majority of its lineage's voters, which are
+//!   distinct names too. At most one process runs per name (StatefulSet
+//!   pods; a Deployment's pods have unique names), and during bootstrap at
+//!   most `N` members run (`--bootstrap-expect` is the replica count), so
+//!   two disjoint majorities of live names cannot exist at once: at no
+//!   instant do two leaders hold a lease, and at most one first
+//!   configuration ever commits an entry.
+//! - *Abandoning is always safe.* It only retires an identity; a cluster
+//!   that still has a majority without it goes on, one that has not was
+//!   already unable to elect. The timeouts in rule 4 therefore trade only
+//!   liveness, never safety.
+//!
+//! A second group with another cluster id on the same DNS name never
+//! interferes: hello answers and messages of another cluster id are refused
+//! by the transport and ignored by the node.
+//!
+//! Limits: before the first configuration is promised by all `N`, nothing
+//! is elected (by design, like Consul): a group that never sees `N` members
+//! waits, and says so in its log. After it, any majority elects.
+//!
+//! # The seam for Kubernetes
+//!
+//! [`BootstrapAuthority`] is what the node consults. Issue 9 adds an
+//! implementation that records `P` in the LeaderElection CR status with a
+//! compare-and-swap (resourceVersion precondition): the CR holds at most one
+//! first configuration per cluster id, and everyone bootstraps with the one
+//! recorded there (it returns `Bootstrap(P)` for the recorded `P` that
+//! contains this node, `Abandon` when the recorded one excludes a node with
+//! an empty log). The node's side (`Lock`, `Bootstrap`, `Abandon`) stays.
+
+use crate::raft::{Configuration, NodeId, Time};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+/// A peer's report counts as current for this long after it arrived.
+pub const REPORT_FRESHNESS: Duration = Duration::from_secs(3);
+/// A promise not confirmed by every member within this long is given up
+/// (a member died before confirming and will not come back under its id);
+/// also how long a never-led first configuration waits for silent voters.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a promise is held before a replaced member makes it give up:
+/// a little over two hello rounds, so a member that bootstrapped the
+/// promise is heard from first.
+pub const SETTLE: Duration = Duration::from_millis(600);
+/// Reports older than this are forgotten.
+const REPORT_RETENTION: Duration = Duration::from_secs(12);
+
+/// What one peer says about itself in its hello answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerReport {
+    /// Its identity.
+    pub id: NodeId,
+    /// Where it is reached.
+    pub address: String,
+    /// Whether it is in a cluster configuration.
+    pub joined: bool,
+    /// Whether it is shutting down.
+    pub leaving: bool,
+    /// The first configuration it promised, if any.
+    pub lock: Option<Configuration>,
+}
+
+/// This node, as far as bootstrap is concerned (read from its core).
+#[derive(Clone, Copy, Debug)]
+pub struct LocalView<'a> {
+    /// This incarnation.
+    pub id: &'a NodeId,
+    /// Its advertised address.
+    pub address: &'a str,
+    /// Whether its log is empty (never bootstrapped nor joined).
+    pub log_empty: bool,
+    /// Whether nothing beyond its bootstrap configuration is known committed.
+    pub pristine: bool,
+    /// Its configuration (the first configuration when pristine).
+    pub config: &'a Configuration,
+    /// Its promise, if any.
+    pub lock: Option<&'a Configuration>,
+}
+
+/// What the node should do next about bootstrap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootstrapStep {
+    /// Promise this first configuration (`RaftCore::lock_bootstrap`):
+    /// persist, then report it.
+    Lock(Configuration),
+    /// Install this first configuration (`RaftCore::bootstrap`).
+    Bootstrap(Configuration),
+    /// Give up the promise or the never-led first configuration and
+    /// continue as a new incarnation with no state; the text says why.
+    Abandon(String),
+}
+
+/// Decides the first configuration: the members' local agreement, or
+/// (issue 9) the LeaderElection CR. See the module doc.
+pub trait BootstrapAuthority: Send {
+    /// Records a peer's hello answer that arrived at `now`.
+    fn observe(&mut self, now: Time, report: PeerReport);
+    /// Returns the next step for this node, if any. Called after every
+    /// report and periodically; MUST be idempotent until the step is applied.
+    fn decide(&mut self, now: Time, local: &LocalView<'_>) -> Option<BootstrapStep>;
+    /// Forgets what was tied to this node's previous incarnation (after
+    /// `Abandon`, or a restart).
+    fn reset(&mut self);
+    /// Takes explanations of refused proposals, each given once, for the log.
+    fn take_refusals(&mut self) -> Vec<String>;
+}
+
+/// Returns the number of voters of a first configuration of `members`
+/// members: the largest odd number at most `min(members, max_voters)`
+/// (an even count tolerates no more failures than the odd one below it).
+pub fn first_voter_count(members: usize, max_voters: usize) -> usize {
+    let m = members.min(max_voters).max(1);
+    if m % 2 == 0 {
+        m - 1
+    } else {
+        m
+    }
+}
+
+/// Builds the first configuration of `members` (id, address): the lowest
+/// ids vote, as many as [`first_voter_count`], the rest are learners.
+pub fn first_configuration(mut members: Vec<(NodeId, String)>, max_voters: usize) -> Configuration {
+    members.sort();
+    let voters = first_voter_count(members.len(), max_voters);
+    let mut config = Configuration::default();
+    for (i, (id, address)) in members.into_iter().enumerate() {
+        if i < voters {
+            config.voters.insert(id, address);
+        } else {
+            config.learners.insert(id, address);
+        }
+    }
+    config
+}
+
+/// The members' local agreement on the first configuration (module doc).
+#[derive(Debug)]
+pub struct LocalAgreement {
+    expect: usize,
+    max_voters: usize,
+    /// Latest report of each peer and when it arrived (this node's clock).
+    reports: HashMap<NodeId, (PeerReport, Time)>,
+    /// When this incarnation was first seen holding its promise.
+    locked_since: Option<Time>,
+    /// When this incarnation was first seen with a never-led first configuration.
+    pristine_since: Option<Time>,
+    /// Proposals refused, by proposer and reason (each logged once).
+    refused: BTreeSet<String>,
+    new_refusals: Vec<String>,
+}
+
+impl LocalAgreement {
+    /// Creates the agreement for `expect` members with at most `max_voters` voters.
+    pub fn new(expect: usize, max_voters: usize) -> LocalAgreement {
+        LocalAgreement {
+            expect: expect.max(1),
+            max_voters: max_voters.max(1),
+            reports: HashMap::new(),
+            locked_since: None,
+            pristine_since: None,
+            refused: BTreeSet::new(),
+            new_refusals: Vec::new(),
+        }
+    }
+
+    /// Returns the number of members the first configuration holds.
+    pub fn expect(&self) -> usize {
+        self.expect
+    }
+
+    /// Returns the current reports: recent, not leaving, not this node, and
+    /// only the latest incarnation of each name (one process runs per name,
+    /// so an older incarnation's report describes a process that is gone).
+    fn fresh<'a>(
+        &'a self,
+        now: Time,
+        me: &'a NodeId,
+    ) -> impl Iterator<Item = (&'a PeerReport, Time)> + 'a {
+        self.reports
+            .values()
+            .filter(move |(r, at)| {
+                r.id != *me
+                    && !r.leaving
+                    && now.saturating_since(*at) <= REPORT_FRESHNESS
+                    && !self.replaced(now, &r.id)
+            })
+            .map(|(r, at)| (r, *at))
+    }
+
+    /// Returns whether `member` is known to be gone for good: another
+    /// incarnation of its name answered more recently than it did.
+    fn replaced(&self, now: Time, member: &NodeId) -> bool {
+        let own = self.reports.get(member).map(|(_, at)| *at);
+        self.reports.values().any(|(r, at)| {
+            r.id.name == member.name
+                && r.id != *member
+                && now.saturating_since(*at) <= REPORT_FRESHNESS
+                && own.is_none_or(|o| o < *at)
+        })
+    }
+
+    /// Checks a proposal from a peer against this node's own rules.
+    fn validate(&self, me: &NodeId, p: &Configuration) -> Result<(), String> {
+        let members: Vec<(NodeId, String)> =
+            p.members().map(|(id, a)| (id.clone(), a.clone())).collect();
+        if members.len() != self.expect {
+            return Err(format!(
+                "it has {} members, this node expects {} (--bootstrap-expect differs between members?)",
+                members.len(),
+                self.expect
+            ));
+        }
+        if !p.contains(me) {
+            return Err("it does not include this node".to_string());
+        }
+        let names: BTreeSet<&str> = members.iter().map(|(id, _)| id.name.as_str()).collect();
+        if names.len() != members.len() {
+            return Err("it names one member twice".to_string());
+        }
+        if first_configuration(members, self.max_voters) != *p {
+            return Err(format!(
+                "its voters are not the {} lowest ids (--max-voters differs between members?)",
+                first_voter_count(self.expect, self.max_voters)
+            ));
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, proposer: &NodeId, why: String) {
+        let text = format!("refused the first configuration proposed by {proposer}: {why}");
+        if self.refused.insert(text.clone()) {
+            self.new_refusals.push(text);
+        }
+    }
+
+    fn decide_unlocked(&mut self, now: Time, local: &LocalView<'_>) -> Option<BootstrapStep> {
+        let me = local.id;
+        if self.fresh(now, me).any(|(r, _)| r.joined) {
+            return None; // a cluster exists: wait to be added to it
+        }
+        // Adopt the lowest proposal that names this incarnation.
+        let mut offers: Vec<Configuration> = self
+            .fresh(now, me)
+            .filter_map(|(r, _)| r.lock.clone())
+            .filter(|p| p.contains(me))
+            .collect();
+        offers.sort_by(|a, b| a.members().next().cmp(&b.members().next()));
+        offers.dedup();
+        for p in offers {
+            match self.validate(me, &p) {
+                Ok(()) => return Some(BootstrapStep::Lock(p)),
+                Err(why) => {
+                    let proposer = p.members().map(|(id, _)| id).min().cloned();
+                    if let Some(proposer) = proposer {
+                        self.refuse(&proposer, why);
+                    }
+                }
+            }
+        }
+        // Propose, if this node is the lowest of the N it would take.
+        let mut by_name: BTreeMap<&str, (&PeerReport, Time)> = BTreeMap::new();
+        for (r, at) in self.fresh(now, me) {
+            if r.joined || r.lock.is_some() || r.id.name == me.name {
+                continue;
+            }
+            let newer = by_name.get(r.id.name.as_str()).is_none_or(|(_, t)| *t < at);
+            if newer {
+                by_name.insert(r.id.name.as_str(), (r, at));
+            }
+        }
+        let mut others: Vec<(NodeId, String)> = by_name
+            .values()
+            .map(|(r, _)| (r.id.clone(), r.address.clone()))
+            .collect();
+        others.sort();
+        others.truncate(self.expect - 1);
+        if others.len() + 1 < self.expect || others.first().is_some_and(|(id, _)| id < me) {
+            return None;
+        }
+        others.push((me.clone(), local.address.to_string()));
+        Some(BootstrapStep::Lock(first_configuration(
+            others,
+            self.max_voters,
+        )))
+    }
+
+    fn decide_locked(
+        &mut self,
+        now: Time,
+        local: &LocalView<'_>,
+        p: &Configuration,
+    ) -> Option<BootstrapStep> {
+        let me = local.id;
+        let since = *self.locked_since.get_or_insert(now);
+        // A member that bootstrapped P saw every member's promise of P:
+        // follow it at once, whatever happened to the others since.
+        let bootstrapped_elsewhere = self
+            .fresh(now, me)
+            .any(|(r, _)| r.joined && p.contains(&r.id) && r.lock.as_ref() == Some(p));
+        if bootstrapped_elsewhere {
+            return Some(BootstrapStep::Bootstrap(p.clone()));
+        }
+        let mut confirmed = true;
+        for (m, _) in p.members().filter(|(m, _)| *m != me) {
+            // Not final at once: until a round of answers has arrived, a
+            // member that bootstrapped P may not have been heard from yet.
+            if self.replaced(now, m) && now.saturating_since(since) >= SETTLE {
+                return Some(BootstrapStep::Abandon(format!(
+                    "member {m} of the promised configuration was replaced by a new incarnation"
+                )));
+            }
+            match self.reports.get(m) {
+                Some((r, at)) if now.saturating_since(*at) <= REPORT_FRESHNESS => match &r.lock {
+                    Some(q) if q == p => {}
+                    Some(_) => {
+                        return Some(BootstrapStep::Abandon(format!(
+                            "member {m} promised another first configuration"
+                        )))
+                    }
+                    None if r.joined => {
+                        return Some(BootstrapStep::Abandon(format!(
+                            "member {m} joined a cluster without this promise"
+                        )))
+                    }
+                    None => confirmed = false,
+                },
+                _ => confirmed = false,
+            }
+        }
+        if confirmed {
+            return Some(BootstrapStep::Bootstrap(p.clone()));
+        }
+        if let Some((r, _)) = self
+            .fresh(now, me)
+            .find(|(r, _)| r.joined && !p.contains(&r.id))
+        {
+            return Some(BootstrapStep::Abandon(format!(
+                "{} belongs to a cluster outside the promised configuration",
+                r.id
+            )));
+        }
+        if now.saturating_since(since) > LOCK_TIMEOUT {
+            return Some(BootstrapStep::Abandon(format!(
+                "not every member confirmed the promised configuration within {LOCK_TIMEOUT:?}"
+            )));
+        }
+        None
+    }
+
+    fn decide_pristine(&mut self, now: Time, local: &LocalView<'_>) -> Option<BootstrapStep> {
+        let me = local.id;
+        let since = *self.pristine_since.get_or_insert(now);
+        let voters = &local.config.voters;
+        // Silence counts as gone only after a while, and only while a
+        // majority of the expected members answer, alive and unbootstrapped
+        // (they are who the new attempt needs); replacement always counts.
+        let unbootstrapped = self
+            .fresh(now, me)
+            .filter(|(r, _)| !r.joined && r.lock.is_none())
+            .count();
+        let silence_counts =
+            now.saturating_since(since) > LOCK_TIMEOUT && unbootstrapped > self.expect / 2;
+        let alive = voters
+            .keys()
+            .filter(|m| {
+                if *m == me {
+                    return true;
+                }
+                if self.replaced(now, m) {
+                    return false;
+                }
+                !silence_counts
+                    || self
+                        .reports
+                        .get(*m)
+                        .is_some_and(|(_, at)| now.saturating_since(*at) <= REPORT_FRESHNESS)
+            })
+            .count();
+        if alive < local.config.quorum() {
+            return Some(BootstrapStep::Abandon(format!(
+                "only {alive} of the {} voters of the never-led first configuration remain",
+                voters.len()
+            )));
+        }
+        None
+    }
+}
+
+impl BootstrapAuthority for LocalAgreement {
+    fn observe(&mut self, now: Time, report: PeerReport) {
+        self.reports.insert(report.id.clone(), (report, now));
+        self.reports
+            .retain(|_, (_, at)| now.saturating_since(*at) <= REPORT_RETENTION);
+    }
+
+    fn decide(&mut self, now: Time, local: &LocalView<'_>) -> Option<BootstrapStep> {
+        if !local.log_empty {
+            self.locked_since = None;
+            if local.pristine && local.config.contains(local.id) {
+                return self.decide_pristine(now, local);
+            }
+            self.pristine_since = None;
+            return None;
+        }
+        self.pristine_since = None;
+        match local.lock {
+            Some(p) => {
+                let p = p.clone();
+                self.decide_locked(now, local, &p)
+            }
+            None => {
+                self.locked_since = None;
+                self.decide_unlocked(now, local)
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.locked_since = None;
+        self.pristine_since = None;
+    }
+
+    fn take_refusals(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.new_refusals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(name: &str, inc: u64) -> NodeId {
+        NodeId::new(name, inc)
+    }
+
+    fn report(name: &str, inc: u64, joined: bool, lock: Option<Configuration>) -> PeerReport {
+        PeerReport {
+            id: id(name, inc),
+            address: format!("{name}:4041"),
+            joined,
+            leaving: false,
+            lock,
+        }
+    }
+
+    fn config(members: &[(&str, u64)]) -> Configuration {
+        first_configuration(
+            members
+                .iter()
+                .map(|(n, i)| (id(n, *i), format!("{n}:4041")))
+                .collect(),
+            5,
+        )
+    }
+
+    fn view<'a>(
+        me: &'a NodeId,
+        empty: &'a Configuration,
+        lock: Option<&'a Configuration>,
+    ) -> LocalView<'a> {
+        LocalView {
+            id: me,
+            address: "x:4041",
+            log_empty: true,
+            pristine: false,
+            config: empty,
+            lock,
+        }
+    }
+
+    fn t(ms: u64) -> Time {
+        Time::from_nanos(ms * 1_000_000)
+    }
+
+    #[test]
+    fn the_lowest_id_proposes_every_expected_member_once_it_sees_them_all() {
+        let empty = Configuration::default();
+        let a = id("a", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("b", 1, false, None));
+        assert_eq!(
+            agreement.decide(t(0), &view(&a, &empty, None)),
+            None,
+            "sees 2 of 3"
+        );
+        agreement.observe(t(1), report("c", 1, false, None));
+        let step = agreement.decide(t(1), &view(&a, &empty, None));
+        let expected = Configuration {
+            voters: [("a", 1), ("b", 1), ("c", 1)]
+                .iter()
+                .map(|(n, i)| {
+                    (
+                        id(n, *i),
+                        if *n == "a" {
+                            "x:4041".into()
+                        } else {
+                            format!("{n}:4041")
+                        },
+                    )
+                })
+                .collect(),
+            learners: Default::default(),
+        };
+        assert_eq!(step, Some(BootstrapStep::Lock(expected)));
+        // b is not the lowest: it waits for a's proposal.
+        let b = id("b", 1);
+        let mut at_b = LocalAgreement::new(3, 5);
+        at_b.observe(t(0), report("a", 1, false, None));
+        at_b.observe(t(0), report("c", 1, false, None));
+        assert_eq!(at_b.decide(t(0), &view(&b, &empty, None)), None);
+    }
+
+    #[test]
+    fn seven_expected_members_give_five_voters_and_two_learners() {
+        let members: Vec<(&str, u64)> =
+            ["a", "b", "c", "d", "e", "f", "g"].map(|n| (n, 1)).to_vec();
+        let c = config(&members);
+        assert_eq!((c.voters.len(), c.learners.len()), (5, 2));
+        assert_eq!(first_voter_count(4, 5), 3);
+        assert_eq!(first_voter_count(1, 5), 1);
+    }
+
+    #[test]
+    fn a_node_adopts_a_proposal_naming_it_and_bootstraps_once_all_confirm() {
+        let empty = Configuration::default();
+        let p = config(&[("a", 1), ("b", 1), ("c", 1)]);
+        let b = id("b", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("a", 1, false, Some(p.clone())));
+        agreement.observe(t(0), report("c", 1, false, None));
+        assert_eq!(
+            agreement.decide(t(0), &view(&b, &empty, None)),
+            Some(BootstrapStep::Lock(p.clone()))
+        );
+        assert_eq!(
+            agreement.decide(t(1), &view(&b, &empty, Some(&p))),
+            None,
+            "c has not confirmed"
+        );
+        agreement.observe(t(2), report("c", 1, false, Some(p.clone())));
+        assert_eq!(
+            agreement.decide(t(2), &view(&b, &empty, Some(&p))),
+            Some(BootstrapStep::Bootstrap(p))
+        );
+    }
+
+    #[test]
+    fn a_node_that_sees_an_existing_cluster_never_proposes_nor_adopts() {
+        let empty = Configuration::default();
+        let p = config(&[("a", 1), ("b", 1), ("c", 1)]);
+        let b = id("b", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("a", 1, false, Some(p)));
+        agreement.observe(t(0), report("c", 1, false, None));
+        agreement.observe(t(0), report("z", 1, true, None));
+        assert_eq!(agreement.decide(t(0), &view(&b, &empty, None)), None);
+    }
+
+    #[test]
+    fn a_proposal_with_another_expected_size_is_refused_and_explained_once() {
+        let empty = Configuration::default();
+        let p = config(&[("a", 1), ("b", 1)]);
+        let b = id("b", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("a", 1, false, Some(p)));
+        assert_eq!(agreement.decide(t(0), &view(&b, &empty, None)), None);
+        assert_eq!(agreement.decide(t(1), &view(&b, &empty, None)), None);
+        let refusals = agreement.take_refusals();
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert!(refusals[0].contains("expects 3"), "{refusals:?}");
+        assert!(agreement.take_refusals().is_empty());
+    }
+
+    #[test]
+    fn a_promise_is_abandoned_when_a_member_promised_another_or_was_replaced() {
+        let empty = Configuration::default();
+        let p = config(&[("a", 1), ("b", 1), ("c", 1)]);
+        let q = config(&[("b", 1), ("c", 1), ("d", 1)]);
+        let a = id("a", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("b", 1, false, Some(q)));
+        assert!(matches!(
+            agreement.decide(t(0), &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Abandon(_))
+        ));
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("b", 1, false, Some(p.clone())));
+        agreement.observe(t(1), report("c", 2, false, None));
+        assert_eq!(
+            agreement.decide(t(1), &view(&a, &empty, Some(&p))),
+            None,
+            "b may have bootstrapped P: wait for a round of answers"
+        );
+        let settled = t(SETTLE.as_millis() as u64 + 1);
+        agreement.observe(settled, report("c", 2, false, None));
+        assert!(matches!(
+            agreement.decide(settled, &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Abandon(_))
+        ));
+        // A member that bootstrapped P overrides the replaced one.
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("c", 2, false, None));
+        agreement.observe(t(0), report("b", 1, true, Some(p.clone())));
+        assert_eq!(
+            agreement.decide(t(0), &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Bootstrap(p.clone()))
+        );
+    }
+
+    #[test]
+    fn an_unconfirmed_promise_is_abandoned_after_the_lock_timeout() {
+        let empty = Configuration::default();
+        let p = config(&[("a", 1), ("b", 1), ("c", 1)]);
+        let a = id("a", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("b", 1, false, Some(p.clone())));
+        assert_eq!(agreement.decide(t(0), &view(&a, &empty, Some(&p))), None);
+        agreement.observe(t(2_000), report("b", 1, false, Some(p.clone())));
+        assert_eq!(
+            agreement.decide(t(2_000), &view(&a, &empty, Some(&p))),
+            None
+        );
+        let late = t(LOCK_TIMEOUT.as_millis() as u64 + 1);
+        assert!(matches!(
+            agreement.decide(late, &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Abandon(_))
+        ));
+    }
+
+    #[test]
+    fn a_never_led_first_configuration_is_abandoned_once_a_majority_is_replaced() {
+        let p = config(&[("a", 1), ("b", 1), ("c", 1)]);
+        let a = id("a", 1);
+        let local = LocalView {
+            id: &a,
+            address: "a:4041",
+            log_empty: false,
+            pristine: true,
+            config: &p,
+            lock: Some(&p),
+        };
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("b", 2, false, None));
+        assert_eq!(agreement.decide(t(0), &local), None, "c may still come");
+        agreement.observe(t(1), report("c", 2, false, None));
+        assert!(matches!(
+            agreement.decide(t(1), &local),
+            Some(BootstrapStep::Abandon(_))
+        ));
+        // With one voter left, the majority (a, b) still elects: no abandon.
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("b", 1, true, Some(p.clone())));
+        agreement.observe(t(0), report("c", 2, false, None));
+        assert_eq!(agreement.decide(t(0), &local), None);
+    }
+}
