@@ -522,6 +522,7 @@ impl NodeTask {
             learners: view.learners,
             joined,
             shutting_down: self.shutting_down,
+            members: members_of(self.core.configuration().0),
         };
         self.metrics
             .is_leader
@@ -668,4 +669,17 @@ async fn next_accepted(
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Lists a configuration's members for the leadership watch, voters first.
+fn members_of(config: &Configuration) -> Vec<crate::leadership::MemberInfo> {
+    let member = |(id, address): (&NodeId, &String), voter| crate::leadership::MemberInfo {
+        name: id.name.clone(),
+        id: id.to_string(),
+        address: address.clone(),
+        voter,
+    };
+    let voters = config.voters.iter().map(|m| member(m, true));
+    let learners = config.learners.iter().map(|m| member(m, false));
+    voters.chain(learners).collect()
 }
