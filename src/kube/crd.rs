@@ -34,8 +34,9 @@ const DEFAULT_PEER_PORT: u16 = 4041;
 /// Default most voting members (`--max-voters`).
 const DEFAULT_MAX_VOTERS: u32 = 5;
 
-/// What an election group is. Written from the creating member's flags; the
-/// members read it only to warn when their own flags disagree.
+/// What an election group is. Written from the flags of the member that
+/// creates the CR, so `kubectl get le -o yaml` shows how the group runs; each
+/// member's own flags stay authoritative for it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "raft-elector.io",
