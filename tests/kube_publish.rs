@@ -29,6 +29,10 @@ async fn start_cluster(env: &KubeEnv, n: usize, kubeconfig: &Path) -> Cluster {
     env.create_pods(&names(n), CLUSTER_ID).await;
     let mut config = ClusterConfig::default();
     config.extra_args.extend(env.sidecar_args(kubeconfig));
+    // KUBE_TEST_LOG=info,raft_elector::kube=debug shows every publisher decision.
+    if let Ok(level) = std::env::var("KUBE_TEST_LOG") {
+        config.extra_args.extend(["--log-level".into(), level]);
+    }
     Cluster::start(n, config).await
 }
 
@@ -77,13 +81,18 @@ async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
     let leader = cluster.node(slot).name.clone();
     let took = wait_published(&env, &leader, LABEL_BOUND).await;
     println!("labels published {took:?} after the election was seen");
+    if std::env::var_os("KUBE_TEST_LOG").is_some() {
+        cluster.print_logs();
+    }
 
     let status = cluster.status(slot).await.expect("leader answers");
-    let deadline = Instant::now() + LABEL_BOUND;
+    let deadline = Instant::now() + ELECTION_BOUND;
     let le = loop {
         let le = env.election(CLUSTER_ID).await;
         if let Some(s) = le.as_ref().and_then(|l| l.status.as_ref()) {
-            if s.leader.as_deref() == Some(leader.as_str()) && s.member_count == 3 {
+            // Members join as learners and are promoted: wait for 3 voters.
+            let voters = s.members.iter().filter(|m| m.voter).count();
+            if s.leader.as_deref() == Some(leader.as_str()) && voters == 3 {
                 break le.expect("exists");
             }
         }

@@ -229,6 +229,7 @@ impl KubeEnv {
         let mut config = config;
         config.default_namespace = namespace.clone();
         let admin = Client::try_from(config).expect("admin client");
+        warm_up(&admin).await;
         let token = grant_sidecar_role(&admin, &namespace).await;
         let env = KubeEnv {
             control_plane,
@@ -395,6 +396,31 @@ async fn install_crd(client: &Client) {
         assert!(Instant::now() < deadline, "CRD not established");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Creates and deletes one LeaderElection: a fresh API server builds a new
+/// CRD's handlers (schema, CEL rules) on first use, which can take seconds
+/// on a loaded machine; a real cluster has long done that.
+async fn warm_up(admin: &Client) {
+    let les: Api<LeaderElection> = Api::default_namespaced(admin.clone());
+    let le: LeaderElection = serde_json::from_value(serde_json::json!({
+        "apiVersion": "raft-elector.io/v1alpha1", "kind": "LeaderElection",
+        "metadata": { "name": "warm-up" }, "spec": {}
+    }))
+    .expect("object");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match les.create(&PostParams::default(), &le).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "LeaderElection API not served: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    les.delete("warm-up", &DeleteParams::default())
+        .await
+        .expect("delete the warm-up LeaderElection");
 }
 
 /// Creates the sidecars' ServiceAccount, the Role and its binding, and
