@@ -36,6 +36,20 @@ async fn start_cluster(env: &KubeEnv, n: usize, kubeconfig: &Path) -> Cluster {
     Cluster::start(n, config).await
 }
 
+/// Waits until the leader's configuration has `n` voters (members join as
+/// learners first; a leader is only replaceable once they vote).
+async fn wait_voters(cluster: &mut Cluster, n: usize) -> usize {
+    let deadline = Instant::now() + ELECTION_BOUND;
+    loop {
+        let slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
+        if cluster.status(slot).await.is_some_and(|s| s.voters >= n) {
+            return slot;
+        }
+        assert!(Instant::now() < deadline, "never {n} voters");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until exactly `leader` says `leader` and every other pod says `follower`.
 async fn wait_published(env: &KubeEnv, leader: &str, bound: Duration) -> Duration {
     let leader = leader.to_string();
@@ -150,7 +164,7 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
         .unwrap_or(50);
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let watch = LeaderWatch::start(&env).await;
-    let mut slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
+    let mut slot = wait_voters(&mut cluster, 3).await;
     wait_published(&env, &cluster.node(slot).name.clone(), LABEL_BOUND).await;
     let mut moved = Vec::new();
     let mut writes_per_change = Vec::new();
@@ -211,7 +225,7 @@ async fn stale_leader_woken_from_sigstop_never_overwrites_the_new_leader() {
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let watch = LeaderWatch::start(&env).await;
     for round in 0..3 {
-        let old = cluster.wait_for_single_leader(ELECTION_BOUND).await;
+        let old = wait_voters(&mut cluster, 3).await;
         let old_name = cluster.node(old).name.clone();
         wait_published(&env, &old_name, LABEL_BOUND).await;
         let pid = nix::unistd::Pid::from_raw(cluster.node(old).pid().expect("running") as i32);
@@ -307,7 +321,7 @@ async fn api_down_or_failing_leaves_the_election_alone_and_labels_catch_up() {
         std::env::var("KUBE_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30),
     );
     let mut cluster = start_cluster(&env, 3, &proxy.kubeconfig.clone()).await;
-    let mut slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
+    let mut slot = wait_voters(&mut cluster, 3).await;
     wait_published(&env, &cluster.node(slot).name.clone(), LABEL_BOUND).await;
     for mode in ["down", "error?code=500"] {
         let term_before = cluster.status(slot).await.expect("leader").term;
@@ -384,7 +398,7 @@ async fn sigterm_leader_clears_its_own_label_and_hands_over() {
     let Some(env) = KubeEnv::start("sigterm").await else { return };
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let watch = LeaderWatch::start(&env).await;
-    let slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
+    let slot = wait_voters(&mut cluster, 3).await;
     let old = cluster.node(slot).name.clone();
     wait_published(&env, &old, LABEL_BOUND).await;
     cluster.sigterm(slot);

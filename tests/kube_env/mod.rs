@@ -94,7 +94,9 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    fn start(dir: &Path) -> ControlPlane {
+    /// Starts it from the calling (runtime worker) thread: the child dies
+    /// with the thread that spawned it, so never from a blocking-pool thread.
+    async fn start(dir: &Path) -> ControlPlane {
         let log = std::fs::File::create(dir.join("controlplane.stdout")).expect("create the log");
         let mut cmd = Command::new(testbed_bin("controlplane"));
         cmd.arg("--dir")
@@ -120,12 +122,11 @@ impl ControlPlane {
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         while !cp.dir.join("ready").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "control plane not ready after {READY_TIMEOUT:?}; see {}",
-                dir.join("controlplane.stdout").display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            if Instant::now() > deadline {
+                let out = std::fs::read_to_string(dir.join("controlplane.stdout")).unwrap_or_default();
+                panic!("control plane not ready after {READY_TIMEOUT:?}:\n{out}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         cp
     }
@@ -189,10 +190,7 @@ impl KubeEnv {
                     eprintln!("SKIP {test}: {why}");
                     return None;
                 }
-                let dir_path = dir.path().to_path_buf();
-                let cp = tokio::task::spawn_blocking(move || ControlPlane::start(&dir_path))
-                    .await
-                    .expect("control plane start");
+                let cp = ControlPlane::start(dir.path()).await;
                 let path = cp.kubeconfig();
                 (Some(cp), path)
             }
