@@ -315,6 +315,8 @@ pub struct Publisher {
     fenced_term: Option<u64>,
     /// Since when this node's view waits to be published.
     publish_started: Option<Instant>,
+    /// Term whose tenure [`Self::publish_started`] was last set for.
+    started_term: u64,
     trouble: Trouble,
     trouble_term: u64,
 }
@@ -334,6 +336,7 @@ impl Publisher {
             event_term: 0,
             fenced_term: None,
             publish_started: None,
+            started_term: 0,
             trouble: Trouble::default(),
             trouble_term: 0,
         }
@@ -439,6 +442,7 @@ impl Publisher {
         let s = state.borrow().clone();
         if s.role != Role::Leader || s.shutting_down {
             self.publish_started = None;
+            self.started_term = 0;
             return self.step_down(&s).await;
         }
         if !s.is_leader_at(Instant::now()) || !self.pods.ready || !self.le.ready {
@@ -451,7 +455,11 @@ impl Publisher {
             self.trouble = Trouble::default();
             self.trouble_term = s.term;
         }
-        let started = *self.publish_started.get_or_insert_with(Instant::now);
+        if self.started_term != s.term {
+            // A new tenure: time it from its first pass with a lease.
+            self.started_term = s.term;
+            self.publish_started = Some(Instant::now());
+        }
         if !self.le.items.contains_key(&self.cfg.name) {
             if let Pass::Yielded = self.create_le(state, s.term).await? {
                 return Ok(Pass::Yielded);
@@ -462,6 +470,10 @@ impl Publisher {
             Ok(p) => p,
             Err(fence) => return Err(self.fence(fence, s.term)),
         };
+        if !labels.is_empty() && self.publish_started.is_none() {
+            // Drift (a hand edit, a recreated pod): time its repair.
+            self.publish_started = Some(Instant::now());
+        }
         let label_result = self.apply_labels(state, s.term, labels).await;
         match &label_result {
             Ok(Pass::Yielded) => return Ok(Pass::Yielded),
@@ -488,8 +500,9 @@ impl Publisher {
         }
         self.trouble.converged();
         if let Some(t0) = self.publish_started.take() {
-            let took = t0.max(started).elapsed();
-            self.metrics.kube_publish_seconds.observe(took.as_secs_f64());
+            self.metrics
+                .kube_publish_seconds
+                .observe(t0.elapsed().as_secs_f64());
         }
         Ok(Pass::Done)
     }
