@@ -50,6 +50,14 @@ pub struct SimConfig {
     pub seed: u64,
     /// Whether a membership driver adds live members and removes retired incarnations.
     pub drive_membership: bool,
+    /// Whether nodes see peers' connections end: a crash is reported to each
+    /// live peer it can reach, and random faults include spurious reports
+    /// about a live leader.
+    pub connection_ends: bool,
+    /// Probability that one connection-end report after a crash is lost.
+    pub connection_end_loss: f64,
+    /// Test-only mutation: new leaders skip waiting out the previous lease.
+    pub mutate_skip_lease_wait: bool,
 }
 
 impl SimConfig {
@@ -64,6 +72,9 @@ impl SimConfig {
             drift: Config::default().max_clock_drift,
             seed,
             drive_membership: true,
+            connection_ends: false,
+            connection_end_loss: 0.2,
+            mutate_skip_lease_wait: false,
         }
     }
 }
@@ -85,9 +96,20 @@ impl fmt::Display for Violation {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { to: usize, msg: Message },
-    Tick { slot: usize, generation: u64 },
+    Deliver {
+        to: usize,
+        msg: Message,
+    },
+    Tick {
+        slot: usize,
+        generation: u64,
+    },
     Membership,
+    /// `to` sees its connection to `peer` end without a goodbye.
+    ConnectionLost {
+        to: usize,
+        peer: NodeId,
+    },
 }
 
 struct Scheduled {
@@ -120,6 +142,10 @@ pub struct SimStats {
     pub delivered: u64,
     /// Node crashes.
     pub crashes: u64,
+    /// Connection ends reported to live nodes (after crashes or spurious).
+    pub connection_ends: u64,
+    /// Spurious connection-end reports about a live leader.
+    pub spurious_connection_ends: u64,
     /// Restarts from persisted state.
     pub restarts_with_state: u64,
     /// Restarts with a wiped disk (new incarnations).
@@ -371,6 +397,23 @@ impl Sim {
     pub fn crash(&mut self, slot: usize) {
         if self.nodes[slot].core.is_some() {
             self.stats.crashes += 1;
+            if self.cfg.connection_ends {
+                if let Some(peer) = self.node_id(slot) {
+                    // The kernel closes the dead process's sockets; each live
+                    // peer it can reach sees the end, a report may be lost.
+                    for to in (0..self.nodes.len()).filter(|t| *t != slot) {
+                        if !self.blocked[slot][to]
+                            && self.rng.random::<f64>() >= self.cfg.connection_end_loss
+                        {
+                            // The end follows whatever the process sent
+                            // before it died, as a FIN follows the data.
+                            let delay = self.cfg.delay.1 + self.message_delay();
+                            let peer = peer.clone();
+                            self.schedule(delay, Event::ConnectionLost { to, peer });
+                        }
+                    }
+                }
+            }
         }
         let n = &mut self.nodes[slot];
         n.core = None;
@@ -393,7 +436,10 @@ impl Sim {
         let seed = self.rng.random();
         let addr = format!("{}:4041", self.nodes[slot].name);
         match RaftCore::restore(self.cfg.raft.clone(), state, addr, seed, now) {
-            Ok(core) => {
+            Ok(mut core) => {
+                if self.cfg.mutate_skip_lease_wait {
+                    core.mutate_skip_lease_wait();
+                }
                 self.stats.restarts_with_state += 1;
                 let n = &mut self.nodes[slot];
                 n.checked_commit = core.commit_index();
@@ -424,7 +470,11 @@ impl Sim {
         n.incarnations += 1;
         let id = NodeId::new(n.name.clone(), n.incarnations);
         let addr = format!("{}:4041", n.name);
-        n.core = Some(RaftCore::fresh(self.cfg.raft.clone(), id, addr, seed, now));
+        let mut core = RaftCore::fresh(self.cfg.raft.clone(), id, addr, seed, now);
+        if self.cfg.mutate_skip_lease_wait {
+            core.mutate_skip_lease_wait();
+        }
+        n.core = Some(core);
         n.checked_commit = 0;
         self.process_ready(slot);
     }
@@ -472,6 +522,28 @@ impl Sim {
         self.reschedule_tick(slot);
         // The lease deadline in real time moved with the rate.
         self.check_node(slot);
+    }
+
+    /// Reports to each node in `observers` that its connection to the node
+    /// in `peer` ended without a goodbye, after one message delay, whether or
+    /// not `peer` is alive.
+    pub fn report_connection_lost(&mut self, observers: &[usize], peer: usize) {
+        let Some(id) = self
+            .node_id(peer)
+            .or_else(|| self.nodes[peer].disk.as_ref().map(|d| d.id.clone()))
+        else {
+            return;
+        };
+        for &to in observers {
+            let delay = self.message_delay();
+            self.schedule(
+                delay,
+                Event::ConnectionLost {
+                    to,
+                    peer: id.clone(),
+                },
+            );
+        }
     }
 
     /// Sets the message loss probability.
@@ -601,6 +673,15 @@ impl Sim {
                 self.drive_membership();
                 self.schedule(Duration::from_millis(100), Event::Membership);
             }
+            Event::ConnectionLost { to, peer } => {
+                let now = self.local_now(to);
+                let Some(core) = self.nodes[to].core.as_mut() else {
+                    return;
+                };
+                self.stats.connection_ends += 1;
+                core.leader_connection_lost(now, &peer);
+                self.process_ready(to);
+            }
         }
     }
 
@@ -648,6 +729,16 @@ impl Sim {
         self.reschedule_tick(slot);
     }
 
+    /// Draws a one-way delay from the configured range.
+    fn message_delay(&mut self) -> Duration {
+        let (lo, hi) = self.cfg.delay;
+        if hi > lo {
+            lo + Duration::from_nanos(self.rng.random_range(0..(hi - lo).as_nanos() as u64))
+        } else {
+            lo
+        }
+    }
+
     fn send(&mut self, from: usize, msg: Message) {
         let Some(&to) = self.slot_of.get(&msg.to.name) else {
             return;
@@ -661,12 +752,7 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let (lo, hi) = self.cfg.delay;
-            let delay = if hi > lo {
-                lo + Duration::from_nanos(self.rng.random_range(0..(hi - lo).as_nanos() as u64))
-            } else {
-                lo
-            };
+            let delay = self.message_delay();
             self.schedule(
                 delay,
                 Event::Deliver {
@@ -861,7 +947,7 @@ impl Sim {
 
     /// Each member votes at most once per term, and a retired incarnation never votes.
     fn check_message(&mut self, msg: &Message) {
-        if let MessageBody::RequestVoteResponse { granted: true } = msg.body {
+        if let MessageBody::RequestVoteResponse { granted: true, .. } = msg.body {
             if self.retired.contains_key(&msg.from) {
                 let what = format!(
                     "retired incarnation {} voted in term {}",
@@ -902,6 +988,18 @@ impl Sim {
 
     fn random_fault(&mut self) {
         let n = self.nodes.len();
+        if self.cfg.connection_ends && self.rng.random_bool(0.2) {
+            // A spurious end of a live leader's connections (a reset, a
+            // reconnect), seen by a random subset of the others.
+            if let Some(leader) = self.leader() {
+                let observers: Vec<usize> = (0..n)
+                    .filter(|s| *s != leader && self.rng.random_bool(0.6))
+                    .collect();
+                self.stats.spurious_connection_ends += 1;
+                self.report_connection_lost(&observers, leader);
+                return;
+            }
+        }
         match self.rng.random_range(0..10) {
             0 | 1 => {
                 let size = self.rng.random_range(1..=(n / 2).max(1));

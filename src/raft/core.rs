@@ -17,6 +17,43 @@
 //! node refuses votes while it heard from a leader in the last
 //! `election_timeout_min` (stickiness). Together these guarantee that no two
 //! nodes hold a lease at the same instant, given bounded clock drift.
+//!
+//! # Crash failover at the lease floor
+//!
+//! When a leader's process dies, the kernel closes its connections and each
+//! follower sees the leader's connection end without a goodbye. The runtime
+//! reports that with [`RaftCore::leader_connection_lost`]; the follower then
+//! drops its stickiness for that leader only and campaigns after a short
+//! random delay (up to one heartbeat interval, against split votes) instead
+//! of waiting for its election timeout. Safety never rested on the timeout
+//! here, only on the old leader's lease, so the new leader waits that out:
+//!
+//! 1. The old leader's lease came from a round `R` a majority acknowledged
+//!    and lasts `election_timeout_min × (1 − drift)` from `R`'s send time
+//!    on its clock. Every member that acknowledged `R` received it at or
+//!    after that send time, so `R`'s lease ends, in real time, no later than
+//!    `election_timeout_min` after that member's last leader contact on its
+//!    own clock — the same argument that makes stickiness safe.
+//! 2. Each granted vote carries the voter's `leader_contact_age` (time since
+//!    its last leader contact, its clock). On receiving it, the candidate
+//!    knows that voter's window ends at the latest
+//!    `(election_timeout_min − age) / (1 − drift)` later on the candidate's
+//!    clock (the division covers a rate difference of up to `drift`). Its
+//!    own window counts the same way. The maximum over the quorum that
+//!    elected it is `lease_not_before`.
+//! 3. Any two majorities intersect, so some voter of the winning quorum
+//!    acknowledged `R` (or any later round the old leader's lease rests on:
+//!    once a voter has voted in the new term it answers the old leader with
+//!    the higher term, which deposes it rather than extending its lease).
+//!    So the old lease has ended by `lease_not_before`.
+//! 4. The new leader counts toward its lease only rounds it *sent* at or
+//!    after `lease_not_before`, and sends one at that instant.
+//!
+//! A spurious connection end while the leader lives therefore costs at most
+//! an election, never two leases. A TimeoutNow campaign needs no wait: the
+//! old leader forfeited its lease before sending it, and sends it only once
+//! its own `lease_not_before` has passed, so no earlier lease holds either. SIGSTOP'd or
+//! partitioned leaders close nothing and keep the election-timeout path.
 
 use super::config::{Config, MAX_ENTRIES_PER_MESSAGE};
 use super::log::RaftLog;
@@ -205,6 +242,9 @@ struct LeaderState {
     own_round: u64,
     /// End of the lease, if a majority acknowledged a round.
     lease_until: Option<Time>,
+    /// Rounds sent before this time never count toward the lease: the
+    /// previous leader's lease may last until then.
+    lease_not_before: Time,
     /// Set once a TimeoutNow was sent: no lease for the rest of the term.
     lease_forfeited: bool,
     transfer: Option<Transfer>,
@@ -237,6 +277,17 @@ pub struct RaftCore {
     last_leader_contact: Time,
     /// Voters that answered this campaign, and how.
     votes: BTreeMap<NodeId, bool>,
+    /// Set when the known leader's connection ended without a goodbye:
+    /// stickiness no longer holds for it. Cleared on hearing from a leader.
+    leader_gone: bool,
+    /// Whether the current campaign was started by the leader's TimeoutNow.
+    transfer_campaign: bool,
+    /// Candidate: the latest end of a stickiness window among the votes
+    /// granted so far, its own included (see "Crash failover" above).
+    lease_not_before: Time,
+    /// Test-only mutation: start the lease without waiting out the old one.
+    #[cfg(feature = "sim")]
+    skip_lease_wait: bool,
     lead: Option<LeaderState>,
     // Output.
     messages: Vec<Message>,
@@ -295,6 +346,11 @@ impl RaftCore {
             // crashed; it must not vote until that acknowledgement is stale.
             last_leader_contact: now,
             votes: BTreeMap::new(),
+            leader_gone: false,
+            transfer_campaign: false,
+            lease_not_before: now,
+            #[cfg(feature = "sim")]
+            skip_lease_wait: false,
             lead: None,
             messages: Vec::new(),
             hard_state_dirty: false,
@@ -522,9 +578,10 @@ impl RaftCore {
                 last_log_term,
                 transfer,
             } => self.handle_request_vote(now, msg.from, last_log_index, last_log_term, transfer),
-            MessageBody::RequestVoteResponse { granted } => {
-                self.handle_vote_response(now, msg.from, granted)
-            }
+            MessageBody::RequestVoteResponse {
+                granted,
+                leader_contact_age,
+            } => self.handle_vote_response(now, msg.from, granted, leader_contact_age),
             MessageBody::AppendEntries {
                 prev_log_index,
                 prev_log_term,
@@ -628,7 +685,9 @@ impl RaftCore {
                 .cloned()
                 .ok_or(TransferError::NoTarget)?,
         };
-        let deadline = now + self.cfg.election_timeout_min;
+        // TimeoutNow waits for `lease_not_before` (see "Crash failover");
+        // the target gets the usual time to take over after that.
+        let deadline = now.max(lead.lease_not_before) + self.cfg.election_timeout_min;
         if let Some(lead) = self.lead.as_mut() {
             lead.transfer = Some(Transfer {
                 target: target.clone(),
@@ -657,6 +716,40 @@ impl RaftCore {
             }
             None => false,
         }
+    }
+
+    /// Reports that `peer`'s connection ended without a goodbye (its process
+    /// most likely died). If `peer` is this follower's leader, stickiness is
+    /// dropped for it and this node campaigns within one heartbeat interval
+    /// instead of its election timeout. A report about anyone else, or on a
+    /// node that is not a following voter, changes nothing.
+    pub fn leader_connection_lost(&mut self, now: Time, peer: &NodeId) {
+        if self.role != Role::Follower
+            || self.leader.as_ref() != Some(peer)
+            || !self.config.is_voter(&self.id)
+        {
+            return;
+        }
+        self.leader_gone = true;
+        // Every follower sees the end at about the same time. Campaigns
+        // staggered by rank (this node's place among the other voters, by
+        // id) let the first one win before the next starts, instead of
+        // splitting the vote; a little randomness covers equal views. All
+        // start within one heartbeat interval, well before the old lease
+        // can have ended, so the stagger costs no failover time.
+        let others: Vec<&NodeId> = self.config.voters.keys().filter(|v| *v != peer).collect();
+        let rank = others.iter().position(|v| **v == self.id).unwrap_or(0) as u64;
+        let slot = self.cfg.heartbeat_interval.as_nanos() as u64 / (others.len().max(1) as u64);
+        let jitter = self.rng.random_range(0..(slot / 4).max(1));
+        let soon = now + Duration::from_nanos(rank * slot + jitter);
+        self.election_deadline = self.election_deadline.min(soon);
+    }
+
+    /// Test-only mutation: a new leader that does not wait out the previous
+    /// lease. The simulator's invariants must catch it.
+    #[cfg(feature = "sim")]
+    pub fn mutate_skip_lease_wait(&mut self) {
+        self.skip_lease_wait = true;
     }
 
     /// Changes the election timeout range; takes effect at the next timer reset.
@@ -689,7 +782,16 @@ impl RaftCore {
     /// recently to grant a vote or pre-vote (dissertation §4.2.3, §9.6).
     fn in_stickiness(&self, now: Time) -> bool {
         self.role == Role::Leader
-            || now.saturating_since(self.last_leader_contact) < self.cfg.election_timeout_min
+            || (!self.leader_gone
+                && now.saturating_since(self.last_leader_contact) < self.cfg.election_timeout_min)
+    }
+
+    /// Returns the latest time, on this node's clock, at which the lease of
+    /// a leader that a member heard from `age` ago may still hold, given that
+    /// this member's answer is being handled at `now`.
+    fn stickiness_end(&self, now: Time, age: Duration) -> Time {
+        let left = self.cfg.election_timeout_min.saturating_sub(age);
+        now + left.div_f64(1.0 - self.cfg.max_clock_drift)
     }
 
     fn election_timeout(&mut self, now: Time) {
@@ -720,6 +822,7 @@ impl RaftCore {
         if self.lead.as_ref().is_some_and(|l| now >= l.heartbeat_due) {
             self.broadcast_append(now);
         }
+        self.maybe_send_timeout_now(now);
         self.drive_membership();
     }
 
@@ -770,6 +873,13 @@ impl RaftCore {
         self.role = Role::Candidate;
         self.leader = None;
         self.votes.clear();
+        self.transfer_campaign = transfer;
+        self.lease_not_before = if transfer {
+            now
+        } else {
+            let age = now.saturating_since(self.last_leader_contact);
+            self.stickiness_end(now, age)
+        };
         self.reset_election_timer(now);
         self.record_vote(now, self.id.clone(), true, Role::Candidate);
         if self.role != Role::Candidate {
@@ -864,7 +974,10 @@ impl RaftCore {
                 round,
             },
             MessageBody::PreVote { .. } => MessageBody::PreVoteResponse { granted: false },
-            MessageBody::RequestVote { .. } => MessageBody::RequestVoteResponse { granted: false },
+            MessageBody::RequestVote { .. } => MessageBody::RequestVoteResponse {
+                granted: false,
+                leader_contact_age: 0,
+            },
             _ => return,
         };
         self.send(msg.from, body);
@@ -917,10 +1030,21 @@ impl RaftCore {
             self.hard_state_dirty = true;
             self.reset_election_timer(now);
         }
-        self.send(from, MessageBody::RequestVoteResponse { granted: can_vote });
+        let age = now.saturating_since(self.last_leader_contact);
+        self.send(
+            from,
+            MessageBody::RequestVoteResponse {
+                granted: can_vote,
+                leader_contact_age: age.as_nanos() as u64,
+            },
+        );
     }
 
-    fn handle_vote_response(&mut self, now: Time, from: NodeId, granted: bool) {
+    fn handle_vote_response(&mut self, now: Time, from: NodeId, granted: bool, age: u64) {
+        if granted && self.role == Role::Candidate && !self.transfer_campaign {
+            let end = self.stickiness_end(now, Duration::from_nanos(age));
+            self.lease_not_before = self.lease_not_before.max(end);
+        }
         self.record_vote(now, from, granted, Role::Candidate);
     }
 
@@ -971,6 +1095,13 @@ impl RaftCore {
         self.role = Role::Leader;
         self.leader = Some(self.id.clone());
         self.votes.clear();
+        self.leader_gone = false;
+        #[allow(unused_mut)]
+        let mut lease_not_before = self.lease_not_before.max(now);
+        #[cfg(feature = "sim")]
+        if self.skip_lease_wait {
+            lease_not_before = now;
+        }
         // Probe from the log as it was before the no-op, so the first append
         // carries the no-op and usually succeeds at once.
         let before_noop = self.log.last_index();
@@ -989,6 +1120,7 @@ impl RaftCore {
             noop_index,
             own_round: now.as_nanos(),
             lease_until: None,
+            lease_not_before,
             lease_forfeited: false,
             transfer: None,
             leaving: BTreeSet::new(),
@@ -1004,6 +1136,11 @@ impl RaftCore {
         let members: Vec<NodeId> = match self.lead.as_mut() {
             Some(lead) => {
                 lead.heartbeat_due = now + self.cfg.heartbeat_interval;
+                if lead.lease_not_before > now {
+                    // The first round the lease may rest on goes out the
+                    // moment the previous lease has surely ended.
+                    lead.heartbeat_due = lead.heartbeat_due.min(lead.lease_not_before);
+                }
                 lead.own_round = now.as_nanos();
                 lead.progress.keys().cloned().collect()
             }
@@ -1181,6 +1318,7 @@ impl RaftCore {
             self.become_follower(now, term, Some(leader.clone()));
         }
         self.last_leader_contact = now;
+        self.leader_gone = false;
         self.reset_election_timer(now);
     }
 
@@ -1320,13 +1458,17 @@ impl RaftCore {
         }
         rounds.sort_unstable_by(|a, b| b.cmp(a));
         let start = Time::from_nanos(rounds[quorum - 1]);
+        if start < lead.lease_not_before {
+            // Sent while the previous leader's lease may still hold.
+            return;
+        }
         let until = start + duration;
         if lead.lease_until.is_none_or(|u| until > u) {
             lead.lease_until = Some(until);
         }
     }
 
-    fn maybe_send_timeout_now(&mut self, _now: Time) {
+    fn maybe_send_timeout_now(&mut self, now: Time) {
         let last = self.log.last_index();
         let Some(lead) = self.lead.as_mut() else {
             return;
@@ -1334,7 +1476,9 @@ impl RaftCore {
         let Some(tr) = lead.transfer.as_mut() else {
             return;
         };
-        if tr.timeout_now_sent {
+        if tr.timeout_now_sent || now < lead.lease_not_before {
+            // The target's campaign skips the lease wait, so the previous
+            // leader's lease must be over before it may start.
             return;
         }
         if lead

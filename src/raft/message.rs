@@ -46,9 +46,17 @@ pub enum MessageBody {
         last_log_term: Term,
         transfer: bool,
     },
-    /// Answer to a vote request.
+    /// Answer to a vote request. `leader_contact_age` is how long ago, in
+    /// nanoseconds of the voter's own monotonic clock, the voter last heard
+    /// from a live leader (or led a round itself): the winner waits out the
+    /// rest of that member's stickiness window before its lease may start
+    /// (see the core's "Crash failover" doc). Peers that do not send it are
+    /// read as 0, the most cautious value.
     #[serde(rename_all = "camelCase")]
-    RequestVoteResponse { granted: bool },
+    RequestVoteResponse {
+        granted: bool,
+        leader_contact_age: u64,
+    },
     /// Heartbeat and replication (Raft paper §5.3).
     #[serde(rename_all = "camelCase")]
     AppendEntries {
@@ -114,6 +122,7 @@ struct WireBody {
     last_log_index: Option<LogIndex>,
     last_log_term: Option<Term>,
     granted: Option<bool>,
+    leader_contact_age: Option<u64>,
     transfer: Option<bool>,
     prev_log_index: Option<LogIndex>,
     prev_log_term: Option<Term>,
@@ -165,6 +174,7 @@ impl WireBody {
             },
             WireKind::RequestVoteResponse => MessageBody::RequestVoteResponse {
                 granted: need!(granted),
+                leader_contact_age: self.leader_contact_age.unwrap_or(0),
             },
             WireKind::AppendEntries => MessageBody::AppendEntries {
                 prev_log_index: need!(prev_log_index),

@@ -7,6 +7,10 @@ fn id(name: &str) -> NodeId {
     NodeId::new(name, 1)
 }
 
+/// A `leader_contact_age` (ns) of a voter that has not heard from a leader
+/// for a second: its stickiness window is long over.
+const LONG_AGO: u64 = 1_000_000_000;
+
 fn ms(v: u64) -> Time {
     Time::from_nanos(v * 1_000_000)
 }
@@ -62,7 +66,10 @@ fn leader_a_with(cfg: Config) -> RaftCore {
             "b",
             "a",
             1,
-            MessageBody::RequestVoteResponse { granted: true },
+            MessageBody::RequestVoteResponse {
+                granted: true,
+                leader_contact_age: LONG_AGO,
+            },
         ),
     )
     .unwrap();
@@ -101,7 +108,10 @@ fn stale_term_message_is_answered_with_the_current_term_and_changes_nothing() {
             "c",
             "b",
             3,
-            MessageBody::RequestVoteResponse { granted: false },
+            MessageBody::RequestVoteResponse {
+                granted: false,
+                leader_contact_age: LONG_AGO,
+            },
         ),
     )
     .unwrap();
@@ -144,22 +154,22 @@ fn a_node_votes_once_per_term() {
     c.step(t, req("a")).unwrap();
     let first = c.take_ready();
     assert_eq!(first.hard_state.as_ref().unwrap().voted_for, Some(id("a")));
-    assert_eq!(
+    assert!(matches!(
         first.messages[0].body,
-        MessageBody::RequestVoteResponse { granted: true }
-    );
+        MessageBody::RequestVoteResponse { granted: true, .. }
+    ));
     c.step(t, req("b")).unwrap();
     let second = c.take_ready();
-    assert_eq!(
+    assert!(matches!(
         second.messages[0].body,
-        MessageBody::RequestVoteResponse { granted: false }
-    );
+        MessageBody::RequestVoteResponse { granted: false, .. }
+    ));
     // A duplicate request from the same candidate is granted again (idempotent).
     c.step(t, req("a")).unwrap();
-    assert_eq!(
+    assert!(matches!(
         c.take_ready().messages[0].body,
-        MessageBody::RequestVoteResponse { granted: true }
-    );
+        MessageBody::RequestVoteResponse { granted: true, .. }
+    ));
 }
 
 #[test]
@@ -203,10 +213,10 @@ fn a_candidate_with_an_older_log_gets_no_vote() {
     .unwrap();
     let ready = b.take_ready();
     assert_eq!(b.term(), Term(2));
-    assert_eq!(
+    assert!(matches!(
         ready.messages[0].body,
-        MessageBody::RequestVoteResponse { granted: false }
-    );
+        MessageBody::RequestVoteResponse { granted: false, .. }
+    ));
     a.take_ready();
 }
 
@@ -278,10 +288,10 @@ fn a_follower_that_heard_from_its_leader_recently_ignores_candidates() {
     b.step(t + Duration::from_millis(151), msg("c", "b", 2, vote))
         .unwrap();
     let ready = b.take_ready();
-    assert_eq!(
+    assert!(matches!(
         ready.messages[0].body,
-        MessageBody::RequestVoteResponse { granted: true }
-    );
+        MessageBody::RequestVoteResponse { granted: true, .. }
+    ));
 }
 
 #[test]
@@ -302,10 +312,10 @@ fn a_restarted_node_does_not_vote_until_a_stickiness_window_has_passed() {
     assert!(b.take_ready().messages.is_empty());
     b.step(start + Duration::from_millis(160), msg("c", "b", 4, vote))
         .unwrap();
-    assert_eq!(
+    assert!(matches!(
         b.take_ready().messages[0].body,
-        MessageBody::RequestVoteResponse { granted: true }
-    );
+        MessageBody::RequestVoteResponse { granted: true, .. }
+    ));
 }
 
 #[test]
@@ -416,10 +426,10 @@ fn timeout_now_makes_the_target_campaign_at_once_and_voters_ignore_stickiness() 
     c.step(t, msg("a", "c", 1, hb)).unwrap();
     c.take_ready();
     c.step(t + Duration::from_millis(1), vote).unwrap();
-    assert_eq!(
+    assert!(matches!(
         c.take_ready().messages[0].body,
-        MessageBody::RequestVoteResponse { granted: true }
-    );
+        MessageBody::RequestVoteResponse { granted: true, .. }
+    ));
 }
 
 #[test]
@@ -811,4 +821,184 @@ fn a_second_leader_in_the_same_term_is_refused() {
     let err = b.step(ms(3001), msg("c", "b", 1, hb(2))).unwrap_err();
     assert_eq!(err.metric_label(), "second_leader");
     assert_eq!(b.leader(), Some(&id("a")));
+}
+
+/// `b` following leader `a` of term 1, having heard a round at `t`.
+fn follower_b_of_a(t: Time) -> RaftCore {
+    let mut b = node("b");
+    b.step(
+        t,
+        msg(
+            "a",
+            "b",
+            1,
+            MessageBody::AppendEntries {
+                prev_log_index: 1,
+                prev_log_term: Term(0),
+                entries: vec![],
+                leader_commit: 1,
+                round: 1,
+            },
+        ),
+    )
+    .unwrap();
+    b.take_ready();
+    b
+}
+
+#[test]
+fn a_follower_that_loses_its_leaders_connection_campaigns_within_one_heartbeat() {
+    let t = ms(5000);
+    let mut b = follower_b_of_a(t);
+    let lost_at = t + Duration::from_millis(10);
+    b.leader_connection_lost(lost_at, &id("a"));
+    let due = b.next_deadline();
+    assert!(due >= lost_at && due < lost_at + Config::default().heartbeat_interval);
+    b.tick(due);
+    assert_eq!(b.role(), Role::PreCandidate);
+    // And it grants a peer's pre-vote inside what was its stickiness window.
+    let mut c = follower_b_of_a(t);
+    c.leader_connection_lost(lost_at, &id("a"));
+    let pre_vote = MessageBody::PreVote {
+        last_log_index: 1,
+        last_log_term: Term(1),
+    };
+    c.step(lost_at, msg("c", "b", 2, pre_vote)).unwrap();
+    assert_eq!(
+        c.take_ready().messages[0].body,
+        MessageBody::PreVoteResponse { granted: true }
+    );
+}
+
+#[test]
+fn a_connection_end_of_anyone_but_the_leader_changes_nothing() {
+    let t = ms(5000);
+    let mut b = follower_b_of_a(t);
+    let due = b.next_deadline();
+    b.leader_connection_lost(t + Duration::from_millis(10), &id("c"));
+    assert_eq!(b.next_deadline(), due);
+    let pre_vote = MessageBody::PreVote {
+        last_log_index: 1,
+        last_log_term: Term(1),
+    };
+    b.step(t + Duration::from_millis(20), msg("c", "b", 2, pre_vote))
+        .unwrap();
+    assert_eq!(
+        b.take_ready().messages[0].body,
+        MessageBody::PreVoteResponse { granted: false },
+        "still sticky to the live leader"
+    );
+}
+
+#[test]
+fn a_vote_answer_carries_how_long_ago_the_voter_heard_its_leader() {
+    let t = ms(5000);
+    let mut b = follower_b_of_a(t);
+    b.leader_connection_lost(t + Duration::from_millis(5), &id("a"));
+    let vote = MessageBody::RequestVote {
+        last_log_index: 1,
+        last_log_term: Term(1),
+        transfer: false,
+    };
+    b.step(t + Duration::from_millis(30), msg("c", "b", 2, vote))
+        .unwrap();
+    assert_eq!(
+        b.take_ready().messages[0].body,
+        MessageBody::RequestVoteResponse {
+            granted: true,
+            leader_contact_age: 30_000_000,
+        }
+    );
+}
+
+/// Elects `a` in term 2 at `t` with b's vote, b having heard a leader
+/// `age_ms` before; its first round goes out at `t`.
+fn leader_a_after_vote_of_age(t: Time, age_ms: u64, transfer: bool) -> RaftCore {
+    let mut a = node("a");
+    if transfer {
+        // Following c, which hands its term over with TimeoutNow.
+        let round = MessageBody::AppendEntries {
+            prev_log_index: 1,
+            prev_log_term: Term(0),
+            entries: vec![],
+            leader_commit: 1,
+            round: 1,
+        };
+        a.step(t, msg("c", "a", 1, round)).unwrap();
+        a.step(t, msg("c", "a", 1, MessageBody::TimeoutNow))
+            .unwrap();
+    } else {
+        a.tick(t);
+        a.step(
+            t,
+            msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
+        )
+        .unwrap();
+    }
+    assert_eq!(a.role(), Role::Candidate);
+    let term = a.term().0;
+    a.step(
+        t,
+        msg(
+            "b",
+            "a",
+            term,
+            MessageBody::RequestVoteResponse {
+                granted: true,
+                leader_contact_age: age_ms * 1_000_000,
+            },
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.role(), Role::Leader);
+    a.take_ready();
+    a
+}
+
+#[test]
+fn a_new_leader_takes_no_lease_before_its_voters_stickiness_has_surely_ended() {
+    let t = ms(9000);
+    let mut a = leader_a_after_vote_of_age(t, 20, false);
+    let term = a.term().0;
+    // The first round (sent at t) is acknowledged by both: no lease, since
+    // b heard a leader only 20 ms ago.
+    a.step(t + Duration::from_millis(1), ack("b", term, 2, t))
+        .unwrap();
+    a.step(t + Duration::from_millis(1), ack("c", term, 2, t))
+        .unwrap();
+    assert!(!a.has_lease(t + Duration::from_millis(1)));
+    // Regular rounds before b's window has surely closed earn nothing.
+    for round in [
+        t + Duration::from_millis(50),
+        t + Duration::from_millis(100),
+    ] {
+        assert_eq!(a.next_deadline(), round);
+        a.tick(round);
+        a.take_ready();
+        a.step(round, ack("b", term, 2, round)).unwrap();
+        assert!(!a.has_lease(round));
+    }
+    // The next round goes out the moment it has: (150 − 20) ms / (1 − 0.01).
+    let expected = t + Duration::from_millis(130).div_f64(0.99);
+    assert_eq!(a.next_deadline(), expected);
+    a.tick(expected);
+    let ready = a.take_ready();
+    assert_eq!(
+        sent_kinds(&ready),
+        vec![
+            ("b".to_string(), "append_entries"),
+            ("c".to_string(), "append_entries")
+        ]
+    );
+    a.step(expected, ack("b", term, 2, expected)).unwrap();
+    assert!(a.has_lease(expected));
+}
+
+#[test]
+fn a_transfer_campaign_needs_no_wait_for_the_old_lease() {
+    let t = ms(9000);
+    let mut a = leader_a_after_vote_of_age(t, 0, true);
+    let term = a.term().0;
+    a.step(t, ack("b", term, 2, t)).unwrap();
+    assert!(a.has_lease(t), "the old leader forfeited its lease");
 }

@@ -102,6 +102,9 @@ func startAPIServer(ctx context.Context, cp *controlPlane, done chan<- error) er
 		"--service-cluster-ip-range=" + cp.s.serviceCIDR,
 		"--enable-priority-and-fairness=false",
 		"--endpoint-reconciler-type=none",
+		// Bounds the HTTP server's shutdown at 2 s (instead of --request-timeout, 60 s)
+		// when clients outside this process still hold watches open.
+		"--shutdown-send-retry-after=true",
 		"--disable-admission-plugins=" + admission,
 		"--v=" + strconv.Itoa(cp.s.verbosity),
 	}

@@ -147,6 +147,11 @@ func run(s settings) int {
 		say("create %s: %v", p.dir, err)
 		return 1
 	}
+	// Two control planes on one directory would fight over etcd's data files.
+	if pid, alive := runningPid(p.pid); alive {
+		say("%s is in use by running controlplane pid %d", p.dir, pid)
+		return 1
+	}
 	// A marker from an earlier run must not announce this one.
 	if err := os.Remove(p.ready); err != nil && !errors.Is(err, os.ErrNotExist) {
 		say("remove stale %s: %v", p.ready, err)
@@ -453,6 +458,27 @@ func (cp *controlPlane) waitOK(ctx context.Context, path string) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// runningPid reports the pid in pidFile when that process is alive and is this program.
+func runningPid(pidFile string) (int, bool) {
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 || pid == os.Getpid() {
+		return 0, false
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		return 0, false
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return 0, false
+	}
+	return pid, filepath.Base(exe) == filepath.Base(self)
 }
 
 func freePort(host string) (int, error) {
