@@ -100,7 +100,11 @@ async fn idle(pids: &[u32], window: Duration) -> Vec<(f64, f64)> {
 }
 
 /// Requests per minute by verb from two proxy stats snapshots in pass mode.
-fn per_minute(before: &serde_json::Value, after: &serde_json::Value, window: Duration) -> Vec<(String, f64)> {
+fn per_minute(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+    window: Duration,
+) -> Vec<(String, f64)> {
     let verbs = |v: &serde_json::Value| -> std::collections::BTreeMap<String, f64> {
         v["requests"]["pass"]
             .as_object()
@@ -142,10 +146,14 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
     let names: Vec<String> = (0..REPLICAS).map(|i| format!("node-{i}")).collect();
     env.create_pods(&names, CLUSTER_ID).await;
     let mut config = ClusterConfig::default();
-    config.extra_args.extend(env.sidecar_args(&proxy.kubeconfig));
+    config
+        .extra_args
+        .extend(env.sidecar_args(&proxy.kubeconfig));
     let mut cluster = Cluster::start(REPLICAS, config).await;
     let watch = LeaderWatch::start(env).await;
-    let mut slot = cluster.wait_for_single_leader(Duration::from_secs(20)).await;
+    let mut slot = cluster
+        .wait_for_single_leader(Duration::from_secs(20))
+        .await;
     let mut out = Raft {
         after_200: Vec::new(),
         kill_to_label: Vec::new(),
@@ -156,7 +164,13 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
         idle_leader: (0.0, 0.0),
         idle_followers: Vec::new(),
     };
-    wait_label(&watch, &cluster.node(slot).name, Instant::now() - Duration::from_secs(3600), Duration::from_secs(5)).await;
+    wait_label(
+        &watch,
+        &cluster.node(slot).name,
+        Instant::now() - Duration::from_secs(3600),
+        Duration::from_secs(5),
+    )
+    .await;
     for trial in 0..trials {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = writes_of(&cluster, Some(slot)).await;
@@ -173,7 +187,10 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
             if let Some(f) = found {
                 break f;
             }
-            assert!(killed.elapsed() < Duration::from_secs(10), "trial {trial}: no new leader");
+            assert!(
+                killed.elapsed() < Duration::from_secs(10),
+                "trial {trial}: no new leader"
+            );
         };
         slot = new;
         let name = cluster.node(slot).name.clone();
@@ -181,23 +198,33 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
             panic!("trial {trial}: {name} never labelled");
         };
         // The 200 is seen by polling, so it can be a little late: never count negative.
-        out.after_200.push(ms(labelled.saturating_duration_since(first_200)));
+        out.after_200
+            .push(ms(labelled.saturating_duration_since(first_200)));
         out.kill_to_label.push(ms(labelled - killed));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        out.writes.push(writes_of(&cluster, Some(victim)).await - before);
+        out.writes
+            .push(writes_of(&cluster, Some(victim)).await - before);
         cluster.restart(victim, true).await;
     }
     out.double_leaders = watch.record().double_leaders.len();
-    cluster.wait_for_single_leader(Duration::from_secs(20)).await;
+    cluster
+        .wait_for_single_leader(Duration::from_secs(20))
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writes = writes_of(&cluster, None).await;
     let s0 = proxy.stats().await;
     tokio::time::sleep(STEADY_WINDOW).await;
     out.steady = per_minute(&s0, &proxy.stats().await, STEADY_WINDOW);
-    out.steady_writes = (writes_of(&cluster, None).await - writes) * 60.0 / STEADY_WINDOW.as_secs_f64();
-    let leader = cluster.wait_for_single_leader(Duration::from_secs(20)).await;
+    out.steady_writes =
+        (writes_of(&cluster, None).await - writes) * 60.0 / STEADY_WINDOW.as_secs_f64();
+    let leader = cluster
+        .wait_for_single_leader(Duration::from_secs(20))
+        .await;
     let slots = cluster.running();
-    let pids: Vec<u32> = slots.iter().filter_map(|s| cluster.node(*s).pid()).collect();
+    let pids: Vec<u32> = slots
+        .iter()
+        .filter_map(|s| cluster.node(*s).pid())
+        .collect();
     let rows = idle(&pids, IDLE_WINDOW).await;
     for (s, row) in slots.iter().zip(rows) {
         if *s == leader {
@@ -223,7 +250,12 @@ async fn writes_of(cluster: &Cluster, skip: Option<usize>) -> f64 {
 }
 
 /// Waits until the watch saw `pod` become leader after `since`.
-async fn wait_label(watch: &LeaderWatch, pod: &str, since: Instant, timeout: Duration) -> Option<Instant> {
+async fn wait_label(
+    watch: &LeaderWatch,
+    pod: &str,
+    since: Instant,
+    timeout: Duration,
+) -> Option<Instant> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(at) = watch.record().became_leader.get(pod) {
@@ -291,8 +323,11 @@ async fn bench_baseline(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Bas
         }
         None
     };
-    let (mut leader, _) = wait_labelled(Instant::now() - Duration::from_secs(3600), Duration::from_secs(60))
-        .expect("a baseline leader");
+    let (mut leader, _) = wait_labelled(
+        Instant::now() - Duration::from_secs(3600),
+        Duration::from_secs(60),
+    )
+    .expect("a baseline leader");
     let mut out = Baseline {
         kill_to_label: Vec::new(),
         steady: Vec::new(),
@@ -338,10 +373,22 @@ fn fmt_rates(rates: &[(String, f64)]) -> String {
 async fn main() {
     let trials = arg("--trials", TRIALS);
     let baseline_trials = arg("--baseline-trials", BASELINE_TRIALS);
-    let Some(env) = KubeEnv::start("kube_failover_bench").await else { return };
-    let Some(proxy) = FaultProxy::start(&env, "kube_failover_bench").await else { return };
-    let admin = env.control_plane.as_ref().map(|c| c.kubeconfig()).expect("test bed");
-    let Some(base_proxy) = FaultProxy::start_for(&env, "kube_failover_bench", &admin, "baseline-proxy").await else { return };
+    let Some(env) = KubeEnv::start("kube_failover_bench").await else {
+        return;
+    };
+    let Some(proxy) = FaultProxy::start(&env, "kube_failover_bench").await else {
+        return;
+    };
+    let admin = env
+        .control_plane
+        .as_ref()
+        .map(|c| c.kubeconfig())
+        .expect("test bed");
+    let Some(base_proxy) =
+        FaultProxy::start_for(&env, "kube_failover_bench", &admin, "baseline-proxy").await
+    else {
+        return;
+    };
 
     let raft = bench_raft(&env, &proxy, trials).await;
     let base = bench_baseline(&env, &base_proxy, baseline_trials).await;
@@ -370,7 +417,9 @@ async fn main() {
         .map(|(_, v)| v)
         .sum();
 
-    println!("\n## Kubernetes publishing vs client-go leaderelection ({REPLICAS} replicas, loopback)\n");
+    println!(
+        "\n## Kubernetes publishing vs client-go leaderelection ({REPLICAS} replicas, loopback)\n"
+    );
     println!("| measure | raft-elector | client-go Lease (15/10/2 s) |");
     println!("| --- | --- | --- |");
     println!(
@@ -384,27 +433,75 @@ async fn main() {
         fmt_rates(&raft.steady),
         fmt_rates(&base.steady)
     );
-    println!("| API writes / min at steady state (sidecar counters) | {:.1} | – |", raft.steady_writes);
-    println!("| API writes per leader change, mean / max | {mean_writes:.2} / {max_writes:.0} | – |");
+    println!(
+        "| API writes / min at steady state (sidecar counters) | {:.1} | – |",
+        raft.steady_writes
+    );
+    println!(
+        "| API writes per leader change, mean / max | {mean_writes:.2} / {max_writes:.0} | – |"
+    );
     println!(
         "| idle CPU leader / follower (max) | {:.2} / {f_cpu:.2} millicores | {b_cpu:.2} millicores (max) |",
         raft.idle_leader.0
     );
     println!("| RSS per replica (max) | {max_rss:.1} MiB | {b_rss:.1} MiB |");
-    println!("| watch saw two role=leader pods | {} times | – |", raft.double_leaders);
+    println!(
+        "| watch saw two role=leader pods | {} times | – |",
+        raft.double_leaders
+    );
     println!();
     let speedup = b_p50 / r_p50;
     let targets = [
-        (format!("label after first 200 p50 ≤ {LABEL_AFTER_200_P50_MS} ms"), format!("{a50:.1} ms"), a50 <= LABEL_AFTER_200_P50_MS),
-        (format!("label after first 200 p99 ≤ {LABEL_AFTER_200_P99_MS} ms"), format!("{a99:.1} ms"), a99 <= LABEL_AFTER_200_P99_MS),
-        (format!("kill -9 → label p99 ≤ {KILL_TO_LABEL_P99_MS} ms"), format!("{r_p99:.1} ms"), r_p99 <= KILL_TO_LABEL_P99_MS),
-        (format!("≥ {SPEEDUP}× faster than the baseline (p50)"), format!("{speedup:.0}×"), speedup >= SPEEDUP),
-        ("0 API writes and 0 polling reads / min at steady state".to_string(), format!("{:.1} writes, {steady_reads:.1} GETs", raft.steady_writes), raft.steady_writes == 0.0 && steady_reads == 0.0),
-        ("writes per leader change ≤ pods changed + 2 = 4".to_string(), format!("{max_writes:.0}"), max_writes <= 4.0),
-        (format!("idle leader ≤ {IDLE_LEADER_MILLICORES} millicores"), format!("{:.2}", raft.idle_leader.0), raft.idle_leader.0 <= IDLE_LEADER_MILLICORES),
-        (format!("idle follower ≤ {IDLE_FOLLOWER_MILLICORES} millicores"), format!("{f_cpu:.2}"), f_cpu <= IDLE_FOLLOWER_MILLICORES),
-        (format!("RSS ≤ {RSS_MIB} MiB"), format!("{max_rss:.1} MiB"), max_rss <= RSS_MIB),
-        ("no watch sees two leaders".to_string(), format!("{}", raft.double_leaders), raft.double_leaders == 0),
+        (
+            format!("label after first 200 p50 ≤ {LABEL_AFTER_200_P50_MS} ms"),
+            format!("{a50:.1} ms"),
+            a50 <= LABEL_AFTER_200_P50_MS,
+        ),
+        (
+            format!("label after first 200 p99 ≤ {LABEL_AFTER_200_P99_MS} ms"),
+            format!("{a99:.1} ms"),
+            a99 <= LABEL_AFTER_200_P99_MS,
+        ),
+        (
+            format!("kill -9 → label p99 ≤ {KILL_TO_LABEL_P99_MS} ms"),
+            format!("{r_p99:.1} ms"),
+            r_p99 <= KILL_TO_LABEL_P99_MS,
+        ),
+        (
+            format!("≥ {SPEEDUP}× faster than the baseline (p50)"),
+            format!("{speedup:.0}×"),
+            speedup >= SPEEDUP,
+        ),
+        (
+            "0 API writes and 0 polling reads / min at steady state".to_string(),
+            format!("{:.1} writes, {steady_reads:.1} GETs", raft.steady_writes),
+            raft.steady_writes == 0.0 && steady_reads == 0.0,
+        ),
+        (
+            "writes per leader change ≤ pods changed + 2 = 4".to_string(),
+            format!("{max_writes:.0}"),
+            max_writes <= 4.0,
+        ),
+        (
+            format!("idle leader ≤ {IDLE_LEADER_MILLICORES} millicores"),
+            format!("{:.2}", raft.idle_leader.0),
+            raft.idle_leader.0 <= IDLE_LEADER_MILLICORES,
+        ),
+        (
+            format!("idle follower ≤ {IDLE_FOLLOWER_MILLICORES} millicores"),
+            format!("{f_cpu:.2}"),
+            f_cpu <= IDLE_FOLLOWER_MILLICORES,
+        ),
+        (
+            format!("RSS ≤ {RSS_MIB} MiB"),
+            format!("{max_rss:.1} MiB"),
+            max_rss <= RSS_MIB,
+        ),
+        (
+            "no watch sees two leaders".to_string(),
+            format!("{}", raft.double_leaders),
+            raft.double_leaders == 0,
+        ),
     ];
     println!("| target | measured | |");
     println!("| --- | --- | --- |");

@@ -257,9 +257,7 @@ fn kube_spec(cfg: &RunConfig) -> kube::crd::LeaderElectionSpec {
         },
         peer_port: cfg.peer_listen.port(),
         pod_selector: cfg.pod_selector.clone(),
-        expected_members: cfg
-            .bootstrap_expect
-            .and_then(|n| u32::try_from(n).ok()),
+        expected_members: cfg.bootstrap_expect.and_then(|n| u32::try_from(n).ok()),
         max_voters: u32::try_from(cfg.raft.max_voters).unwrap_or(u32::MAX),
         election_timeout_min: ms(cfg.raft.election_timeout_min),
         election_timeout_max: ms(cfg.raft.election_timeout_max),

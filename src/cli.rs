@@ -846,7 +846,7 @@ mod tests {
         full.extend_from_slice(args);
         match parse(&full).expect("flags parse").command {
             Command::Run(args) => *args,
-            Command::Demo(_) => panic!("parsed as demo"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 
@@ -855,7 +855,7 @@ mod tests {
         full.extend_from_slice(args);
         match parse(&full).expect("flags parse").command {
             Command::Demo(args) => args,
-            Command::Run(_) => panic!("parsed as run"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 

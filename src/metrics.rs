@@ -175,7 +175,13 @@ impl Metrics {
                     "raft_elector_kube_publish_seconds",
                     "Time from a leader's lease (or seen drift) to labels and status published",
                 )
-                .buckets(RPC_BUCKETS.iter().copied().chain([2.5, 5.0, 10.0, 30.0]).collect()),
+                .buckets(
+                    RPC_BUCKETS
+                        .iter()
+                        .copied()
+                        .chain([2.5, 5.0, 10.0, 30.0])
+                        .collect(),
+                ),
             )
             .expect("valid metric"),
             kube_publish_errors: IntCounterVec::new(

@@ -11,7 +11,8 @@ use std::process::Command;
 
 #[test]
 fn committed_crd_yaml_matches_the_code() {
-    let committed = std::fs::read_to_string(CRD_FILE).expect("read crds/leaderelections.raft-elector.io.yaml");
+    let committed =
+        std::fs::read_to_string(CRD_FILE).expect("read crds/leaderelections.raft-elector.io.yaml");
     let generated = crd_yaml().expect("render the CRD");
     assert!(
         committed == generated,
@@ -35,7 +36,9 @@ fn crd_subcommand_prints_the_committed_yaml() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_applies_defaults_and_refuses_bad_timings() {
-    let Some(env) = KubeEnv::start("crd_validation").await else { return };
+    let Some(env) = KubeEnv::start("crd_validation").await else {
+        return;
+    };
     let les: Api<LeaderElection> = Api::default_namespaced(env.admin.clone());
     let good: LeaderElection = serde_json::from_value(serde_json::json!({
         "apiVersion": "raft-elector.io/v1alpha1", "kind": "LeaderElection",
@@ -43,16 +46,37 @@ async fn api_server_applies_defaults_and_refuses_bad_timings() {
         "spec": { "electionTimeoutMin": "150ms", "electionTimeoutMax": "300ms" }
     }))
     .expect("object");
-    let created = les.create(&PostParams::default(), &good).await.expect("a valid spec is accepted");
+    let created = les
+        .create(&PostParams::default(), &good)
+        .await
+        .expect("a valid spec is accepted");
     assert_eq!(created.spec.peer_port, 4041, "default filled by the server");
     assert_eq!(created.spec.max_voters, 5);
-    let raw: Api<DynamicObject> =
-        Api::default_namespaced_with(env.admin.clone(), &ApiResource::erase::<LeaderElection>(&()));
+    let raw: Api<DynamicObject> = Api::default_namespaced_with(
+        env.admin.clone(),
+        &ApiResource::erase::<LeaderElection>(&()),
+    );
     for (name, spec, why) in [
-        ("inverted", serde_json::json!({"electionTimeoutMin": "300ms", "electionTimeoutMax": "150ms"}), "electionTimeoutMin must be below electionTimeoutMax"),
-        ("zero", serde_json::json!({"heartbeatInterval": "0s"}), "must be a positive duration"),
-        ("port", serde_json::json!({"peerPort": 70000}), "spec.peerPort"),
-        ("voters", serde_json::json!({"maxVoters": 0}), "spec.maxVoters"),
+        (
+            "inverted",
+            serde_json::json!({"electionTimeoutMin": "300ms", "electionTimeoutMax": "150ms"}),
+            "electionTimeoutMin must be below electionTimeoutMax",
+        ),
+        (
+            "zero",
+            serde_json::json!({"heartbeatInterval": "0s"}),
+            "must be a positive duration",
+        ),
+        (
+            "port",
+            serde_json::json!({"peerPort": 70000}),
+            "spec.peerPort",
+        ),
+        (
+            "voters",
+            serde_json::json!({"maxVoters": 0}),
+            "spec.maxVoters",
+        ),
     ] {
         let bad: DynamicObject = serde_json::from_value(serde_json::json!({
             "apiVersion": "raft-elector.io/v1alpha1", "kind": "LeaderElection",

@@ -55,7 +55,11 @@ async fn wait_published(env: &KubeEnv, leader: &str, bound: Duration) -> Duratio
     let leader = leader.to_string();
     env.wait_roles(bound, &format!("labels for leader {leader}"), |roles| {
         roles.iter().all(|(name, role, _)| {
-            let want = if *name == leader { "leader" } else { "follower" };
+            let want = if *name == leader {
+                "leader"
+            } else {
+                "follower"
+            };
             role.as_deref() == Some(want)
         })
     })
@@ -89,7 +93,9 @@ async fn events(env: &KubeEnv) -> Vec<Event> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
-    let Some(env) = KubeEnv::start("labels_and_status").await else { return };
+    let Some(env) = KubeEnv::start("labels_and_status").await else {
+        return;
+    };
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
     let leader = cluster.node(slot).name.clone();
@@ -110,7 +116,10 @@ async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
                 break le.expect("exists");
             }
         }
-        assert!(Instant::now() < deadline, "status never named {leader}: {le:?}");
+        assert!(
+            Instant::now() < deadline,
+            "status never named {leader}: {le:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let st = le.status.expect("status");
@@ -118,15 +127,26 @@ async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
     assert_eq!(st.cluster_id.as_deref(), Some(CLUSTER_ID));
     let pods: Api<Pod> = Api::default_namespaced(env.admin.clone());
     let pod = pods.get(&leader).await.expect("leader pod");
-    assert_eq!(st.leader_uid, pod.metadata.uid, "status names the pod's UID");
+    assert_eq!(
+        st.leader_uid, pod.metadata.uid,
+        "status names the pod's UID"
+    );
     assert_eq!(st.members.len(), 3);
     assert!(st.members.iter().all(|m| m.last_seen.is_some() && m.voter));
-    let published = st.conditions.iter().find(|c| c.type_ == "Published").expect("condition");
+    let published = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Published")
+        .expect("condition");
     assert_eq!(published.status, "True", "{published:?}");
     assert_eq!(st.observed_generation, le.metadata.generation);
     let evs = events(&env).await;
     assert_eq!(evs.len(), 1, "one Event per leader change: {evs:?}");
-    assert!(evs[0].message.as_deref().unwrap_or_default().contains(&leader));
+    assert!(evs[0]
+        .message
+        .as_deref()
+        .unwrap_or_default()
+        .contains(&leader));
 
     // `kubectl get le` shows leader and term (when the real kubectl is there).
     let kubectl = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/kubectl");
@@ -140,7 +160,10 @@ async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
                 .expect("run kubectl");
             let text = String::from_utf8_lossy(&out.stdout);
             println!("{text}");
-            assert!(text.contains(&leader) && text.contains(&st.term.to_string()), "{text}");
+            assert!(
+                text.contains(&leader) && text.contains(&st.term.to_string()),
+                "{text}"
+            );
         }
     } else {
         println!("kubectl not installed (scripts/install-kube-tools); skipped the kubectl check");
@@ -150,14 +173,24 @@ async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
     let writes = requests(&cluster, WRITES, None).await;
     let reads = requests(&cluster, &["get", "list"], None).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(requests(&cluster, WRITES, None).await, writes, "writes at steady state");
-    assert_eq!(requests(&cluster, &["get", "list"], None).await, reads, "polling reads at steady state");
+    assert_eq!(
+        requests(&cluster, WRITES, None).await,
+        writes,
+        "writes at steady state"
+    );
+    assert_eq!(
+        requests(&cluster, &["get", "list"], None).await,
+        reads,
+        "polling reads at steady state"
+    );
     cluster.kill9(slot);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
-    let Some(env) = KubeEnv::start("kill9_failovers").await else { return };
+    let Some(env) = KubeEnv::start("kill9_failovers").await else {
+        return;
+    };
     let rounds: usize = std::env::var("KUBE_FAILOVERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -174,7 +207,10 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
         let victim = slot;
         let mut new = None;
         while new.is_none() {
-            assert!(killed_at.elapsed() < ELECTION_BOUND, "round {round}: no new leader");
+            assert!(
+                killed_at.elapsed() < ELECTION_BOUND,
+                "round {round}: no new leader"
+            );
             for s in cluster.running() {
                 if cluster.status(s).await.is_some_and(|st| st.is_leader) {
                     new = Some(s);
@@ -189,10 +225,16 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
         let deadline = Instant::now() + LABEL_BOUND;
         loop {
             let st = env.election(CLUSTER_ID).await.and_then(|l| l.status);
-            if st.as_ref().is_some_and(|s| s.leader.as_deref() == Some(name.as_str())) {
+            if st
+                .as_ref()
+                .is_some_and(|s| s.leader.as_deref() == Some(name.as_str()))
+            {
                 break;
             }
-            assert!(Instant::now() < deadline, "round {round}: status never named {name}");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: status never named {name}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -206,7 +248,11 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
         "a watch saw two role=leader pods: {:?}",
         record.double_leaders
     );
-    assert!(record.moves as usize >= rounds, "the label moved {} times", record.moves);
+    assert!(
+        record.moves as usize >= rounds,
+        "the label moved {} times",
+        record.moves
+    );
     let worst = writes_per_change.iter().cloned().fold(0.0, f64::max);
     moved.sort();
     println!(
@@ -216,14 +262,19 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
     );
     // Two pods change label (old leader demoted, new one promoted), plus the
     // status write and the Event.
-    assert!(worst <= 4.0, "writes per leader change above pods changed + 2: {writes_per_change:?}");
+    assert!(
+        worst <= 4.0,
+        "writes per leader change above pods changed + 2: {writes_per_change:?}"
+    );
     let evs = events(&env).await;
     assert_eq!(evs.len(), rounds + 1, "one Event per leader change");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_leader_woken_from_sigstop_never_overwrites_the_new_leader() {
-    let Some(env) = KubeEnv::start("stale_leader").await else { return };
+    let Some(env) = KubeEnv::start("stale_leader").await else {
+        return;
+    };
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let watch = LeaderWatch::start(&env).await;
     for round in 0..3 {
@@ -243,48 +294,81 @@ async fn stale_leader_woken_from_sigstop_never_overwrites_the_new_leader() {
             if let Some(s) = found {
                 break s;
             }
-            assert!(Instant::now() < deadline, "round {round}: no new leader while the old one is stopped");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no new leader while the old one is stopped"
+            );
         };
         let new_name = cluster.node(new).name.clone();
         wait_published(&env, &new_name, LABEL_BOUND).await;
-        let term = env.election(CLUSTER_ID).await.and_then(|l| l.status).map(|s| s.term);
+        let term = env
+            .election(CLUSTER_ID)
+            .await
+            .and_then(|l| l.status)
+            .map(|s| s.term);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
         // The woken leader's lease is long gone: it must not write anything.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let st = env.election(CLUSTER_ID).await.and_then(|l| l.status).expect("status");
-        assert_eq!(st.leader.as_deref(), Some(new_name.as_str()), "round {round}");
-        assert!(Some(st.term) >= term, "round {round}: status went back in term");
+        let st = env
+            .election(CLUSTER_ID)
+            .await
+            .and_then(|l| l.status)
+            .expect("status");
+        assert_eq!(
+            st.leader.as_deref(),
+            Some(new_name.as_str()),
+            "round {round}"
+        );
+        assert!(
+            Some(st.term) >= term,
+            "round {round}: status went back in term"
+        );
         let roles = env.roles().await;
-        let leaders: Vec<_> = roles.iter().filter(|r| r.1.as_deref() == Some("leader")).collect();
+        let leaders: Vec<_> = roles
+            .iter()
+            .filter(|r| r.1.as_deref() == Some("leader"))
+            .collect();
         assert_eq!(leaders.len(), 1, "round {round}: {roles:?}");
         assert_eq!(leaders[0].0, new_name, "round {round}: {roles:?}");
     }
     let record = watch.record();
-    assert!(record.double_leaders.is_empty(), "two leaders seen: {:?}", record.double_leaders);
+    assert!(
+        record.double_leaders.is_empty(),
+        "two leaders seen: {:?}",
+        record.double_leaders
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_edited_labels_and_recreated_pods_are_repaired() {
-    let Some(env) = KubeEnv::start("repair").await else { return };
+    let Some(env) = KubeEnv::start("repair").await else {
+        return;
+    };
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
     let leader = cluster.node(slot).name.clone();
     wait_published(&env, &leader, LABEL_BOUND).await;
     let follower = cluster.node((slot + 1) % 3).name.clone();
     let pods: Api<Pod> = Api::default_namespaced(env.admin.clone());
-    let set = |role: &'static str| {
-        serde_json::json!({ "metadata": { "labels": { "raft-elector.io/role": role } } })
-    };
+    let set = |role: &'static str| serde_json::json!({ "metadata": { "labels": { "raft-elector.io/role": role } } });
     // The leader's label edited away.
-    pods.patch(&leader, &PatchParams::default(), &Patch::Merge(set("follower")))
-        .await
-        .expect("edit");
+    pods.patch(
+        &leader,
+        &PatchParams::default(),
+        &Patch::Merge(set("follower")),
+    )
+    .await
+    .expect("edit");
     let took = wait_published(&env, &leader, LABEL_BOUND).await;
     println!("leader label repaired in {took:?}");
     // A follower made leader by hand.
-    pods.patch(&follower, &PatchParams::default(), &Patch::Merge(set("leader")))
-        .await
-        .expect("edit");
+    pods.patch(
+        &follower,
+        &PatchParams::default(),
+        &Patch::Merge(set("leader")),
+    )
+    .await
+    .expect("edit");
     let took = wait_published(&env, &leader, LABEL_BOUND).await;
     println!("false leader label repaired in {took:?}");
     // A label removed.
@@ -305,22 +389,37 @@ async fn hand_edited_labels_and_recreated_pods_are_repaired() {
     let deadline = Instant::now() + LABEL_BOUND;
     loop {
         let pod = pods.get(&leader).await.expect("leader pod");
-        let st = env.election(CLUSTER_ID).await.and_then(|l| l.status).expect("status");
+        let st = env
+            .election(CLUSTER_ID)
+            .await
+            .and_then(|l| l.status)
+            .expect("status");
         if st.leader_uid == pod.metadata.uid {
             break;
         }
         assert!(Instant::now() < deadline, "status kept the old pod's UID");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(cluster.steady_leader().await, Some(slot), "repairs never touch the election");
+    assert_eq!(
+        cluster.steady_leader().await,
+        Some(slot),
+        "repairs never touch the election"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_down_or_failing_leaves_the_election_alone_and_labels_catch_up() {
-    let Some(env) = KubeEnv::start("api_faults").await else { return };
-    let Some(proxy) = FaultProxy::start(&env, "api_faults").await else { return };
+    let Some(env) = KubeEnv::start("api_faults").await else {
+        return;
+    };
+    let Some(proxy) = FaultProxy::start(&env, "api_faults").await else {
+        return;
+    };
     let outage = Duration::from_secs(
-        std::env::var("KUBE_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30),
+        std::env::var("KUBE_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
     );
     let mut cluster = start_cluster(&env, 3, &proxy.kubeconfig.clone()).await;
     let mut slot = wait_voters(&mut cluster, 3).await;
@@ -331,8 +430,16 @@ async fn api_down_or_failing_leaves_the_election_alone_and_labels_catch_up() {
         let started = Instant::now();
         // The election goes on unchanged: same leader, same term, for a while.
         tokio::time::sleep(outage / 2).await;
-        assert_eq!(cluster.steady_leader().await, Some(slot), "{mode}: leader changed while the API failed");
-        assert_eq!(cluster.status(slot).await.expect("leader").term, term_before, "{mode}: term moved");
+        assert_eq!(
+            cluster.steady_leader().await,
+            Some(slot),
+            "{mode}: leader changed while the API failed"
+        );
+        assert_eq!(
+            cluster.status(slot).await.expect("leader").term,
+            term_before,
+            "{mode}: term moved"
+        );
         // And failover still works without the API.
         let killed = cluster.kill9(slot);
         let victim = slot;
@@ -342,25 +449,50 @@ async fn api_down_or_failing_leaves_the_election_alone_and_labels_catch_up() {
         let rest = outage.saturating_sub(started.elapsed());
         tokio::time::sleep(rest).await;
         let leader = cluster.wait_for_single_leader(ELECTION_BOUND).await;
-        assert_eq!(leader, slot, "{mode}: leader changed again during the outage");
+        assert_eq!(
+            leader, slot,
+            "{mode}: leader changed again during the outage"
+        );
         proxy.set("pass").await;
         let back = Instant::now();
-        wait_published(&env, &cluster.node(slot).name.clone(), Duration::from_secs(2)).await;
-        println!("{mode}: labels caught up {:?} after the API returned", back.elapsed());
+        wait_published(
+            &env,
+            &cluster.node(slot).name.clone(),
+            Duration::from_secs(2),
+        )
+        .await;
+        println!(
+            "{mode}: labels caught up {:?} after the API returned",
+            back.elapsed()
+        );
         // The error shows in metrics and, once the API is back, in the status.
         let (_, text) = cluster.get(slot, "/metrics").await.expect("metrics");
-        assert!(text.contains("raft_elector_kube_publish_errors_total"), "errors counted");
+        assert!(
+            text.contains("raft_elector_kube_publish_errors_total"),
+            "errors counted"
+        );
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let st = env.election(CLUSTER_ID).await.and_then(|l| l.status).expect("status");
-            let cond = st.conditions.iter().find(|c| c.type_ == "Published").cloned();
+            let st = env
+                .election(CLUSTER_ID)
+                .await
+                .and_then(|l| l.status)
+                .expect("status");
+            let cond = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Published")
+                .cloned();
             if st.leader.as_deref() == Some(cluster.node(slot).name.as_str())
                 && cond.as_ref().is_some_and(|c| c.reason == "Recovered")
             {
                 println!("{mode}: condition {:?}", cond.map(|c| c.message));
                 break;
             }
-            assert!(Instant::now() < deadline, "{mode}: no Recovered condition: {cond:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: no Recovered condition: {cond:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -370,8 +502,12 @@ async fn api_down_or_failing_leaves_the_election_alone_and_labels_catch_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflict_storms_and_dropped_watches_still_converge() {
-    let Some(env) = KubeEnv::start("conflicts").await else { return };
-    let Some(proxy) = FaultProxy::start(&env, "conflicts").await else { return };
+    let Some(env) = KubeEnv::start("conflicts").await else {
+        return;
+    };
+    let Some(proxy) = FaultProxy::start(&env, "conflicts").await else {
+        return;
+    };
     let mut cluster = start_cluster(&env, 3, &proxy.kubeconfig.clone()).await;
     let slot = cluster.wait_for_single_leader(ELECTION_BOUND).await;
     let leader = cluster.node(slot).name.clone();
@@ -380,8 +516,11 @@ async fn conflict_storms_and_dropped_watches_still_converge() {
     let follower = cluster.node((slot + 1) % 3).name.clone();
     // Every write answered 409 for 3 s: nothing converges, nothing breaks.
     proxy.set("conflict").await;
-    let edit = serde_json::json!({ "metadata": { "labels": { "raft-elector.io/role": "leader" } } });
-    pods.patch(&follower, &PatchParams::default(), &Patch::Merge(&edit)).await.expect("edit");
+    let edit =
+        serde_json::json!({ "metadata": { "labels": { "raft-elector.io/role": "leader" } } });
+    pods.patch(&follower, &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("edit");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(cluster.steady_leader().await, Some(slot));
     proxy.set("pass").await;
@@ -389,7 +528,9 @@ async fn conflict_storms_and_dropped_watches_still_converge() {
     println!("after a 409 storm, repaired in {took:?}");
     // Watches dropped every 300 ms: edits are still seen and repaired.
     proxy.set("dropwatch?after_ms=300").await;
-    pods.patch(&follower, &PatchParams::default(), &Patch::Merge(&edit)).await.expect("edit");
+    pods.patch(&follower, &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("edit");
     let took = wait_published(&env, &leader, LABEL_BOUND).await;
     println!("with dropped watches, repaired in {took:?}");
     proxy.set("pass").await;
@@ -397,7 +538,9 @@ async fn conflict_storms_and_dropped_watches_still_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_leader_clears_its_own_label_and_hands_over() {
-    let Some(env) = KubeEnv::start("sigterm").await else { return };
+    let Some(env) = KubeEnv::start("sigterm").await else {
+        return;
+    };
     let mut cluster = start_cluster(&env, 3, &env.sidecar_kubeconfig.clone()).await;
     let watch = LeaderWatch::start(&env).await;
     let slot = wait_voters(&mut cluster, 3).await;
@@ -408,6 +551,11 @@ async fn sigterm_leader_clears_its_own_label_and_hands_over() {
     let new = cluster.wait_for_single_leader(ELECTION_BOUND).await;
     wait_published(&env, &cluster.node(new).name.clone(), LABEL_BOUND).await;
     let roles = env.roles().await;
-    assert!(roles.iter().any(|(n, r, _)| *n == old && r.as_deref() == Some("follower")), "{roles:?}");
+    assert!(
+        roles
+            .iter()
+            .any(|(n, r, _)| *n == old && r.as_deref() == Some("follower")),
+        "{roles:?}"
+    );
     assert!(watch.record().double_leaders.is_empty());
 }

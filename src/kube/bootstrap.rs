@@ -48,7 +48,12 @@ impl Outcome {
 impl CrBootstrap {
     /// Creates the seam for CR `name` in `namespace`; `spec` is used when
     /// the CR has to be created.
-    pub fn new(client: Client, namespace: &str, name: &str, spec: LeaderElectionSpec) -> CrBootstrap {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        spec: LeaderElectionSpec,
+    ) -> CrBootstrap {
         CrBootstrap {
             les: Api::namespaced(client.clone(), namespace),
             pods: Api::namespaced(client, namespace),
@@ -149,7 +154,9 @@ impl CrBootstrap {
         self.les
             .replace_status(&self.name, &PostParams::default(), le)
             .await
-            .map_err(|e| Error::from_kube("replace_status", format!("leaderelection/{}", self.name), e))
+            .map_err(|e| {
+                Error::from_kube("replace_status", format!("leaderelection/{}", self.name), e)
+            })
     }
 }
 
@@ -157,7 +164,11 @@ impl CrBootstrap {
 fn validate(record: &BootstrapRecord) -> Result<()> {
     let reason = if record.members.is_empty() {
         Some("no members".to_string())
-    } else if record.members.iter().any(|m| m.id.is_empty() || m.address.is_empty()) {
+    } else if record
+        .members
+        .iter()
+        .any(|m| m.id.is_empty() || m.address.is_empty())
+    {
         Some("a member without id or address".to_string())
     } else {
         let mut ids: Vec<&str> = record.members.iter().map(|m| m.id.as_str()).collect();

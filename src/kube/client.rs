@@ -98,10 +98,8 @@ where
 pub fn kube_verb(method: &str, path: &str, query: Option<&str>) -> &'static str {
     match method {
         "GET" => {
-            let watching = query.is_some_and(|q| {
-                q.split('&')
-                    .any(|kv| kv == "watch=true" || kv == "watch=1")
-            });
+            let watching =
+                query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
             if watching {
                 "watch"
             } else if is_collection(path) {
@@ -127,7 +125,11 @@ fn is_collection(path: &str) -> bool {
         Some(i) if segments.len() > i + 2 => segments.len() == i + 3,
         // A cluster-scoped path: api/v1/RESOURCE[/NAME] or apis/G/V/RESOURCE[/NAME].
         _ => {
-            let prefix = if segments.first() == Some(&"api") { 2 } else { 3 };
+            let prefix = if segments.first() == Some(&"api") {
+                2
+            } else {
+                3
+            };
             segments.len() <= prefix + 1
         }
     }
@@ -141,13 +143,25 @@ mod tests {
     fn http_requests_map_to_the_rbac_verbs() {
         let pods = "/api/v1/namespaces/ns/pods";
         assert_eq!(kube_verb("GET", pods, Some("labelSelector=a%3Db")), "list");
-        assert_eq!(kube_verb("GET", pods, Some("watch=true&resourceVersion=5")), "watch");
-        assert_eq!(kube_verb("GET", "/api/v1/namespaces/ns/pods/p", None), "get");
-        assert_eq!(kube_verb("PATCH", "/api/v1/namespaces/ns/pods/p", None), "patch");
+        assert_eq!(
+            kube_verb("GET", pods, Some("watch=true&resourceVersion=5")),
+            "watch"
+        );
+        assert_eq!(
+            kube_verb("GET", "/api/v1/namespaces/ns/pods/p", None),
+            "get"
+        );
+        assert_eq!(
+            kube_verb("PATCH", "/api/v1/namespaces/ns/pods/p", None),
+            "patch"
+        );
         let le = "/apis/raft-elector.io/v1alpha1/namespaces/ns/leaderelections/g/status";
         assert_eq!(kube_verb("PUT", le, None), "update");
         assert_eq!(kube_verb("GET", le, None), "get");
-        assert_eq!(kube_verb("POST", "/api/v1/namespaces/ns/events", None), "create");
+        assert_eq!(
+            kube_verb("POST", "/api/v1/namespaces/ns/events", None),
+            "create"
+        );
         assert_eq!(kube_verb("GET", "/api/v1/namespaces", None), "list");
         assert_eq!(kube_verb("GET", "/api/v1/namespaces/ns", None), "get");
     }

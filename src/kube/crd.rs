@@ -34,6 +34,8 @@ const DEFAULT_PEER_PORT: u16 = 4041;
 /// Default most voting members (`--max-voters`).
 const DEFAULT_MAX_VOTERS: u32 = 5;
 
+// clippy reads the printcolumn arguments as repeated attributes.
+#[allow(clippy::duplicated_attributes)]
 /// What an election group is. Written from the flags of the member that
 /// creates the CR, so `kubectl get le -o yaml` shows how the group runs; each
 /// member's own flags stay authoritative for it.
@@ -67,7 +69,11 @@ const DEFAULT_MAX_VOTERS: u32 = 5;
         description = "Members of the leader's configuration",
         json_path = ".status.memberCount"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
@@ -217,13 +223,20 @@ mod tests {
     #[test]
     fn crd_names_match_the_interface_contract() {
         let crd = LeaderElection::crd();
-        assert_eq!(crd.metadata.name.as_deref(), Some("leaderelections.raft-elector.io"));
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("leaderelections.raft-elector.io")
+        );
         assert_eq!(crd.spec.group, GROUP);
         assert_eq!(crd.spec.scope, "Namespaced");
         assert_eq!(crd.spec.names.short_names, Some(vec!["le".to_string()]));
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some());
         let columns: Vec<&str> = version
             .additional_printer_columns
             .iter()
@@ -244,7 +257,9 @@ mod tests {
     #[test]
     fn schema_carries_cel_rules_and_ranges() {
         let yaml = crd_yaml().expect("renders");
-        assert!(yaml.contains("duration(self.electionTimeoutMin) < duration(self.electionTimeoutMax)"));
+        assert!(
+            yaml.contains("duration(self.electionTimeoutMin) < duration(self.electionTimeoutMax)")
+        );
         assert!(yaml.contains("maximum: 65535"));
         assert!(yaml.contains("x-kubernetes-validations"));
     }

@@ -170,7 +170,12 @@ pub fn plan_status(
         .iter()
         .map(|m| MemberStatus {
             name: m.name.clone(),
-            role: if m.name == input.me { ROLE_LEADER } else { ROLE_FOLLOWER }.to_string(),
+            role: if m.name == input.me {
+                ROLE_LEADER
+            } else {
+                ROLE_FOLLOWER
+            }
+            .to_string(),
             voter: m.voter,
             address: Some(m.address.clone()),
             last_seen: None,
@@ -178,11 +183,10 @@ pub fn plan_status(
         .collect();
     let mut desired = LeaderElectionStatus {
         leader: Some(input.me.to_string()),
-        leader_uid: input.uid.clone().or_else(|| {
-            same_leader
-                .then(|| current.leader_uid.clone())
-                .flatten()
-        }),
+        leader_uid: input
+            .uid
+            .clone()
+            .or_else(|| same_leader.then(|| current.leader_uid.clone()).flatten()),
         term: input.term,
         cluster_id: Some(input.cluster_id.to_string()),
         member_count: u32::try_from(members.len()).unwrap_or(u32::MAX),
@@ -272,7 +276,10 @@ mod tests {
 
     #[test]
     fn steady_state_plans_no_writes() {
-        let pods = [pod("a", Some("leader"), Some(4)), pod("b", Some("follower"), Some(2))];
+        let pods = [
+            pod("a", Some("leader"), Some(4)),
+            pod("b", Some("follower"), Some(2)),
+        ];
         assert!(plan_labels("a", 4, &pods).expect("not fenced").is_empty());
     }
 
@@ -297,10 +304,17 @@ mod tests {
 
     #[test]
     fn stepping_down_clears_only_its_own_leader_label() {
-        let pods = [pod("a", Some("leader"), Some(4)), pod("b", Some("leader"), Some(5))];
+        let pods = [
+            pod("a", Some("leader"), Some(4)),
+            pod("b", Some("leader"), Some(5)),
+        ];
         let patch = plan_step_down("a", 4, &pods).expect("a clears");
         assert_eq!(patch.role, "follower");
-        assert_eq!(plan_step_down("b", 4, &pods), None, "written in a newer term");
+        assert_eq!(
+            plan_step_down("b", 4, &pods),
+            None,
+            "written in a newer term"
+        );
         assert_eq!(plan_step_down("c", 4, &pods), None, "no such pod");
     }
 

@@ -22,9 +22,7 @@
 //!   this task; API errors back off (at most [`MAX_BACKOFF`]), are counted,
 //!   logged and shown in the `Published` condition.
 
-use super::crd::{
-    LeaderElection, LeaderElectionSpec, GROUP_LABEL, ROLE_LABEL, TERM_ANNOTATION,
-};
+use super::crd::{LeaderElection, LeaderElectionSpec, GROUP_LABEL, ROLE_LABEL, TERM_ANNOTATION};
 use super::error::{Error, Result};
 use super::plan::{self, Fence, LabelPatch, PodView, Published, StatusInputs};
 use crate::leadership::LeaderState;
@@ -204,7 +202,10 @@ fn pod_view(meta: &ObjectMeta) -> PodView {
         name: meta.name.clone().unwrap_or_default(),
         uid: meta.uid.clone(),
         resource_version: meta.resource_version.clone(),
-        role: meta.labels.as_ref().and_then(|l| l.get(ROLE_LABEL).cloned()),
+        role: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ROLE_LABEL).cloned()),
         term: meta
             .annotations
             .as_ref()
@@ -400,18 +401,30 @@ impl Publisher {
         }
     }
 
-    fn on_pod_event(&mut self, event: Option<Result<watcher::Event<PartialObjectMeta<Pod>>, watcher::Error>>) {
+    fn on_pod_event(
+        &mut self,
+        event: Option<Result<watcher::Event<PartialObjectMeta<Pod>>, watcher::Error>>,
+    ) {
         match event {
             Some(Ok(ev)) => self.pods.apply(map_event(ev, |p| pod_view(&p.metadata))),
-            Some(Err(source)) => self.watch_failed(Error::Watch { what: "pods", source }),
+            Some(Err(source)) => self.watch_failed(Error::Watch {
+                what: "pods",
+                source,
+            }),
             None => {}
         }
     }
 
-    fn on_le_event(&mut self, event: Option<Result<watcher::Event<LeaderElection>, watcher::Error>>) {
+    fn on_le_event(
+        &mut self,
+        event: Option<Result<watcher::Event<LeaderElection>, watcher::Error>>,
+    ) {
         match event {
             Some(Ok(ev)) => self.le.apply(ev),
-            Some(Err(source)) => self.watch_failed(Error::Watch { what: "leaderelections", source }),
+            Some(Err(source)) => self.watch_failed(Error::Watch {
+                what: "leaderelections",
+                source,
+            }),
             None => {}
         }
     }
@@ -482,9 +495,7 @@ impl Publisher {
             Ok(Pass::Done) => {}
         }
         let status_result = self.apply_status(state, &s).await;
-        if label_result.is_err() {
-            return label_result;
-        }
+        label_result?;
         if let Pass::Yielded = status_result? {
             return Ok(Pass::Yielded);
         }
@@ -579,7 +590,9 @@ impl Publisher {
         let own = self.pods.items.get(&s.node_name);
         let inputs = StatusInputs {
             me: &s.node_name,
-            uid: own.and_then(|p| p.uid.clone()).or_else(|| self.cfg.pod_uid.clone()),
+            uid: own
+                .and_then(|p| p.uid.clone())
+                .or_else(|| self.cfg.pod_uid.clone()),
             term: s.term,
             cluster_id: &self.cfg.cluster_id,
             members: &s.members,
@@ -630,7 +643,11 @@ impl Publisher {
 
     /// Creates the one Event of this leader change. Its name is derived from
     /// the term, so a retry after a lost answer cannot make a second one.
-    async fn announce(&mut self, state: &watch::Receiver<LeaderState>, s: &LeaderState) -> Result<Pass> {
+    async fn announce(
+        &mut self,
+        state: &watch::Receiver<LeaderState>,
+        s: &LeaderState,
+    ) -> Result<Pass> {
         let Some(le) = self.le.items.get(&self.cfg.name) else {
             return Ok(Pass::Done);
         };
@@ -694,7 +711,10 @@ impl Publisher {
             return Ok(Pass::Done);
         };
         let pod = send_patch(&self.pods_api, &patch).await?;
-        info!(term = s.term, "not the leader: cleared this pod's leader label");
+        info!(
+            term = s.term,
+            "not the leader: cleared this pod's leader label"
+        );
         self.pods.upsert(pod_view(&pod.metadata));
         Ok(Pass::Done)
     }
@@ -783,7 +803,10 @@ mod tests {
         let mut c = Cache::new();
         c.apply(watcher::Event::Init);
         c.apply(watcher::Event::InitApply(view("a", "5", None)));
-        assert!(!c.ready && c.items.is_empty(), "nothing until the list is complete");
+        assert!(
+            !c.ready && c.items.is_empty(),
+            "nothing until the list is complete"
+        );
         c.apply(watcher::Event::InitDone);
         assert!(c.ready);
         c.upsert(view("a", "9", Some(ROLE_LEADER)));
@@ -800,7 +823,10 @@ mod tests {
         c.upsert(view("gone", "3", None));
         c.apply(watcher::Event::Init);
         c.apply(watcher::Event::InitApply(view("b", "4", None)));
-        assert!(c.items.contains_key("gone"), "old view until the relist is done");
+        assert!(
+            c.items.contains_key("gone"),
+            "old view until the relist is done"
+        );
         c.apply(watcher::Event::InitDone);
         assert_eq!(c.items.keys().collect::<Vec<_>>(), ["b"]);
     }

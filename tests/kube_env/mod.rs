@@ -53,7 +53,11 @@ pub fn role_rules() -> Vec<PolicyRule> {
     };
     vec![
         rule("", "pods", &["get", "list", "watch", "patch"]),
-        rule("raft-elector.io", "leaderelections", &["get", "list", "watch", "create"]),
+        rule(
+            "raft-elector.io",
+            "leaderelections",
+            &["get", "list", "watch", "create"],
+        ),
         rule("raft-elector.io", "leaderelections/status", &["update"]),
         rule("", "events", &["create"]),
     ]
@@ -123,7 +127,8 @@ impl ControlPlane {
         let deadline = Instant::now() + READY_TIMEOUT;
         while !cp.dir.join("ready").exists() {
             if Instant::now() > deadline {
-                let out = std::fs::read_to_string(dir.join("controlplane.stdout")).unwrap_or_default();
+                let out =
+                    std::fs::read_to_string(dir.join("controlplane.stdout")).unwrap_or_default();
                 panic!("control plane not ready after {READY_TIMEOUT:?}:\n{out}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -259,10 +264,7 @@ impl KubeEnv {
 
     /// Flags that make a sidecar publish to this environment.
     pub fn sidecar_args(&self, kubeconfig: &Path) -> Vec<String> {
-        vec![
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-        ]
+        vec!["--kubeconfig".into(), kubeconfig.display().to_string()]
     }
 
     /// Creates one Pending member pod per name (no kubelet runs them; labels
@@ -310,10 +312,7 @@ impl KubeEnv {
     /// Returns (name, role label, term annotation) of every pod.
     pub async fn roles(&self) -> Vec<(String, Option<String>, Option<u64>)> {
         let pods: Api<Pod> = Api::default_namespaced(self.admin.clone());
-        let list = pods
-            .list(&ListParams::default())
-            .await
-            .expect("list pods");
+        let list = pods.list(&ListParams::default()).await.expect("list pods");
         list.items
             .iter()
             .map(|p| {
@@ -411,7 +410,10 @@ async fn warm_up(admin: &Client) {
         match les.create(&PostParams::default(), &le).await {
             Ok(_) => break,
             Err(e) => {
-                assert!(Instant::now() < deadline, "LeaderElection API not served: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "LeaderElection API not served: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -472,12 +474,7 @@ async fn grant_sidecar_role(admin: &Client, namespace: &str) -> String {
         "spec": { "expirationSeconds": 7200 }
     });
     let token: TokenRequest = sas
-        .create_subresource(
-            "token",
-            SERVICE_ACCOUNT,
-            &PostParams::default(),
-            &request,
-        )
+        .create_subresource("token", SERVICE_ACCOUNT, &PostParams::default(), &request)
         .await
         .expect("TokenRequest for the sidecars' ServiceAccount");
     token.status.expect("a token").token
@@ -508,7 +505,9 @@ impl FaultProxy {
         tag: &str,
     ) -> Option<FaultProxy> {
         let Some(cp) = &env.control_plane else {
-            eprintln!("SKIP {test}: the fault proxy needs the test bed's CA (unset E2E_KUBECONFIG)");
+            eprintln!(
+                "SKIP {test}: the fault proxy needs the test bed's CA (unset E2E_KUBECONFIG)"
+            );
             return None;
         };
         let out = env.dir.path().join(format!("{tag}.kubeconfig"));
@@ -559,7 +558,12 @@ impl FaultProxy {
     /// Switches the proxy's mode (`pass`, `down`, `error?code=500`, ...).
     pub async fn set(&self, mode: &str) {
         let url = format!("{}/{mode}", self.control);
-        let resp = self.http.post(&url).send().await.expect("fault proxy control");
+        let resp = self
+            .http
+            .post(&url)
+            .send()
+            .await
+            .expect("fault proxy control");
         assert!(resp.status().is_success(), "{url}: {}", resp.status());
     }
 
