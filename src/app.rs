@@ -9,6 +9,7 @@
 use crate::api;
 use crate::cli::{Discovery, RunConfig};
 use crate::discovery::{self, DiscoveryConfig, DiscoverySource};
+use crate::kube;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{NodeId, RaftCore, Time};
@@ -157,7 +158,7 @@ pub async fn run(
     ));
 
     if cfg.kubernetes {
-        info!("Kubernetes publishing (pod label, LeaderElection status) is not in this build; /is-leader, /leader and the status file carry leadership");
+        start_kube(&cfg, &state_rx, &metrics, stopped(), &mut tasks).await?;
     }
     if cfg.bootstrap_expect.is_none() && core.log().is_empty() {
         info!("no --bootstrap-expect: this node joins an existing cluster when its leader adds it");
@@ -216,6 +217,56 @@ fn bind_peer_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(PEER_ACCEPT_BACKLOG)
+}
+
+/// Starts Kubernetes publishing. Its failures never reach the node: only an
+/// unusable `--kubeconfig` the user asked for stops startup; without any
+/// configuration the sidecar runs unpublished and says so.
+async fn start_kube(
+    cfg: &RunConfig,
+    state: &watch::Receiver<LeaderState>,
+    metrics: &Metrics,
+    stop: impl Future<Output = ()> + Send + 'static,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let settings = kube::KubeSettings {
+        kubeconfig: cfg.kubeconfig.clone(),
+        namespace: cfg.pod.namespace.clone(),
+        me: cfg.id.clone(),
+        pod_uid: cfg.pod.uid.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+        pod_selector: cfg.pod_selector.clone(),
+        spec: kube_spec(cfg),
+    };
+    match kube::start_publisher(settings, state.clone(), metrics.clone(), stop).await {
+        Ok(publisher) => {
+            tasks.spawn(publisher);
+            Ok(())
+        }
+        Err(e) if cfg.kubeconfig.is_some() => Err(e).context("Kubernetes publishing"),
+        Err(e) => {
+            warn!(error = %e, "Kubernetes publishing off; /is-leader, /leader and the status file still carry leadership");
+            Ok(())
+        }
+    }
+}
+
+/// Returns the LeaderElection spec this member writes if it creates the CR.
+fn kube_spec(cfg: &RunConfig) -> kube::crd::LeaderElectionSpec {
+    let ms = |d: Duration| Some(format!("{}ms", d.as_millis()));
+    kube::crd::LeaderElectionSpec {
+        service: match &cfg.discovery {
+            Discovery::Dns { name, .. } => Some(name.clone()),
+            Discovery::Static(_) => None,
+        },
+        peer_port: cfg.peer_listen.port(),
+        pod_selector: cfg.pod_selector.clone(),
+        expected_members: cfg.bootstrap_expect.and_then(|n| u32::try_from(n).ok()),
+        max_voters: u32::try_from(cfg.raft.max_voters).unwrap_or(u32::MAX),
+        election_timeout_min: ms(cfg.raft.election_timeout_min),
+        election_timeout_max: ms(cfg.raft.election_timeout_max),
+        heartbeat_interval: ms(cfg.raft.heartbeat_interval),
+    }
 }
 
 /// Opens the state store and builds the core: restored from disk, or a new

@@ -33,6 +33,8 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_FAILURE: i32 = 1;
 /// Environment variable holding the peer secret itself.
 pub const SECRET_ENV: &str = "RAFT_ELECTOR_SECRET";
+/// Longest `--pod-selector` accepted.
+const MAX_SELECTOR_LEN: usize = 1024;
 /// Most nodes the demo runs.
 pub const MAX_DEMO_NODES: u8 = 9;
 
@@ -52,6 +54,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Runs a local cluster of N nodes on 127.0.0.1 (no Kubernetes) and shows it.
     Demo(DemoArgs),
+    /// Prints the LeaderElection CRD as YAML (`raft-elector crd | kubectl apply -f -`).
+    Crd,
 }
 
 /// Raft timing flags, shared by `run` and `demo`.
@@ -180,6 +184,9 @@ pub struct RunArgs {
     /// Turns Kubernetes publishing (pod label, LeaderElection status) off.
     #[arg(long, env = "RAFT_ELECTOR_NO_KUBERNETES")]
     pub no_kubernetes: bool,
+    /// Label selector of the member pods to label [default: raft-elector.io/group=<cluster-id>].
+    #[arg(long, env = "RAFT_ELECTOR_POD_SELECTOR")]
+    pub pod_selector: Option<String>,
 }
 
 /// Where peers are found.
@@ -248,6 +255,8 @@ pub struct RunConfig {
     pub kubernetes: bool,
     /// Kubeconfig for publishing; `None` uses the in-cluster config.
     pub kubeconfig: Option<PathBuf>,
+    /// Label selector of the member pods; `None` selects by group label.
+    pub pod_selector: Option<String>,
     /// This pod's identity.
     pub pod: PodIdentity,
     /// Things worth a warning in the log once logging is set up.
@@ -274,6 +283,7 @@ impl fmt::Debug for RunConfig {
             .field("log_level", &self.log_level)
             .field("kubernetes", &self.kubernetes)
             .field("kubeconfig", &self.kubeconfig)
+            .field("pod_selector", &self.pod_selector)
             .field("pod", &self.pod)
             .field("warnings", &self.warnings)
             .finish()
@@ -328,6 +338,8 @@ pub enum CliError {
         "no member id: pass --id NAME (or RAFT_ELECTOR_ID), or set POD_NAME from the downward API"
     )]
     EmptyId,
+    #[error("--pod-selector {0:?} is empty or longer than 1024 characters; use a label selector such as raft-elector.io/group=NAME")]
+    PodSelector(String),
     #[error("{flag} {value:?} is not a valid name: {reason}; use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters")]
     InvalidName {
         flag: &'static str,
@@ -433,6 +445,11 @@ impl RunArgs {
         let http_listen = parse_listen("--http-listen", &self.http_listen)?;
         let peer_listen = parse_listen("--peer-listen", &self.peer_listen)?;
         let pod = pod_identity(host)?;
+        if let Some(sel) = &self.pod_selector {
+            if sel.trim().is_empty() || sel.len() > MAX_SELECTOR_LEN {
+                return Err(CliError::PodSelector(sel.clone()));
+            }
+        }
         let mut warnings = Vec::new();
         let advertise = match &self.advertise {
             Some(advertise) => check_advertise(advertise)?,
@@ -474,6 +491,7 @@ impl RunArgs {
             log_level,
             kubernetes: !self.no_kubernetes,
             kubeconfig: self.kubeconfig,
+            pod_selector: self.pod_selector,
             pod,
             warnings,
         })
@@ -828,7 +846,7 @@ mod tests {
         full.extend_from_slice(args);
         match parse(&full).expect("flags parse").command {
             Command::Run(args) => *args,
-            Command::Demo(_) => panic!("parsed as demo"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 
@@ -837,7 +855,7 @@ mod tests {
         full.extend_from_slice(args);
         match parse(&full).expect("flags parse").command {
             Command::Demo(args) => args,
-            Command::Run(_) => panic!("parsed as run"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 

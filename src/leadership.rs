@@ -38,6 +38,22 @@ pub struct LeaderState {
     pub joined: bool,
     /// Set once the node is shutting down; `/readyz` fails from then on.
     pub shutting_down: bool,
+    /// Members of the latest configuration, by identity (the Kubernetes
+    /// publisher writes them to the LeaderElection status).
+    pub members: Vec<MemberInfo>,
+}
+
+/// One member of the latest configuration, as the status shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Member (pod) name.
+    pub name: String,
+    /// Full identity (`name#incarnation`).
+    pub id: String,
+    /// Peer address (`host:port`).
+    pub address: String,
+    /// Whether it votes (else it is a learner).
+    pub voter: bool,
 }
 
 impl LeaderState {
@@ -57,6 +73,7 @@ impl LeaderState {
             learners: 0,
             joined: false,
             shutting_down: false,
+            members: Vec::new(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`runtime`]: the task that owns the core and publishes [`leadership::LeaderState`].
 //! - [`leadership`]: the leadership state every downstream adapter reads.
 //! - [`api`]: the app-facing HTTP API (`/is-leader`, `/leader`, wait, `/metrics`).
+//! - [`kube`]: Kubernetes publishing (pod labels, LeaderElection CRD and status, Events).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: flags, env twins and their validation.
 //! - [`app`]: the one place that wires the adapters around the node.
@@ -19,6 +20,7 @@ pub mod app;
 pub mod cli;
 pub mod demo;
 pub mod discovery;
+pub mod kube;
 pub mod leadership;
 pub mod metrics;
 pub mod raft;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Demo(args) => demo(args),
+        Command::Crd => crd(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,6 +37,11 @@ fn run(args: raft_elector::cli::RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(raft_elector::app::run(cfg, shutdown_signal()))
+}
+
+fn crd() -> anyhow::Result<()> {
+    print!("{}", raft_elector::kube::crd::crd_yaml()?);
+    Ok(())
 }
 
 fn demo(args: raft_elector::cli::DemoArgs) -> anyhow::Result<()> {

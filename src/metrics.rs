@@ -64,6 +64,13 @@ pub struct Metrics {
     pub bootstrap_abandons: IntCounter,
     /// Build information (value is always 1).
     pub build_info: IntGaugeVec,
+    /// Kubernetes API requests by verb (RBAC's names) and HTTP code ("error" without an answer).
+    pub kube_requests: IntCounterVec,
+    /// Time from this node's lease starting (or drift being seen) to the
+    /// labels, status and Event matching its view.
+    pub kube_publish_seconds: Histogram,
+    /// Publishing failures by reason (`kube::Error::metric_label`).
+    pub kube_publish_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -190,6 +197,36 @@ impl Metrics {
                 &["version"],
             )
             .expect("valid metric"),
+            kube_requests: IntCounterVec::new(
+                Opts::new(
+                    "raft_elector_kube_requests_total",
+                    "Kubernetes API requests by verb and HTTP code",
+                ),
+                &["verb", "code"],
+            )
+            .expect("valid metric"),
+            kube_publish_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "raft_elector_kube_publish_seconds",
+                    "Time from a leader's lease (or seen drift) to labels and status published",
+                )
+                .buckets(
+                    RPC_BUCKETS
+                        .iter()
+                        .copied()
+                        .chain([2.5, 5.0, 10.0, 30.0])
+                        .collect(),
+                ),
+            )
+            .expect("valid metric"),
+            kube_publish_errors: IntCounterVec::new(
+                Opts::new(
+                    "raft_elector_kube_publish_errors_total",
+                    "Kubernetes publishing failures by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
             registry,
         };
         m.register_all();
@@ -223,6 +260,9 @@ impl Metrics {
             Box::new(self.membership_changes.clone()),
             Box::new(self.persist_errors.clone()),
             Box::new(self.build_info.clone()),
+            Box::new(self.kube_requests.clone()),
+            Box::new(self.kube_publish_seconds.clone()),
+            Box::new(self.kube_publish_errors.clone()),
         ];
         for c in collectors {
             // Names are unique constants in a fresh registry: this cannot fail.

@@ -21,7 +21,7 @@ use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
+use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
 use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
@@ -532,6 +532,7 @@ impl NodeTask {
             learners: view.learners,
             joined,
             shutting_down: self.shutting_down,
+            members: members_of(self.core.configuration().0),
         };
         self.metrics
             .is_leader
@@ -706,7 +707,7 @@ mod tests {
     //! The node task with a recording store and transport: what it saves,
     //! what it sends and where, in which order, and what it forgets.
     use super::*;
-    use crate::raft::{Config, Configuration, HardState, Term};
+    use crate::raft::{Config, HardState, Term};
     use std::sync::{Arc, Mutex};
 
     #[derive(Debug, PartialEq)]
@@ -942,4 +943,17 @@ mod tests {
         task.publish(&other);
         assert!(rx.has_changed().unwrap(), "anything else is news");
     }
+}
+
+/// Lists a configuration's members for the leadership watch, voters first.
+fn members_of(config: &Configuration) -> Vec<crate::leadership::MemberInfo> {
+    let member = |(id, address): (&NodeId, &String), voter| crate::leadership::MemberInfo {
+        name: id.name.clone(),
+        id: id.to_string(),
+        address: address.clone(),
+        voter,
+    };
+    let voters = config.voters.iter().map(|m| member(m, true));
+    let learners = config.learners.iter().map(|m| member(m, false));
+    voters.chain(learners).collect()
 }

@@ -389,7 +389,11 @@ impl Cluster {
             .args(["--cluster-id", CLUSTER_ID])
             .arg("--state-dir")
             .arg(&node.state_dir)
-            .args(["--no-kubernetes", "--log-format", "json"]);
+            .args(["--log-format", "json"]);
+        // Kubernetes tests pass --kubeconfig in extra_args; all others run unpublished.
+        if !self.config.extra_args.iter().any(|a| a == "--kubeconfig") {
+            cmd.arg("--no-kubernetes");
+        }
         if let Some(expect) = self.config.bootstrap_expect {
             cmd.args(["--bootstrap-expect", &expect.to_string()]);
         }
