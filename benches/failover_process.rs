@@ -8,11 +8,15 @@
 //!
 //! Run with `cargo bench --bench failover_process` (about 4 minutes;
 //! `-- --trials 5` for a quick look, `-- --trials 0` for the idle
-//! measurement alone).
+//! measurement alone). `-- --baseline PATH` runs every series on another
+//! build too (e.g. the previous release) and measures idle CPU of both
+//! interleaved, `--idle-rounds N` times each (default 1, 3 with a
+//! baseline), so machine noise shows as the spread between rounds.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterConfig, Timeline};
 
@@ -65,12 +69,19 @@ impl Series {
     }
 }
 
-fn bench_config() -> ClusterConfig {
+/// A binary under test and its name in the tables.
+struct Build {
+    name: String,
+    binary: PathBuf,
+}
+
+fn bench_config(build: &Build) -> ClusterConfig {
     ClusterConfig {
         extra_args: ["--dns-interval", "500ms", "--removal-grace", "2s"]
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        binary: build.binary.clone(),
         ..ClusterConfig::default()
     }
 }
@@ -100,8 +111,8 @@ async fn wait_steady(cluster: &mut Cluster, size: usize) -> usize {
 }
 
 /// Kills the leader `trials` times; returns kill → first 200 elsewhere.
-async fn kill_series(size: usize, trials: usize) -> Series {
-    let mut cluster = Cluster::start(size, bench_config()).await;
+async fn kill_series(build: &Build, size: usize, trials: usize) -> Series {
+    let mut cluster = Cluster::start(size, bench_config(build)).await;
     let mut series = Series::default();
     for _ in 0..trials {
         let old = wait_steady(&mut cluster, size).await;
@@ -127,8 +138,8 @@ async fn kill_series(size: usize, trials: usize) -> Series {
 /// bound of the leaderless gap (old leader's last 200 sent → new leader's
 /// first 200 received). The stopped node comes back as a new incarnation,
 /// as a replaced pod would.
-async fn handoff_series(size: usize, trials: usize) -> Series {
-    let mut cluster = Cluster::start(size, bench_config()).await;
+async fn handoff_series(build: &Build, size: usize, trials: usize) -> Series {
+    let mut cluster = Cluster::start(size, bench_config(build)).await;
     let mut series = Series::default();
     let mut unclean_exits = 0;
     for _ in 0..trials {
@@ -245,35 +256,51 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-async fn bench(trials: usize) {
+async fn bench(trials: usize, builds: &[Build], idle_rounds: usize) {
     println!("# failover_process: real processes on loopback\n");
     println!("machine: {}\n", machine());
-    let mut kills = Vec::new();
-    let mut handoff = Series::default();
-    if trials > 0 {
-        for size in [3, 5, 7] {
-            eprintln!("kill -9 series, {size} nodes ...");
-            kills.push((size, kill_series(size, trials).await));
+    for build in builds {
+        if trials == 0 {
+            break;
         }
-        eprintln!("SIGTERM handoff series, 5 nodes ...");
-        handoff = handoff_series(5, trials).await;
-    }
-    eprintln!("idle measurement, 5 nodes with default flags ...");
-    let quiet = ClusterConfig {
-        extra_args: Vec::new(),
-        ..ClusterConfig::default()
-    };
-    let mut cluster = Cluster::start(5, quiet).await;
-    wait_steady(&mut cluster, 5).await;
-    // Let the startup's membership changes and DNS lookups settle.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = measure_idle(&mut cluster, 5).await;
-    drop(cluster);
-
-    if trials > 0 {
+        let mut kills = Vec::new();
+        for size in [3, 5, 7] {
+            eprintln!("{}: kill -9 series, {size} nodes ...", build.name);
+            kills.push((size, kill_series(build, size, trials).await));
+        }
+        eprintln!("{}: SIGTERM handoff series, 5 nodes ...", build.name);
+        let handoff = handoff_series(build, 5, trials).await;
+        println!("## {} ({})\n", build.name, build.binary.display());
         print_series(&kills, &handoff);
+        println!();
     }
-    print_idle(&idle);
+    // Idle CPU is measured round-robin so that load from elsewhere on the
+    // machine falls on every build alike.
+    let mut idle: Vec<Vec<Idle>> = builds.iter().map(|_| Vec::new()).collect();
+    for round in 0..idle_rounds {
+        for (i, build) in builds.iter().enumerate() {
+            eprintln!(
+                "{}: idle round {}, 5 nodes with default flags ...",
+                build.name,
+                round + 1
+            );
+            let quiet = ClusterConfig {
+                extra_args: Vec::new(),
+                binary: build.binary.clone(),
+                ..ClusterConfig::default()
+            };
+            let mut cluster = Cluster::start(5, quiet).await;
+            wait_steady(&mut cluster, 5).await;
+            // Let the startup's membership changes and DNS lookups settle.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            idle[i].push(measure_idle(&mut cluster, 5).await);
+        }
+    }
+    for (build, rounds) in builds.iter().zip(&idle) {
+        println!("## idle: {}\n", build.name);
+        print_idle(rounds);
+        println!();
+    }
 }
 
 /// Prints the failover rows and their targets.
@@ -329,20 +356,60 @@ fn print_series(kills: &[(usize, Series)], handoff: &Series) {
     );
 }
 
-/// Prints the idle table and its targets.
-fn print_idle(idle: &Idle) {
-    let follower_cpu = idle.followers.iter().map(|f| f.0).fold(0.0, f64::max);
-    let max_rss = idle
-        .followers
-        .iter()
-        .map(|f| f.1)
-        .fold(idle.leader.1, f64::max);
-    println!("\n| idle (5 nodes, default flags, {IDLE_WINDOW:?}) | CPU millicores | RSS MiB |");
-    println!("| --- | --- | --- |");
-    println!("| leader | {:.2} | {:.1} |", idle.leader.0, idle.leader.1);
-    for (i, (cpu, rss)) in idle.followers.iter().enumerate() {
-        println!("| follower {i} | {cpu:.2} | {rss:.1} |");
+/// Prints the idle rows of every round, the spread between rounds (the
+/// machine's noise) and the targets, judged on the median round.
+fn print_idle(rounds: &[Idle]) {
+    println!("| idle round (5 nodes, default flags, {IDLE_WINDOW:?}) | leader millicores | followers millicores | max RSS MiB |");
+    println!("| --- | --- | --- | --- |");
+    let follower_max = |idle: &Idle| idle.followers.iter().map(|f| f.0).fold(0.0, f64::max);
+    let follower_min = |idle: &Idle| idle.followers.iter().map(|f| f.0).fold(f64::MAX, f64::min);
+    let rss = |idle: &Idle| {
+        idle.followers
+            .iter()
+            .map(|f| f.1)
+            .fold(idle.leader.1, f64::max)
+    };
+    for (i, idle) in rounds.iter().enumerate() {
+        println!(
+            "| {} | {:.2} | {:.2}–{:.2} | {:.1} |",
+            i + 1,
+            idle.leader.0,
+            follower_min(idle),
+            follower_max(idle),
+            rss(idle)
+        );
     }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        hi - lo
+    };
+    let leaders: Vec<f64> = rounds.iter().map(|r| r.leader.0).collect();
+    let followers: Vec<f64> = rounds.iter().map(follower_max).collect();
+    if rounds.len() > 1 {
+        println!(
+            "\nnoise between rounds: leader ±{:.2}, follower max ±{:.2} millicores",
+            spread(&leaders) / 2.0,
+            spread(&followers) / 2.0
+        );
+    }
+    let idle = Idle {
+        leader: (
+            median(leaders),
+            rounds.iter().map(|r| r.leader.1).fold(0.0, f64::max),
+        ),
+        followers: vec![(
+            median(followers),
+            rounds.iter().map(rss).fold(0.0, f64::max),
+        )],
+    };
+    let follower_cpu = idle.followers[0].0;
+    let max_rss = idle.followers[0].1.max(idle.leader.1);
 
     println!("\n| target | measured | verdict |");
     println!("| --- | --- | --- |");
@@ -351,12 +418,12 @@ fn print_idle(idle: &Idle) {
     };
     target(
         format!("idle leader ≤ {IDLE_LEADER_MILLICORES} millicores"),
-        format!("{:.2}", idle.leader.0),
+        format!("{:.2} (median round)", idle.leader.0),
         idle.leader.0 <= IDLE_LEADER_MILLICORES,
     );
     target(
         format!("idle follower ≤ {IDLE_FOLLOWER_MILLICORES} millicores"),
-        format!("{follower_cpu:.2} (max)"),
+        format!("{follower_cpu:.2} (median round's max)"),
         follower_cpu <= IDLE_FOLLOWER_MILLICORES,
     );
     target(
@@ -380,10 +447,30 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(TRIALS);
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let mut builds = vec![Build {
+        name: "this build".to_string(),
+        binary: PathBuf::from(support::cluster::BIN),
+    }];
+    if let Some(path) = flag("--baseline") {
+        builds.push(Build {
+            name: "baseline".to_string(),
+            binary: PathBuf::from(path),
+        });
+    }
+    let default_rounds = if builds.len() > 1 { 3 } else { 1 };
+    let idle_rounds = flag("--idle-rounds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_rounds);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("build the tokio runtime");
-    runtime.block_on(bench(trials));
+    runtime.block_on(bench(trials, &builds, idle_rounds));
 }

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::raft::{NodeId, RaftCore, Time};
 use crate::runtime::{MembershipPolicy, NodeOptions, NodeTask};
 use crate::storage::{FileStore, HardStateStore, MemoryStore};
-use crate::transport::{self, PeerClient, PeerInfo, TransportConfig};
+use crate::transport::{PeerInfo, Transport, TransportConfig};
 use anyhow::{bail, Context};
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -34,9 +34,12 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_WHILE_JOINING: Duration = Duration::from_millis(250);
 /// A joined follower probes this many times less often than a leader.
 const FOLLOWER_PROBE_FACTOR: u32 = 10;
-/// Per-request timeout of peer RPCs, and the longest a message may wait in a
-/// peer's queue before it is stale.
+/// Time limit of a peer dial (connect and handshake) and of a hello.
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long connections get to deliver their goodbyes at shutdown.
+const GOODBYE_DRAIN: Duration = Duration::from_millis(100);
+/// Accept queue of the peer port (the kernel caps it at `somaxconn`).
+const PEER_ACCEPT_BACKLOG: u32 = 4096;
 /// Capacity of the inbound peer-message queue.
 const INBOUND_QUEUE: usize = 1024;
 
@@ -60,14 +63,12 @@ pub async fn run(
 
     let mut tcfg = TransportConfig::new(cfg.cluster_id.clone(), cfg.secret.clone());
     // Long enough for one TCP retransmission (Linux's minimum RTO is
-    // 200 ms): a connection that lost a segment recovers instead of being
-    // torn down, and other connections carry the next heartbeats meanwhile.
+    // 200 ms) during a dial.
     tcfg.request_timeout = PEER_REQUEST_TIMEOUT;
     tcfg.validate().context("invalid transport settings")?;
     let tcfg = Arc::new(tcfg);
-    // Peers' replies arrive on the node's inbound queue like any message.
+    // Peers' messages, answers included, arrive on the node's inbound queue.
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let client = PeerClient::new(tcfg.clone(), metrics.clone(), inbound_tx.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -77,7 +78,7 @@ pub async fn run(
         }
     };
 
-    let peer_listener = TcpListener::bind(cfg.peer_listen).await.with_context(|| {
+    let peer_listener = bind_peer_listener(cfg.peer_listen).with_context(|| {
         format!(
             "cannot listen for peers on {}: is the port in use? set --peer-listen",
             cfg.peer_listen
@@ -106,22 +107,10 @@ pub async fn run(
     ));
 
     let mut tasks = JoinSet::new();
-    // Streams leaders open to this node go to the node task, which reads
-    // them when it wakes (see runtime::streams).
-    let (accepted_tx, accepted_rx) = mpsc::channel(16);
-    let router = transport::router_with_streams(
-        tcfg.clone(),
-        metrics.clone(),
-        inbound_tx,
-        identity_rx.clone(),
-        Some(accepted_tx),
-    );
+    let transport = Transport::new(tcfg, metrics.clone(), identity_rx.clone(), inbound_tx);
+    let serving = transport.clone();
     let peer_stop = stopped();
-    tasks.spawn(async move {
-        if let Err(e) = transport::serve(peer_listener, router, peer_stop).await {
-            warn!(error = %e, "peer listener failed");
-        }
-    });
+    tasks.spawn(async move { serving.serve(peer_listener, peer_stop).await });
     let app = api::router(state_rx.clone(), metrics.clone());
     let http_stop = stopped();
     tasks.spawn(async move {
@@ -156,7 +145,7 @@ pub async fn run(
     dcfg.pace = Some(pace);
     let peers = discovery::spawn(dcfg, metrics.clone(), stopped());
     tasks.spawn(probe_peers(
-        client.clone(),
+        transport.clone(),
         peers,
         cfg.advertise.clone(),
         seen_tx,
@@ -181,19 +170,17 @@ pub async fn run(
             removal_grace: cfg.removal_grace,
         },
         shutdown_timeout: SHUTDOWN_TIMEOUT,
-        max_frame_bytes: tcfg.max_body_bytes,
     };
     let node = NodeTask::new(
         core,
         epoch,
         opts,
         store,
-        client,
+        Box::new(transport.clone()),
         metrics,
         state_tx,
         identity_tx,
-    )
-    .with_accepted_streams(accepted_rx);
+    );
     // A spawned task, not the runtime's main future: waking the main future
     // goes through the driver's eventfd, one more syscall and wakeup for
     // every message, which is most of a sidecar's idle CPU.
@@ -202,8 +189,10 @@ pub async fn run(
         Err(e) => Err(anyhow::anyhow!("the node task failed: {e}")),
     };
     let _ = stop_tx.send(true);
-    // Listeners drain briefly (peers hold keep-alive connections open);
-    // nothing they do matters once the node is gone.
+    // Peers learn that this end is deliberate, not a crash.
+    transport.close_all();
+    tokio::time::sleep(GOODBYE_DRAIN).await;
+    // Listeners drain briefly; nothing they do matters once the node is gone.
     let drained = tokio::time::timeout(Duration::from_millis(200), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -212,6 +201,20 @@ pub async fn run(
         tasks.abort_all();
     }
     result
+}
+
+/// Binds the peer port with a long accept queue: during a connection flood
+/// the accept loop closes strangers at once, and a short queue would only
+/// make the kernel hold (and retry) connections the loop has not seen yet.
+fn bind_peer_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(PEER_ACCEPT_BACKLOG)
 }
 
 /// Opens the state store and builds the core: restored from disk, or a new
@@ -263,7 +266,7 @@ fn open_core(cfg: &RunConfig) -> anyhow::Result<(Box<dyn HardStateStore>, RaftCo
 /// discovery changes, and hands the answers to the node.
 #[allow(clippy::too_many_arguments)]
 async fn probe_peers(
-    client: PeerClient,
+    transport: Transport,
     mut peers: watch::Receiver<BTreeSet<String>>,
     own: String,
     seen: mpsc::Sender<PeerInfo>,
@@ -282,8 +285,8 @@ async fn probe_peers(
             .collect();
         let mut asks = JoinSet::new();
         for addr in addrs {
-            let c = client.clone();
-            asks.spawn(async move { c.hello(&addr).await });
+            let t = transport.clone();
+            asks.spawn(async move { t.hello(&addr).await });
         }
         while let Some(answer) = asks.join_next().await {
             if let Ok(Ok(info)) = answer {

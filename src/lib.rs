@@ -2,7 +2,7 @@
 //!
 //! Modules, in the direction data flows:
 //! - [`discovery`]: peers from a headless Service's DNS records or a static list.
-//! - [`transport`]: authenticated peer RPC (HTTP/JSON, HMAC-signed).
+//! - [`transport`]: one Noise-authenticated TCP connection per peer pair.
 //! - [`raft`]: the pure election core (no I/O, no clock, no randomness of its own).
 //! - [`storage`]: durable hard state (atomic file writes, corruption detection).
 //! - [`runtime`]: the task that owns the core and publishes [`leadership::LeaderState`].

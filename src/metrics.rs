@@ -41,12 +41,17 @@ pub struct Metrics {
     pub voters: IntGauge,
     /// Learners in the latest configuration.
     pub learners: IntGauge,
-    /// Peer RPC latency by message kind.
+    /// Time to dial and authenticate a peer connection (`dial`) and of a
+    /// hello round trip (`hello`).
     pub peer_rpc_seconds: HistogramVec,
-    /// Peer RPC failures by reason.
+    /// Failed dials, hellos and sends, by reason.
     pub peer_rpc_errors: IntCounterVec,
-    /// Incoming peer messages refused, by reason.
+    /// Frames refused on authenticated connections, by reason.
     pub rejected_messages: IntCounterVec,
+    /// Peer connections closed before they authenticated, by reason.
+    pub peer_connections_refused: IntCounterVec,
+    /// Authenticated peer connections open now.
+    pub peer_connections: IntGauge,
     /// DNS lookups by result (ok, empty, error).
     pub dns_lookups: IntCounterVec,
     /// Configuration changes this node proposed as leader, by kind.
@@ -114,8 +119,11 @@ impl Metrics {
             )
             .expect("valid metric"),
             peer_rpc_seconds: HistogramVec::new(
-                HistogramOpts::new("raft_elector_peer_rpc_seconds", "Peer RPC latency")
-                    .buckets(RPC_BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "raft_elector_peer_rpc_seconds",
+                    "Peer dial and hello latency",
+                )
+                .buckets(RPC_BUCKETS.to_vec()),
                 &["kind"],
             )
             .expect("valid metric"),
@@ -127,9 +135,22 @@ impl Metrics {
             rejected_messages: IntCounterVec::new(
                 Opts::new(
                     "raft_elector_rejected_messages_total",
-                    "Incoming peer messages refused",
+                    "Frames refused on authenticated peer connections",
                 ),
                 &["reason"],
+            )
+            .expect("valid metric"),
+            peer_connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "raft_elector_peer_connections_refused_total",
+                    "Peer connections closed before they authenticated",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            peer_connections: IntGauge::new(
+                "raft_elector_peer_connections",
+                "Authenticated peer connections open now",
             )
             .expect("valid metric"),
             dns_lookups: IntCounterVec::new(
@@ -180,6 +201,8 @@ impl Metrics {
             Box::new(self.peer_rpc_seconds.clone()),
             Box::new(self.peer_rpc_errors.clone()),
             Box::new(self.rejected_messages.clone()),
+            Box::new(self.peer_connections_refused.clone()),
+            Box::new(self.peer_connections.clone()),
             Box::new(self.dns_lookups.clone()),
             Box::new(self.membership_changes.clone()),
             Box::new(self.persist_errors.clone()),

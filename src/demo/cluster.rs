@@ -277,15 +277,18 @@ fn open_log(path: &Path) -> std::io::Result<File> {
 #[cfg(target_os = "linux")]
 fn die_with_launcher(command: &mut Command) {
     let parent = std::process::id();
-    // SAFETY: the closure runs between fork and exec and only makes two
-    // async-signal-safe system calls (prctl, getppid) and may call _exit.
+    // SAFETY: the closure runs between fork and exec of a multi-threaded
+    // process, where only async-signal-safe calls are allowed: it makes two
+    // system calls (prctl, getppid) and builds its errors from an errno
+    // (`from_raw_os_error` stores the number; nothing is allocated).
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(|errno| std::io::Error::from_raw_os_error(errno as i32))?;
             // The demo may have died before the prctl took effect.
             if std::os::unix::process::parent_id() != parent {
-                return Err(std::io::Error::other(
-                    "the demo exited while starting a node",
+                return Err(std::io::Error::from_raw_os_error(
+                    nix::errno::Errno::ESRCH as i32,
                 ));
             }
             Ok(())

@@ -4,10 +4,8 @@
 //! ```text
 //!  DNS / static peers ─► discovery ─► hello prober ─(PeerInfo)─┐
 //!                                                              ▼
-//!  peers ─► transport server ─(Inbound)────────────────► NodeTask (owns RaftCore)
-//!            (replies go back in the HTTP answer) ◄─────────┤   │
-//!  peers ◄─ transport client ◄─(Message)────────────────────┘   │
-//!            (peers' replies) ─(Inbound)─► NodeTask             │
+//!  peers ─► transport (one connection per peer) ─(Inbound)─► NodeTask (owns RaftCore)
+//!  peers ◄─ transport ◄─(SendToPeer::send, by recipient)───────────┘   │
 //!                                                                │ watch<LeaderState>
 //!                          ┌─────────────────────────────────────┤
 //!                          ▼                                     ▼
@@ -16,7 +14,6 @@
 
 pub mod membership;
 pub mod node;
-pub mod streams;
 pub mod timer;
 
 pub use membership::{MembershipChange, MembershipDriver, MembershipPolicy};

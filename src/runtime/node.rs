@@ -3,7 +3,7 @@
 //! ```text
 //!   inbound peer messages ─┐
 //!   hello answers (seen) ──┤      ┌──────────────┐  persist ─► HardStateStore
-//!   raft timer (deadline) ─┼────► │  NodeTask    │  send ────► PeerClient
+//!   raft timer (deadline) ─┼────► │  NodeTask    │  send ────► SendToPeer (transport)
 //!   housekeeping (0.1-1 s) ┤      │  owns core   │  publish ─► watch<LeaderState>
 //!   shutdown future ───────┘      └──────────────┘              watch<PeerInfo>
 //! ```
@@ -12,24 +12,17 @@
 //! is saved (and fsynced) before any message that depends on it is sent. A
 //! failed save stops the node: sending after it could give a vote twice.
 //!
-//! A peer message that arrived as a request carries a reply slot: the
-//! messages addressed back to its sender in the following `Ready` (after the
-//! save) go into the HTTP answer instead of a request of their own.
-//!
-//! A leader whose lease outlasts its next heartbeat round by a margin sends
-//! AppendEntries over peer streams and reads the answers when it next wakes
-//! (at the latest for that round), so an idle leader wakes once per round,
-//! not once per answer. Should the lease come to end before the next round
-//! (answers missing), it wakes just before the end to read what arrived.
+//! Every message, answers included, goes to the transport by recipient:
+//! the transport puts it on the one connection to that peer (so an answer
+//! travels back on the connection its request came on).
 
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
-use super::streams::InboundStreams;
 use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
+use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
-use crate::transport::{AcceptedStream, Inbound, PeerClient, PeerInfo};
+use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -47,17 +40,13 @@ const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
 /// follower's heartbeats wake the task anyway, and every extra wakeup is
 /// idle CPU.
 const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
+/// A peer unseen for this many removal graces is forgotten (the leader's
+/// membership driver has removed it from the configuration by then).
+const FORGET_UNSEEN_AFTER: u32 = 4;
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
 /// How recently a peer must have answered to count for bootstrap.
 const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
-/// How much longer than the next heartbeat round the lease must last for a
-/// leader to send over peer streams, whose answers it reads only at its next
-/// wakeup.
-const STREAM_LEASE_MARGIN: Duration = Duration::from_millis(10);
-/// A leader whose lease would end before its next round wakes this long
-/// before the end to read the answers waiting on its peer streams.
-const LEASE_RESCUE_LEAD: Duration = Duration::from_millis(3);
 
 /// Settings of the node task.
 #[derive(Clone, Debug)]
@@ -74,8 +63,6 @@ pub struct NodeOptions {
     pub membership: MembershipPolicy,
     /// Longest a graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: Duration,
-    /// Largest frame accepted on a peer stream (the transport's body limit).
-    pub max_frame_bytes: usize,
 }
 
 /// Why the node stopped with an error.
@@ -91,7 +78,7 @@ pub struct NodeTask {
     epoch: Instant,
     opts: NodeOptions,
     store: Box<dyn HardStateStore>,
-    client: PeerClient,
+    peers: Box<dyn SendToPeer>,
     metrics: Metrics,
     state_tx: watch::Sender<LeaderState>,
     identity_tx: watch::Sender<PeerInfo>,
@@ -103,16 +90,9 @@ pub struct NodeTask {
     leader_lost_at: Option<Instant>,
     /// Peers seen by hello, for local bootstrap: (joined a cluster, when).
     bootstrap_seen: HashMap<NodeId, (bool, Instant)>,
-    /// The sender of the message just stepped and its reply slot; filled by
-    /// the next `handle_ready`, after the save.
-    pending_reply: Option<(NodeId, ReplyTo)>,
     shutting_down: bool,
-    /// Wakes the task for Raft deadlines and stream polls.
+    /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
-    /// Streams leaders opened to this node, read when it wakes.
-    streams: InboundStreams,
-    /// Where the peer server hands those streams over.
-    accepted: Option<mpsc::Receiver<AcceptedStream>>,
 }
 
 impl NodeTask {
@@ -123,21 +103,18 @@ impl NodeTask {
         epoch: Instant,
         opts: NodeOptions,
         store: Box<dyn HardStateStore>,
-        client: PeerClient,
+        peers: Box<dyn SendToPeer>,
         metrics: Metrics,
         state_tx: watch::Sender<LeaderState>,
         identity_tx: watch::Sender<PeerInfo>,
     ) -> NodeTask {
         let membership = MembershipDriver::new(opts.membership.clone(), Instant::now());
-        let heartbeat = core.config().heartbeat_interval;
-        let max_frame = opts.max_frame_bytes;
-        let metrics_for_streams = metrics.clone();
         NodeTask {
             core,
             epoch,
             opts,
             store,
-            client,
+            peers,
             metrics,
             state_tx,
             identity_tx,
@@ -146,19 +123,9 @@ impl NodeTask {
             last_view: None,
             leader_lost_at: None,
             bootstrap_seen: HashMap::new(),
-            pending_reply: None,
             shutting_down: false,
             timer: DeadlineTimer::new(),
-            streams: InboundStreams::new(heartbeat, max_frame, metrics_for_streams),
-            accepted: None,
         }
-    }
-
-    /// Reads the peer streams the server hands over on `accepted` (built
-    /// with `transport::router_with_streams`).
-    pub fn with_accepted_streams(mut self, accepted: mpsc::Receiver<AcceptedStream>) -> NodeTask {
-        self.accepted = Some(accepted);
-        self
     }
 
     /// Runs until `shutdown` resolves, then hands over leadership, leaves the
@@ -209,28 +176,12 @@ impl NodeTask {
     // ----- inputs ------------------------------------------------------------
 
     fn step(&mut self, inbound: Inbound) {
-        let Inbound { msg, reply } = inbound;
-        self.pending_reply = reply.map(|reply| (msg.from.clone(), ReplyTo::Request(reply)));
-        self.step_message(msg);
-    }
-
-    /// Steps what waits on peer streams: messages on streams leaders opened
-    /// to this node (each answered on its stream, after the save), then the
-    /// answers to this node's own streamed messages.
-    fn read_streams(&mut self) -> Result<(), NodeError> {
-        if !self.streams.is_empty() {
-            for (stream, messages) in self.streams.receive() {
-                for msg in messages {
-                    self.pending_reply = Some((msg.from.clone(), ReplyTo::Stream(stream)));
-                    self.step_message(msg);
-                    self.handle_ready()?;
-                }
-            }
+        match inbound {
+            Inbound::Message(msg) => self.step_message(msg),
+            // A crash or a network failure; the election timeout decides
+            // what it means (issue 12 may act on a lost leader sooner).
+            Inbound::ConnectionLost { peer } => debug!(%peer, "connection to a peer lost"),
         }
-        for msg in self.client.take_streamed_replies() {
-            self.step_message(msg);
-        }
-        Ok(())
     }
 
     fn step_message(&mut self, msg: Message) {
@@ -250,6 +201,16 @@ impl NodeTask {
             return;
         }
         let now = Instant::now();
+        // A new incarnation replaces the old one: forget the old.
+        let replaced: Vec<NodeId> = self
+            .bootstrap_seen
+            .keys()
+            .filter(|id| id.name == info.id.name && **id != info.id)
+            .cloned()
+            .collect();
+        for old in replaced {
+            self.forget_peer(&old);
+        }
         self.directory.insert(info.id.clone(), info.address.clone());
         if info.leaving {
             // A member on its way out is neither added again nor waited for.
@@ -260,6 +221,28 @@ impl NodeTask {
         }
         self.bootstrap_seen
             .insert(info.id.clone(), (info.joined, now));
+    }
+
+    /// Forgets what this node knows of a peer outside the configuration.
+    fn forget_peer(&mut self, id: &NodeId) {
+        self.directory.remove(id);
+        self.bootstrap_seen.remove(id);
+        self.membership.forget(id);
+    }
+
+    /// Forgets peers not seen for [`FORGET_UNSEEN_AFTER`] times the removal
+    /// grace: per-peer maps stay as small as the set of live peers.
+    fn prune_unseen(&mut self, now: Instant) {
+        let limit = self.opts.membership.removal_grace * FORGET_UNSEEN_AFTER;
+        let stale: Vec<NodeId> = self
+            .bootstrap_seen
+            .iter()
+            .filter(|(_, (_, at))| now.saturating_duration_since(*at) > limit)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            self.forget_peer(&id);
+        }
     }
 
     /// Returns how often housekeeping runs: often where it decides something
@@ -276,6 +259,7 @@ impl NodeTask {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        self.prune_unseen(now);
         self.maybe_bootstrap(now);
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
@@ -365,10 +349,8 @@ impl NodeTask {
     // ----- output ----------------------------------------------------------------
 
     /// Persists, then sends, then publishes: the order the core requires.
-    /// Messages to the sender of a message waiting for its answer go into
-    /// that answer; a failed save drops it unanswered.
+    /// A failed save sends nothing.
     fn handle_ready(&mut self) -> Result<(), NodeError> {
-        let pending_reply = self.pending_reply.take();
         let ready = self.core.take_ready();
         if let Some(hs) = &ready.hard_state {
             if let Err(e) = self.store.save(hs) {
@@ -376,29 +358,8 @@ impl NodeTask {
                 return Err(NodeError::Persist(e));
             }
         }
-        let streams = self.streams_allowed();
-        match pending_reply {
-            Some((requester, reply)) => {
-                let (answer, others): (Vec<Message>, Vec<Message>) = ready
-                    .messages
-                    .into_iter()
-                    .partition(|msg| msg.to == requester);
-                match reply {
-                    // The peer stopped waiting (timed out): Raft tolerates the loss.
-                    ReplyTo::Request(reply) => {
-                        let _ = reply.send(answer);
-                    }
-                    ReplyTo::Stream(stream) => self.streams.answer(stream, &answer),
-                }
-                for msg in others {
-                    self.send(msg, streams);
-                }
-            }
-            None => {
-                for msg in ready.messages {
-                    self.send(msg, streams);
-                }
-            }
+        for msg in ready.messages {
+            self.send(msg);
         }
         if let Some(view) = ready.leadership {
             self.on_leadership(view);
@@ -406,49 +367,16 @@ impl NodeTask {
         Ok(())
     }
 
-    /// Returns whether AppendEntries may go over peer streams now: this node
-    /// leads and its lease lasts past the next round by a margin, so
-    /// answers read at the next wakeup renew it in time.
-    fn streams_allowed(&self) -> bool {
-        if self.core.role() != Role::Leader || self.shutting_down {
-            return false;
-        }
-        let needed = self.now() + self.core.config().heartbeat_interval + STREAM_LEASE_MARGIN;
-        self.core.lease_until().is_some_and(|until| until >= needed)
-    }
-
-    /// Returns when a leader should wake to read its peer streams because
-    /// its lease ends before anything else would wake it.
-    fn lease_rescue_at(&self) -> Option<Instant> {
-        if self.core.role() != Role::Leader {
-            return None;
-        }
-        let until = self.instant_of(self.core.lease_until()?);
-        let at = until.checked_sub(LEASE_RESCUE_LEAD)?;
-        (at > Instant::now()).then_some(at)
-    }
-
-    fn send(&mut self, msg: Message, streams: bool) {
+    /// Hands `msg` to the transport with the address to dial should there be
+    /// no connection to its recipient yet.
+    fn send(&mut self, msg: Message) {
         let address = self
             .core
             .configuration()
             .0
             .address(&msg.to)
-            .map(str::to_owned)
-            .or_else(|| self.directory.get(&msg.to).cloned());
-        match address {
-            Some(addr) if streams && matches!(msg.body, MessageBody::AppendEntries { .. }) => {
-                self.client.send_streamed(&addr, msg)
-            }
-            Some(addr) => self.client.send(&addr, msg),
-            None => {
-                self.metrics
-                    .peer_rpc_errors
-                    .with_label_values(&["unknown_address"])
-                    .inc();
-                debug!(to = %msg.to, kind = msg.body.kind(), "no address known for peer");
-            }
-        }
+            .or_else(|| self.directory.get(&msg.to).map(String::as_str));
+        self.peers.send(address, msg);
     }
 
     fn on_leadership(&mut self, view: Leadership) {
@@ -526,7 +454,20 @@ impl NodeTask {
         self.metrics
             .is_leader
             .set(i64::from(state.is_leader_at(Instant::now())));
-        self.state_tx.send_replace(state);
+        // A lease extension alone wakes nobody (20 times a second on a
+        // leader): readers see the new deadline when they look, and waiters
+        // look again when the lease they saw runs out.
+        let now = Instant::now();
+        self.state_tx.send_if_modified(|current| {
+            let lease_only = current.lease_until.is_some_and(|until| until > now)
+                && state.lease_until.is_some()
+                && LeaderState {
+                    lease_until: current.lease_until,
+                    ..state.clone()
+                } == *current;
+            *current = state;
+            !lease_only
+        });
         let info = PeerInfo {
             cluster_id: self.opts.cluster_id.clone(),
             id: me.clone(),
@@ -613,59 +554,260 @@ impl NodeTask {
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Result<(), NodeError> {
-        let mut deadline = self.instant_of(self.core.next_deadline()).min(until);
-        if let Some(rescue) = self.lease_rescue_at() {
-            deadline = deadline.min(rescue);
-        }
-        if let Some(poll) = self.streams.next_poll() {
-            deadline = deadline.min(poll);
-        }
-        // Whatever woke the task, what waits on peer streams is read first:
-        // heartbeats from a leader, then answers to this leader's rounds.
+        let deadline = self.instant_of(self.core.next_deadline()).min(until);
         tokio::select! {
             // A Raft timer (heartbeat round, election timeout, CheckQuorum;
-            // a tick before the core's deadline does nothing) or a stream poll.
+            // a tick before the core's deadline does nothing).
             _ = self.timer.sleep_until(deadline) => {
-                self.read_streams()?;
                 let now = self.now();
                 self.core.tick(now);
             }
             // A peer message, already authenticated by the transport.
-            Some(msg) = inbound.recv() => {
-                self.read_streams()?;
-                self.step(msg);
-            }
+            Some(msg) = inbound.recv() => self.step(msg),
             // A peer answered hello: who is where.
-            Some(info) = seen.recv() => {
-                self.read_streams()?;
-                self.peer_seen(info);
-            }
-            // A leader opened a stream to this node.
-            Some(stream) = next_accepted(&mut self.accepted) => {
-                self.streams.add(stream);
-                self.read_streams()?;
-            }
-            // A frame arrived on a watched stream.
-            _ = self.streams.arrival() => self.read_streams()?,
+            Some(info) = seen.recv() => self.peer_seen(info),
         }
         self.handle_ready()
     }
 }
 
-/// Where the answer to the message being stepped goes.
-enum ReplyTo {
-    /// Into the HTTP answer of the request that carried it.
-    Request(oneshot::Sender<Vec<Message>>),
-    /// As the next answer frame on this accepted stream.
-    Stream(u64),
-}
+#[cfg(test)]
+mod tests {
+    //! The node task with a recording store and transport: what it saves,
+    //! what it sends and where, in which order, and what it forgets.
+    use super::*;
+    use crate::raft::{Config, HardState, MessageBody, Term};
+    use std::sync::{Arc, Mutex};
 
-/// Waits for the next stream handed over, forever when there is no channel.
-async fn next_accepted(
-    accepted: &mut Option<mpsc::Receiver<AcceptedStream>>,
-) -> Option<AcceptedStream> {
-    match accepted {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Saved {
+            term: u64,
+        },
+        Sent {
+            to: NodeId,
+            address: Option<String>,
+            kind: &'static str,
+        },
+    }
+
+    type Log = Arc<Mutex<Vec<Event>>>;
+
+    struct Store {
+        log: Log,
+        fail: bool,
+    }
+
+    impl HardStateStore for Store {
+        fn load(&self) -> Result<Option<HardState>, StorageError> {
+            Ok(None)
+        }
+        fn save(&mut self, state: &HardState) -> Result<(), StorageError> {
+            if self.fail {
+                return Err(StorageError::Io {
+                    action: "write",
+                    path: "/full-disk".into(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            self.log
+                .lock()
+                .unwrap()
+                .push(Event::Saved { term: state.term.0 });
+            Ok(())
+        }
+    }
+
+    struct Peers(Log);
+
+    impl SendToPeer for Peers {
+        fn send(&self, address: Option<&str>, msg: Message) {
+            self.0.lock().unwrap().push(Event::Sent {
+                to: msg.to.clone(),
+                address: address.map(str::to_owned),
+                kind: msg.body.kind(),
+            });
+        }
+    }
+
+    fn id(name: &str) -> NodeId {
+        NodeId::new(name, 1)
+    }
+
+    /// Node `a` of {a, b, c}, its initial state saved; the log is empty.
+    fn node(fail_saves: bool) -> (NodeTask, Log, watch::Receiver<LeaderState>) {
+        let log: Log = Arc::default();
+        let mut core = RaftCore::fresh(Config::default(), id("a"), "a:4041".into(), 7, Time::ZERO);
+        let voters = ["a", "b", "c"].map(|n| (id(n), format!("{n}:4041")));
+        core.bootstrap(Configuration::with_voters(voters), Time::ZERO)
+            .unwrap();
+        let (state_tx, state_rx) = watch::channel(LeaderState::initial("a#1".into(), "a".into()));
+        let (identity_tx, _) = watch::channel(PeerInfo {
+            cluster_id: "test".into(),
+            id: id("a"),
+            address: "a:4041".into(),
+            joined: false,
+            term: 0,
+            leader: None,
+            leaving: false,
+        });
+        let opts = NodeOptions {
+            cluster_id: "test".into(),
+            advertise: "a:4041".into(),
+            bootstrap_expect: None,
+            membership: MembershipPolicy {
+                add_after: Duration::from_secs(1),
+                removal_grace: Duration::from_secs(2),
+            },
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let store = Store {
+            log: log.clone(),
+            fail: false,
+        };
+        let mut task = NodeTask::new(
+            core,
+            Instant::now(),
+            opts,
+            Box::new(store),
+            Box::new(Peers(log.clone())),
+            Metrics::new(),
+            state_tx,
+            identity_tx,
+        );
+        task.handle_ready().unwrap();
+        log.lock().unwrap().clear();
+        if fail_saves {
+            task.store = Box::new(Store {
+                log: log.clone(),
+                fail: true,
+            });
+        }
+        (task, log, state_rx)
+    }
+
+    /// A vote request from `from` in `term` (a transfer, so stickiness does
+    /// not apply) with a log as long as anyone's.
+    fn vote_request(from: &str, term: u64) -> Inbound {
+        Inbound::Message(Message {
+            from: id(from),
+            to: id("a"),
+            term: Term(term),
+            body: MessageBody::RequestVote {
+                last_log_index: 100,
+                last_log_term: Term(term - 1),
+                transfer: true,
+            },
+        })
+    }
+
+    fn seen(name: &str, incarnation: u64) -> PeerInfo {
+        PeerInfo {
+            cluster_id: "test".into(),
+            id: NodeId::new(name, incarnation),
+            address: format!("{name}:4041"),
+            joined: false,
+            term: 0,
+            leader: None,
+            leaving: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_new_term_and_vote_are_saved_before_the_answer_is_sent() {
+        let (mut task, log, _) = node(false);
+        task.step(vote_request("b", 5));
+        task.handle_ready().unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.first(), Some(&Event::Saved { term: 5 }), "{log:?}");
+        assert_eq!(
+            log.get(1),
+            Some(&Event::Sent {
+                to: id("b"),
+                address: Some("b:4041".into()),
+                kind: "request_vote_response",
+            }),
+            "the answer goes to the requester at its configured address: {log:?}"
+        );
+        assert_eq!(log.len(), 2, "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_sends_nothing_and_stops_the_node() {
+        let (mut task, log, _) = node(true);
+        task.step(vote_request("b", 5));
+        assert!(matches!(task.handle_ready(), Err(NodeError::Persist(_))));
+        assert!(log.lock().unwrap().is_empty());
+        assert_eq!(task.metrics.persist_errors.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_a_stranger_goes_to_the_address_it_was_seen_at() {
+        let (mut task, log, _) = node(false);
+        task.peer_seen(seen("d", 1));
+        task.step(vote_request("d", 5));
+        task.handle_ready().unwrap();
+        let log = log.lock().unwrap();
+        let sent: Vec<_> = log
+            .iter()
+            .filter_map(|e| match e {
+                Event::Sent { to, address, .. } => Some((to.clone(), address.clone())),
+                Event::Saved { .. } => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![(NodeId::new("d", 1), Some("d:4041".into()))]);
+    }
+
+    #[tokio::test]
+    async fn a_new_incarnation_replaces_the_old_one_in_every_peer_map() {
+        let (mut task, _, _) = node(false);
+        task.peer_seen(seen("d", 1));
+        task.peer_seen(seen("d", 2));
+        let old = NodeId::new("d", 1);
+        assert!(!task.directory.contains_key(&old));
+        assert!(!task.bootstrap_seen.contains_key(&old));
+        assert_eq!(task.membership.address_of(&old), None);
+        assert!(task.directory.contains_key(&NodeId::new("d", 2)));
+    }
+
+    #[tokio::test]
+    async fn peers_unseen_for_long_are_forgotten() {
+        let (mut task, _, _) = node(false);
+        task.peer_seen(seen("d", 1));
+        task.prune_unseen(Instant::now() + Duration::from_secs(1));
+        assert_eq!(task.directory.len(), 1, "recently seen: kept");
+        task.prune_unseen(Instant::now() + Duration::from_secs(2) * (FORGET_UNSEEN_AFTER + 1));
+        assert!(task.directory.is_empty());
+        assert!(task.bootstrap_seen.is_empty());
+        assert_eq!(task.membership.address_of(&NodeId::new("d", 1)), None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_extension_alone_wakes_no_waiter() {
+        let (task, _, mut rx) = node(false);
+        let view = |lease_ms: u64| Leadership {
+            role: Role::Leader,
+            term: Term(3),
+            leader: Some(id("a")),
+            leader_address: Some("a:4041".into()),
+            lease_until: Some(task.now() + Duration::from_millis(lease_ms)),
+            is_voter: true,
+            voters: 3,
+            learners: 0,
+        };
+        task.publish(&view(100));
+        assert!(rx.has_changed().unwrap(), "becoming leader is news");
+        rx.borrow_and_update();
+        task.publish(&view(200));
+        assert!(!rx.has_changed().unwrap(), "an extension is not news");
+        let until = rx.borrow().lease_until.expect("lease");
+        assert!(
+            until >= Instant::now() + Duration::from_millis(150),
+            "but readers see it"
+        );
+        let mut other = view(200);
+        other.voters = 4;
+        task.publish(&other);
+        assert!(rx.has_changed().unwrap(), "anything else is news");
     }
 }

@@ -1,42 +1,48 @@
-//! Peer transport: Raft messages as signed HTTP/JSON on the peer port (4041).
+//! Peer transport: one long-lived, authenticated TCP connection per peer
+//! pair on the peer port (4041), carrying every message kind.
 //!
 //! ```text
-//!   runtime ── PeerClient::send(addr, msg) ──► per-peer queue (bounded, drops when full)
-//!                                                   │ one sender task per address,
-//!                                                   │ keep-alive HTTP/1.1, TCP_NODELAY
-//!                                                   ▼
-//!                          POST /raft/v1/message  (JSON raft::Message, HMAC-signed)
-//!                                                   │
-//!   peer's router ── size limit ─► auth headers ─► cluster id ─► clock skew ─► HMAC
-//!                                ─► nonce (replay) ─► JSON + name checks ─► inbound channel ─► runtime
-//!                    any refusal: 4xx/503, rejected_messages{reason}++, rate-limited warn,
-//!                    and nothing is forwarded
-//!                                                   │ Inbound { msg, reply }: the runtime puts its
-//!                                                   ▼ messages to the sender in `reply` (≤ 100 ms)
-//!                          200 [raft::Message, ..]  (signed for the request's nonce)
-//!                                                   │ checked by the sender task
-//!   runtime ◄── replies channel (Inbound { reply: None }) ◄──┘
+//!   node ── Transport::send(to, addr, msg) ──► connection to `to` (dialed on demand)
+//!                                                │ writer task: Frame ─► JSON ─► Noise ─► length-delimited
+//!                                                ▼
+//!   peer's listener ── cap on handshaking connections ─► 2 s deadline ─► Noise NNpsk0
+//!                    ─► first frame: the dialer's identity (cluster, NodeId) ─► authenticated
+//!                      any refusal: closed, peer_connections_refused_total{reason}++,
+//!                      rate-limited warn, nothing forwarded
+//!                                                │ reader task: frames in order
+//!                                                ▼
+//!   node ◄── Inbound::Message / Inbound::ConnectionLost ◄──┘  (answers travel back the same way)
 //!
-//!   PeerClient::hello(addr) ── POST /raft/v1/hello ──► signed PeerInfo (the peer's identity)
+//!   Transport::hello(addr) ── Hello ──► Identity(PeerInfo): who is at `addr` now
 //! ```
 //!
-//! Authentication is described in [`auth`]: HMAC-SHA256 with the shared
-//! secret over cluster id, timestamp, nonce, method and path, and body.
+//! - [`noise`]: the handshake and per-frame encryption (why it is safe).
+//! - [`wire`]: the frames and their encoding.
+//! - [`connection`]: establishing a connection, and its reader and writer.
+//! - [`peers`]: the registry of connections, the listener and its bounds.
+//!
+//! **One connection per pair.** Whoever needs to send first dials. When both
+//! dial at once, each side ends up with two authenticated connections to the
+//! same peer; both keep the one *dialed by the lower [`NodeId`]* and close the
+//! other with a goodbye after what was queued on it (nothing is lost, both
+//! decide alike without a further message). A single full-duplex connection
+//! means a peer's answers and its own requests share one ordered stream, and
+//! a crash shows as one connection ending without a goodbye.
+//!
+//! **Deliberate vs. unexpected ends.** A node closing on purpose (shutdown,
+//! the losing side of a double dial) sends [`wire::Frame::Goodbye`] first.
+//! An authenticated connection that ends any other way (EOF, reset, the
+//! kernel's `TCP_USER_TIMEOUT`) is reported to the node as
+//! [`Inbound::ConnectionLost`].
 
-pub mod auth;
-pub mod client;
-pub mod server;
-pub mod stream;
-#[cfg(test)]
-pub(crate) mod testing;
+pub mod connection;
+pub mod noise;
+pub mod peers;
+pub mod wire;
 
-pub use self::auth::{sign_headers, AuthHeaders};
-pub use self::client::PeerClient;
-pub use self::server::router_with_streams;
-pub use self::server::{router, serve, Inbound, ACCEPT_REPLIES_HEADER, HELLO_PATH, MESSAGE_PATH};
-pub use self::stream::{AcceptedStream, StreamClosed, STREAM_PATH, STREAM_PROTOCOL};
+pub use self::peers::Transport;
 
-use crate::raft;
+use crate::raft::{self, Message, NodeId};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -44,40 +50,51 @@ use std::time::Duration;
 pub const MIN_SECRET_BYTES: usize = 16;
 /// Longest accepted cluster id, in bytes (a DNS name's length).
 pub const MAX_CLUSTER_ID_BYTES: usize = 253;
-/// Default time limit of one peer request.
+/// Default time limit of a dial (TCP connect and handshake) and of a hello.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
-/// Default largest accepted request body, in bytes (1 MiB).
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Default largest accepted difference between a request's timestamp and
-/// the receiver's clock.
-pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// Default largest frame, in bytes (1 MiB).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Default time an accepted connection has to finish the handshake and
+/// authenticate its identity.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default most accepted connections still in their handshake; more are
+/// closed at once.
+pub const DEFAULT_MAX_HANDSHAKING: usize = 64;
+/// Default most authenticated connections (a cluster has a few members).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
-/// Settings shared by the peer server and client. Check with
-/// [`TransportConfig::validate`] before use.
+/// Settings of the peer transport. Check with [`TransportConfig::validate`]
+/// before use.
 #[derive(Clone)]
 pub struct TransportConfig {
-    /// Election group; messages signed for another cluster are refused.
+    /// Election group; mixed into the handshake key, so another group's
+    /// nodes cannot connect at all.
     pub cluster_id: String,
-    /// Shared HMAC-SHA256 key, at least [`MIN_SECRET_BYTES`] bytes.
+    /// Shared secret, at least [`MIN_SECRET_BYTES`] bytes.
     pub secret: Vec<u8>,
-    /// Time limit of one peer request, connecting included.
+    /// Time limit of a dial (connect + handshake) and of a hello.
     pub request_timeout: Duration,
-    /// Largest accepted request (and hello response) body, in bytes.
-    pub max_body_bytes: usize,
-    /// Largest accepted |receiver's clock − request timestamp|; also how
-    /// long nonces are remembered.
-    pub max_clock_skew: Duration,
+    /// Largest frame, in bytes, either way.
+    pub max_frame_bytes: usize,
+    /// Deadline of an accepted connection's handshake and identity.
+    pub handshake_timeout: Duration,
+    /// Most accepted connections in their handshake at once.
+    pub max_handshaking: usize,
+    /// Most authenticated connections at once.
+    pub max_connections: usize,
 }
 
 impl TransportConfig {
-    /// Creates a configuration with the default timeout, body limit and skew.
+    /// Creates a configuration with the default limits.
     pub fn new(cluster_id: impl Into<String>, secret: Vec<u8>) -> TransportConfig {
         TransportConfig {
             cluster_id: cluster_id.into(),
             secret,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshaking: DEFAULT_MAX_HANDSHAKING,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 
@@ -105,14 +122,17 @@ impl TransportConfig {
                 self.cluster_id
             ));
         }
-        if self.request_timeout.is_zero() {
-            return invalid("the peer request timeout must be positive".to_string());
+        if self.request_timeout.is_zero() || self.handshake_timeout.is_zero() {
+            return invalid("the peer request and handshake timeouts must be positive".into());
         }
-        if self.max_body_bytes == 0 {
-            return invalid("the peer body limit must be positive".to_string());
+        if self.max_frame_bytes < wire::MIN_FRAME_BYTES {
+            return invalid(format!(
+                "the peer frame limit must be at least {} bytes",
+                wire::MIN_FRAME_BYTES
+            ));
         }
-        if self.max_clock_skew.is_zero() {
-            return invalid("the allowed clock skew must be positive".to_string());
+        if self.max_handshaking == 0 || self.max_connections == 0 {
+            return invalid("the peer connection caps must be positive".into());
         }
         Ok(())
     }
@@ -125,13 +145,17 @@ impl std::fmt::Debug for TransportConfig {
             .field("cluster_id", &self.cluster_id)
             .field("secret", &format_args!("<{} bytes>", self.secret.len()))
             .field("request_timeout", &self.request_timeout)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("max_clock_skew", &self.max_clock_skew)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_handshaking", &self.max_handshaking)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
 
-/// Identity a node tells peers about itself (answer to hello).
+/// Identity a node tells peers about itself: the first frame each side
+/// sends on a connection, and the answer to hello. Carried whole (serde),
+/// so fields added here travel without transport changes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// Election group the node belongs to.
@@ -151,98 +175,82 @@ pub struct PeerInfo {
     pub leaving: bool,
 }
 
-/// Cause of a connection or request failure (an I/O, hyper or reqwest error).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the transport hands the node.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A Raft message from an authenticated peer whose `from` matches the
+    /// connection's identity.
+    Message(Message),
+    /// An authenticated connection to `peer` ended without a goodbye: the
+    /// peer crashed, or the network between us failed.
+    ConnectionLost { peer: NodeId },
+}
 
-/// Failures of the peer client, and invalid transport settings.
+/// Where the node sends Raft messages; [`Transport`] in production, a
+/// recorder in tests.
+pub trait SendToPeer: Send {
+    /// Queues `msg` for `msg.to`, on its connection if there is one, else on
+    /// a new one dialed to `address`. Never blocks; a message that cannot be
+    /// queued is dropped and counted (Raft tolerates loss).
+    fn send(&self, address: Option<&str>, msg: Message);
+}
+
+/// Failures of a connection, a dial or a hello, and invalid settings.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A setting is out of range; the message says which and how to fix it.
     #[error("invalid transport configuration: {0}")]
     InvalidConfig(String),
-    /// The HTTP client could not be created.
-    #[error("cannot create the peer HTTP client: {0}")]
-    ClientBuild(#[source] reqwest::Error),
-    /// `PeerClient::new` was called outside a tokio runtime.
-    #[error("the peer client needs a tokio runtime; create it from inside one")]
-    NoRuntime,
-    /// The peer address is not `host:port`.
-    #[error("peer address {addr:?} is not host:port")]
-    InvalidAddress { addr: String },
-    /// The peer did not answer within the request timeout.
+    /// The peer did not answer within the time limit.
     #[error("peer {addr} did not answer within {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
-    /// No connection could be made.
+    /// No TCP connection could be made.
     #[error("cannot connect to peer {addr}: {source}")]
     Connect {
         addr: String,
         #[source]
-        source: BoxError,
+        source: std::io::Error,
     },
-    /// The request failed after connecting.
-    #[error("request to peer {addr} failed: {source}")]
-    Request {
-        addr: String,
-        #[source]
-        source: BoxError,
-    },
-    /// The peer refused the request (check that both sides use the same
-    /// secret, cluster id and roughly the same clock).
+    /// Reading or writing the socket failed.
+    #[error("peer connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection before the exchange finished.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The Noise handshake or a frame's decryption failed: the other side
+    /// uses another secret or cluster id, or the bytes were tampered with.
     #[error(
-        "peer {addr} refused the request with HTTP {status} ({reason}); \
-         check that both use the same secret and cluster id and that clocks agree"
+        "peer authentication failed ({0}); check that both use the same secret and cluster id"
     )]
-    Rejected {
-        addr: String,
-        status: u16,
-        reason: String,
-    },
-    /// The peer's answer is not what the protocol says.
-    #[error("peer {addr} sent an invalid answer: {reason}")]
-    BadResponse { addr: String, reason: String },
-    /// The peer's answer is not signed with our secret.
-    #[error("peer {addr} answered without a valid signature; it uses another secret")]
-    BadSignature { addr: String },
-    /// The peer belongs to another election group.
-    #[error("peer {addr} belongs to cluster {cluster:?}, not ours")]
-    ForeignCluster { addr: String, cluster: String },
-    /// The peer's answer is signed at a time too far from our clock.
-    #[error("peer {addr} answered with a timestamp outside the allowed clock skew; check NTP")]
-    StaleResponse { addr: String },
-    /// The per-peer queue was full and the message was dropped.
-    #[error("queue for peer {addr} is full; message dropped")]
-    QueueFull { addr: String },
-    /// The message waited in the queue longer than the request timeout.
-    #[error("message for peer {addr} waited too long in the queue; dropped")]
-    Expired { addr: String },
-    /// A peer's reply was dropped because the runtime's queue was full.
-    #[error("runtime queue is full; a reply from peer {addr} was dropped")]
-    ReplyDropped { addr: String },
-    /// The message could not be encoded as JSON.
-    #[error("cannot encode a peer message: {0}")]
-    Encode(#[source] serde_json::Error),
+    Crypto(#[from] snow::Error),
+    /// A decrypted frame is not a valid frame.
+    #[error("malformed peer frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The peer's identity is not acceptable (other cluster, ourselves, or
+    /// not the first frame).
+    #[error("peer identity refused: {0}")]
+    Identity(String),
+    /// Too many connections.
+    #[error("too many peer connections")]
+    TooMany,
 }
 
 impl TransportError {
-    /// Returns a stable snake_case label for `peer_rpc_errors{reason}`.
+    /// Returns a stable snake_case label for the refusal and error metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
             TransportError::InvalidConfig(_) => "invalid_config",
-            TransportError::ClientBuild(_) => "client_build",
-            TransportError::NoRuntime => "no_runtime",
-            TransportError::InvalidAddress { .. } => "invalid_address",
             TransportError::Timeout { .. } => "timeout",
             TransportError::Connect { .. } => "connect",
-            TransportError::Request { .. } => "request",
-            TransportError::Rejected { .. } => "rejected",
-            TransportError::BadResponse { .. } => "bad_response",
-            TransportError::BadSignature { .. } => "bad_signature",
-            TransportError::ForeignCluster { .. } => "foreign_cluster",
-            TransportError::StaleResponse { .. } => "stale_response",
-            TransportError::QueueFull { .. } => "queue_full",
-            TransportError::Expired { .. } => "expired",
-            TransportError::ReplyDropped { .. } => "reply_dropped",
-            TransportError::Encode(_) => "encode",
+            TransportError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                "frame_too_large"
+            }
+            TransportError::Io(_) => "io",
+            TransportError::Closed => "closed",
+            TransportError::Crypto(_) => "bad_handshake",
+            TransportError::Malformed(_) => "malformed_frame",
+            TransportError::Identity(_) => "bad_identity",
+            TransportError::TooMany => "too_many_connections",
         }
     }
 }
@@ -272,14 +280,18 @@ mod tests {
 
     #[test]
     fn zero_limits_are_refused() {
-        let mut cfg = TransportConfig::new("prod", vec![7; 32]);
+        let base = TransportConfig::new("prod", vec![7; 32]);
+        let mut cfg = base.clone();
         cfg.request_timeout = Duration::ZERO;
         assert!(cfg.validate().is_err());
-        let mut cfg = TransportConfig::new("prod", vec![7; 32]);
-        cfg.max_body_bytes = 0;
+        let mut cfg = base.clone();
+        cfg.handshake_timeout = Duration::ZERO;
         assert!(cfg.validate().is_err());
-        let mut cfg = TransportConfig::new("prod", vec![7; 32]);
-        cfg.max_clock_skew = Duration::ZERO;
+        let mut cfg = base.clone();
+        cfg.max_frame_bytes = 10;
+        assert!(cfg.validate().is_err());
+        let mut cfg = base;
+        cfg.max_handshaking = 0;
         assert!(cfg.validate().is_err());
     }
 

@@ -114,6 +114,8 @@ pub struct ClusterConfig {
     pub loopback_net: u8,
     /// Flags added to every node's command line.
     pub extra_args: Vec<String>,
+    /// The binary to run: this build's unless a benchmark compares another.
+    pub binary: PathBuf,
 }
 
 impl Default for ClusterConfig {
@@ -127,6 +129,7 @@ impl Default for ClusterConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            binary: PathBuf::from(BIN),
         }
     }
 }
@@ -373,10 +376,10 @@ impl Cluster {
         let mut cmd = match &node.placement.netns {
             Some(ns) => {
                 let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns, BIN]);
+                cmd.args(["netns", "exec", ns]).arg(&self.config.binary);
                 cmd
             }
-            None => Command::new(BIN),
+            None => Command::new(&self.config.binary),
         };
         cmd.arg("run")
             .args(["--id", &node.name])
@@ -437,9 +440,10 @@ impl Cluster {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN} for {}: {e}", node.name));
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            let bin = self.config.binary.display();
+            panic!("cannot start {bin} for {}: {e}", node.name)
+        });
         node.child = Some(child);
         node.exit = None;
     }

@@ -1,0 +1,360 @@
+//! One peer connection: establishing it (dial or accept, handshake,
+//! identities) and running it (a reader task and a writer task).
+//!
+//! ```text
+//!   Link::try_send(frame) ─► bounded queue ─► writer: JSON, seal, feed; flush when the queue is empty
+//!   socket ─► reader: open (in order), decode ─► Raft: checked sender ─► node's inbound queue
+//!                                              ─► Hello: our identity back on the writer
+//!                                              ─► Identity: the peer's latest, for hello
+//!                                              ─► Goodbye: a deliberate end
+//! ```
+//!
+//! Both tasks run on the node's thread, so handing a frame between them and
+//! the node costs no wakeup of its own.
+
+use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
+use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
+use super::{Inbound, PeerInfo, TransportConfig, TransportError};
+use crate::metrics::Metrics;
+use crate::raft::NodeId;
+use futures::{SinkExt, StreamExt};
+use nix::sys::socket::{setsockopt, sockopt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::bytes::Bytes;
+use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+use tracing::debug;
+
+/// Frames queued for one peer before new ones are dropped.
+pub const OUT_QUEUE: usize = 256;
+/// Unacknowledged data older than this closes the connection (the kernel's
+/// `TCP_USER_TIMEOUT`): a peer behind a partition is noticed without a
+/// timer of ours, and the next send dials afresh instead of waiting for
+/// TCP's exponential retransmission back-off.
+const USER_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A connection whose handshake and identities are done.
+pub struct Established {
+    /// The peer, as it introduced itself.
+    pub peer: PeerInfo,
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    sealer: Sealer,
+    opener: Opener,
+}
+
+/// Dials `addr` and authenticates both ways; bounded by the request timeout.
+pub async fn dial(
+    addr: &str,
+    cfg: &TransportConfig,
+    me: &PeerInfo,
+) -> Result<Established, TransportError> {
+    let timeout = cfg.request_timeout;
+    let attempt = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| TransportError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tune(&stream);
+        let mut framed = Framed::new(stream, codec(MAX_HANDSHAKE_MESSAGE));
+        let (mut sealer, mut opener) = noise::initiate(&mut framed, cfg).await?;
+        framed.codec_mut().set_max_frame_length(MAX_IDENTITY_FRAME);
+        send_sealed(&mut framed, &mut sealer, &Frame::Identity(me.clone())).await?;
+        let peer = read_identity(&mut framed, &mut opener, cfg, me).await?;
+        framed.codec_mut().set_max_frame_length(cfg.max_frame_bytes);
+        Ok(Established {
+            peer,
+            framed,
+            sealer,
+            opener,
+        })
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| TransportError::Timeout {
+            addr: addr.to_string(),
+            timeout,
+        })?
+}
+
+/// Runs the listener's side on an accepted stream: handshake, the dialer's
+/// identity, then ours. The caller bounds it by the handshake deadline;
+/// until it returns, at most a handshake message or an identity frame is
+/// buffered.
+pub async fn accept(
+    stream: TcpStream,
+    cfg: &TransportConfig,
+    me: &watch::Receiver<PeerInfo>,
+) -> Result<Established, TransportError> {
+    let mut framed = Framed::with_capacity(stream, codec(MAX_HANDSHAKE_MESSAGE), 256);
+    let (mut sealer, mut opener) = noise::respond(&mut framed, cfg).await?;
+    framed.codec_mut().set_max_frame_length(MAX_IDENTITY_FRAME);
+    let own = me.borrow().clone();
+    let peer = read_identity(&mut framed, &mut opener, cfg, &own).await?;
+    send_sealed(&mut framed, &mut sealer, &Frame::Identity(own)).await?;
+    framed.codec_mut().set_max_frame_length(cfg.max_frame_bytes);
+    tune(framed.get_ref());
+    Ok(Established {
+        peer,
+        framed,
+        sealer,
+        opener,
+    })
+}
+
+/// Sets TCP_NODELAY (a heartbeat must not wait for Nagle) and the user
+/// timeout; a failure only costs latency or detection time, so it is logged.
+fn tune(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(error = %e, "cannot set TCP_NODELAY on a peer connection");
+    }
+    let ms = USER_TIMEOUT.as_millis() as u32;
+    if let Err(e) = setsockopt(stream, sockopt::TcpUserTimeout, &ms) {
+        debug!(error = %e, "cannot set TCP_USER_TIMEOUT on a peer connection");
+    }
+}
+
+async fn send_sealed(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    sealer: &mut Sealer,
+    frame: &Frame,
+) -> Result<(), TransportError> {
+    framed.send(sealer.seal(&frame.encode()?)?).await?;
+    Ok(())
+}
+
+/// Reads the first sealed frame, which MUST be an acceptable identity.
+async fn read_identity(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    opener: &mut Opener,
+    cfg: &TransportConfig,
+    me: &PeerInfo,
+) -> Result<PeerInfo, TransportError> {
+    let sealed = framed.next().await.ok_or(TransportError::Closed)??;
+    match Frame::decode(&opener.open(&sealed)?)? {
+        Frame::Identity(peer) if peer.cluster_id != cfg.cluster_id => {
+            Err(TransportError::Identity(format!(
+                "peer is in cluster {:?}, not ours",
+                peer.cluster_id
+            )))
+        }
+        Frame::Identity(peer) if peer.id == me.id => Err(TransportError::Identity(
+            "the peer is this node itself".into(),
+        )),
+        Frame::Identity(peer) => Ok(peer),
+        other => Err(TransportError::Identity(format!(
+            "the first frame must be an identity, not {other:?}"
+        ))),
+    }
+}
+
+/// The handle of a running connection; see [`Link::start`].
+#[derive(Clone)]
+pub struct Link {
+    /// The authenticated peer.
+    pub peer: NodeId,
+    /// Distinguishes connections to the same peer.
+    pub serial: u64,
+    /// Whether this node dialed it.
+    pub dialed: bool,
+    out: mpsc::Sender<Frame>,
+    /// The peer's latest identity (from its first frame, then hello answers).
+    pub identity: watch::Receiver<PeerInfo>,
+    closing: Arc<AtomicBool>,
+}
+
+/// A frame could not be queued: the peer's queue is full or its writer gone.
+#[derive(Debug)]
+pub struct QueueFull;
+
+/// How a connection ended, as the reader saw it.
+#[derive(Debug)]
+pub enum End {
+    /// Either side said goodbye first: a deliberate close.
+    Deliberate,
+    /// Anything else: EOF, a socket error, or a frame that did not open
+    /// or decode (the connection is closed at once).
+    Lost(TransportError),
+}
+
+/// What the reader needs besides the socket.
+pub struct ReaderContext {
+    /// Where Raft messages go.
+    pub inbound: mpsc::Sender<Inbound>,
+    /// Our identity, for hello answers.
+    pub me: watch::Receiver<PeerInfo>,
+    /// For refused frames.
+    pub metrics: Metrics,
+}
+
+impl Link {
+    /// Starts the reader and writer of `est`; `on_end` runs once the reader
+    /// stops, with how it ended.
+    pub fn start(
+        est: Established,
+        serial: u64,
+        dialed: bool,
+        ctx: ReaderContext,
+        on_end: impl FnOnce(&Link, End) + Send + 'static,
+    ) -> Link {
+        let Established {
+            peer,
+            framed,
+            sealer,
+            opener,
+        } = est;
+        let parts = framed.into_parts();
+        let (read_half, write_half) = parts.io.into_split();
+        let mut reader = FramedRead::new(read_half, parts.codec.clone());
+        // Bytes the peer sent right behind its identity are not lost.
+        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let writer = FramedWrite::new(write_half, parts.codec);
+        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (identity_tx, identity) = watch::channel(peer.clone());
+        let link = Link {
+            peer: peer.id,
+            serial,
+            dialed,
+            out,
+            identity,
+            closing: Arc::new(AtomicBool::new(false)),
+        };
+        tokio::spawn(write_loop(writer, sealer, out_rx));
+        let reading = link.clone();
+        tokio::spawn(async move {
+            let end = read_loop(reader, opener, &reading, identity_tx, ctx).await;
+            let end = match end {
+                End::Lost(_) if reading.closing.load(Ordering::Relaxed) => End::Deliberate,
+                end => end,
+            };
+            on_end(&reading, end);
+        });
+        link
+    }
+
+    /// Queues `frame`; fails (dropping it) when the queue is full or the
+    /// writer gone.
+    pub fn try_send(&self, frame: Frame) -> Result<(), QueueFull> {
+        self.out.try_send(frame).map_err(|_| QueueFull)
+    }
+
+    /// Closes on purpose: what is queued goes first, then a goodbye. The
+    /// peer's end of the connection is then not reported as lost.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        let out = self.out.clone();
+        // Waits for room: the goodbye MUST be the last frame, never dropped
+        // while the writer lives.
+        tokio::spawn(async move {
+            let _ = out.send(Frame::Goodbye).await;
+        });
+    }
+
+    /// Returns whether the connection is still writable.
+    pub fn is_open(&self) -> bool {
+        !self.out.is_closed()
+    }
+}
+
+async fn write_loop(
+    mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    mut sealer: Sealer,
+    mut frames: mpsc::Receiver<Frame>,
+) {
+    while let Some(frame) = frames.recv().await {
+        let mut next = Some(frame);
+        let mut goodbye = false;
+        // Everything queued goes out in one flush (one write system call).
+        while let Some(frame) = next {
+            goodbye = frame == Frame::Goodbye;
+            let sealed = match frame.encode().map(|plain| sealer.seal(&plain)) {
+                Ok(Ok(sealed)) => sealed,
+                Ok(Err(e)) => return debug!(error = %e, "cannot seal a frame; closing"),
+                Err(e) => return debug!(error = %e, "cannot encode a frame; closing"),
+            };
+            if sink.feed(sealed).await.is_err() {
+                return;
+            }
+            next = if goodbye {
+                None
+            } else {
+                frames.try_recv().ok()
+            };
+        }
+        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() || goodbye {
+            break;
+        }
+    }
+    // FIN after the last frame; the peer answers with its own end.
+    let _ = SinkExt::<Bytes>::close(&mut sink).await;
+}
+
+async fn read_loop(
+    mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    mut opener: Opener,
+    link: &Link,
+    identity: watch::Sender<PeerInfo>,
+    ctx: ReaderContext,
+) -> End {
+    loop {
+        let sealed = match frames.next().await {
+            Some(Ok(sealed)) => sealed,
+            Some(Err(e)) => {
+                let e = TransportError::from(e);
+                if e.metric_label() == "frame_too_large" {
+                    refuse(&ctx.metrics, "frame_too_large");
+                }
+                return End::Lost(e);
+            }
+            None => return End::Lost(TransportError::Closed),
+        };
+        // A frame that does not open (changed, replayed, reordered, of
+        // another connection) or decode closes the connection.
+        let frame = match opener.open(&sealed) {
+            Ok(plain) => match Frame::decode(&plain) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    refuse(&ctx.metrics, "malformed_frame");
+                    return End::Lost(e.into());
+                }
+            },
+            Err(e) => {
+                refuse(&ctx.metrics, "bad_frame");
+                return End::Lost(e.into());
+            }
+        };
+        match frame {
+            Frame::Raft(msg) if msg.from != link.peer => {
+                // Authenticated but inconsistent: refused, the connection kept.
+                refuse(&ctx.metrics, "wrong_sender");
+                debug!(peer = %link.peer, from = %msg.from, "refused a message sent in another's name");
+            }
+            Frame::Raft(msg) => {
+                if ctx.inbound.send(Inbound::Message(msg)).await.is_err() {
+                    return End::Deliberate; // the node is gone
+                }
+            }
+            Frame::Hello => {
+                let me = ctx.me.borrow().clone();
+                let _ = link.try_send(Frame::Identity(me));
+            }
+            Frame::Identity(info) if info.id == link.peer => {
+                identity.send_replace(info);
+            }
+            Frame::Identity(info) => {
+                refuse(&ctx.metrics, "wrong_sender");
+                debug!(peer = %link.peer, claimed = %info.id, "refused a changed identity");
+            }
+            Frame::Goodbye => return End::Deliberate,
+        }
+    }
+}
+
+fn refuse(metrics: &Metrics, reason: &str) {
+    metrics.rejected_messages.with_label_values(&[reason]).inc();
+}
