@@ -584,6 +584,34 @@ impl Sim {
         ok
     }
 
+    /// Retires the node in `slot` (SIGTERM: it never campaigns or leads
+    /// again) as the runtime does: a leader hands over to a voter not known
+    /// to be retiring, or abdicates when none is left; anyone else asks to
+    /// leave once. Returns whether it was leading.
+    pub fn retire(&mut self, slot: usize) -> bool {
+        let now = self.local_now(slot);
+        let Some(core) = self.nodes[slot].core.as_mut() else {
+            return false;
+        };
+        core.retire(now);
+        let leading = core.role() == Role::Leader;
+        if !leading {
+            core.leave();
+        }
+        self.process_ready(slot);
+        leading
+    }
+
+    /// What the runtime does for a retiring leader after every input: hand
+    /// over again when a target refused, abdicate when nobody is left.
+    fn hand_over_if_retiring(core: &mut RaftCore, now: Time) {
+        if core.is_retiring() && core.role() == Role::Leader && !core.is_transferring() {
+            if core.transfer_leadership(now, None).is_err() {
+                core.abdicate(now);
+            }
+        }
+    }
+
     // ----- running -------------------------------------------------------------
 
     /// Runs until virtual time `until` (since the start).
@@ -713,9 +741,11 @@ impl Sim {
 
     /// Persists, sends and checks what a node produced.
     fn process_ready(&mut self, slot: usize) {
+        let now = self.local_now(slot);
         let Some(core) = self.nodes[slot].core.as_mut() else {
             return;
         };
+        Sim::hand_over_if_retiring(core, now);
         let ready = core.take_ready();
         if let Some(hs) = ready.hard_state {
             self.nodes[slot].disk = Some(hs);
@@ -807,6 +837,15 @@ impl Sim {
                 }
             }
             if self.nodes[slot].last_role != Role::Leader {
+                if self.nodes[slot]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.is_retiring())
+                {
+                    self.violation(format!(
+                        "{id} became leader of term {term} after it retired"
+                    ));
+                }
                 self.check_leader_completeness(slot);
             }
         }

@@ -332,3 +332,105 @@ fn the_checker_catches_a_lease_that_ignores_clock_drift() {
         "only {caught}/200 races caught the overlong lease"
     );
 }
+
+#[test]
+fn retiring_nodes_never_lead_again_and_the_others_elect_a_leader_among_themselves() {
+    for seed in 0..100 {
+        let mut cfg = SimConfig::new(5, seed);
+        cfg.drive_membership = false;
+        let mut sim = Sim::new(cfg);
+        let old = settled(&mut sim, seed);
+        // The leader and the next node get SIGTERM a few ms apart, as in a
+        // scale-down; neither leaves, so both stay voters that still vote.
+        let other = (old + 1) % 5;
+        assert!(sim.retire(old), "seed {seed}: the leader was leading");
+        sim.run_for(Duration::from_millis(3));
+        sim.retire(other);
+        sim.run_for(Duration::from_secs(2));
+        let holder = sim
+            .lease_holder()
+            .unwrap_or_else(|| panic!("seed {seed}: no leader among the rest"));
+        assert!(
+            holder != old && holder != other,
+            "seed {seed}: retired node-{holder} leads"
+        );
+        for slot in [old, other] {
+            let core = sim.core(slot).expect("alive");
+            assert_ne!(core.role(), Role::Leader, "seed {seed}: node-{slot}");
+            assert_ne!(core.role(), Role::Candidate, "seed {seed}: node-{slot}");
+        }
+        assert!(
+            sim.violations().is_empty(),
+            "seed {seed}: {:?}",
+            sim.violations()
+        );
+    }
+}
+
+#[test]
+fn a_group_retiring_at_once_elects_nobody_and_its_leader_abdicates() {
+    for seed in 0..100 {
+        let mut sim = Sim::new(SimConfig::new(5, seed));
+        let old = settled(&mut sim, seed);
+        let term = sim.max_term();
+        // SIGTERM reaches every member within a millisecond or two, leader
+        // first or last depending on the seed.
+        let mut order: Vec<usize> = (0..5).collect();
+        order.rotate_left((seed as usize) % 5);
+        for slot in order {
+            sim.retire(slot);
+            sim.run_for(Duration::from_micros(300));
+        }
+        // The runtime asks to leave again every 200 ms (and at once when
+        // its leader changes); nodes left without a leader tell everyone.
+        for _ in 0..3 {
+            sim.run_for(Duration::from_millis(200));
+            for slot in 0..5 {
+                sim.leave(slot);
+            }
+        }
+        sim.run_for(Duration::from_secs(1));
+        assert_eq!(sim.leader(), None, "seed {seed}: someone still leads");
+        assert!(
+            sim.max_term() <= term.next(),
+            "seed {seed}: elections after retiring ({term} -> {})",
+            sim.max_term()
+        );
+        // Nobody waits for a removal that cannot come: each was removed,
+        // heard its leader leave without a successor, or knows every other
+        // voter is leaving.
+        for slot in 0..5 {
+            let core = sim.core(slot).expect("alive");
+            let removed = !core.configuration().0.contains(core.id());
+            assert!(
+                removed || core.leader_abdicated() || core.others_retiring(),
+                "seed {seed}: node-{slot} (old leader node-{old}) would wait for a removal: {}",
+                (0..5)
+                    .map(|n| {
+                        let c = sim.core(n).expect("alive");
+                        format!(
+                            "node-{n} {} term {} leader {:?} abdicated {} others {} config {:?}",
+                            c.role(),
+                            c.term(),
+                            c.leader().map(|l| l.name.clone()),
+                            c.leader_abdicated(),
+                            c.others_retiring(),
+                            c.configuration()
+                                .0
+                                .voters
+                                .keys()
+                                .map(|v| v.name.clone())
+                                .collect::<Vec<_>>()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        assert!(
+            sim.violations().is_empty(),
+            "seed {seed}: {:?}",
+            sim.violations()
+        );
+    }
+}

@@ -54,6 +54,11 @@
 //! old leader forfeited its lease before sending it, and sends it only once
 //! its own `lease_not_before` has passed, so no earlier lease holds either. SIGSTOP'd or
 //! partitioned leaders close nothing and keep the election-timeout path.
+//!
+//! Retiring (a node that got SIGTERM, see [`RaftCore::retire`]): it never
+//! campaigns, never becomes leader and answers TimeoutNow with Leave (the
+//! refusal); a retiring leader hands over to a voter not known to be
+//! retiring, or [`abdicates`](RaftCore::abdicate) when none is left.
 
 use super::config::{Config, MAX_ENTRIES_PER_MESSAGE};
 use super::log::RaftLog;
@@ -62,7 +67,7 @@ use super::types::{Configuration, HardState, LogIndex, NodeId, Payload, Snapshot
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 use thiserror::Error;
@@ -250,7 +255,14 @@ struct LeaderState {
     transfer: Option<Transfer>,
     /// Members that asked to leave and wait for removal.
     leaving: BTreeSet<NodeId>,
+    /// Members this leader removed, latest last (at most
+    /// [`REMEMBERED_REMOVALS`]): told too when it abdicates, since one may
+    /// not have received its removal yet.
+    removed: VecDeque<NodeId>,
 }
+
+/// How many removals a leader remembers for [`RaftCore::abdicate`].
+const REMEMBERED_REMOVALS: usize = 16;
 
 /// One node's Raft state machine: pure, driven by [`tick`](RaftCore::tick)
 /// and [`step`](RaftCore::step), its output taken with
@@ -289,6 +301,18 @@ pub struct RaftCore {
     #[cfg(feature = "sim")]
     skip_lease_wait: bool,
     lead: Option<LeaderState>,
+    /// Set by [`retire`](Self::retire), never cleared: this node is going
+    /// away and must not lead again.
+    retiring: bool,
+    /// Members known to be going away (they sent Leave, or the runtime saw
+    /// them say so); never transfer targets. Only members of the current
+    /// configuration are kept.
+    retiring_peers: BTreeSet<NodeId>,
+    /// The term in which this node's leader left without a successor
+    /// ([`abdicate`](Self::abdicate)): the group is going away.
+    abdicated_in: Option<Term>,
+    /// The latest term this node led. Reset never; volatile.
+    led_term: Option<Term>,
     // Output.
     messages: Vec<Message>,
     hard_state_dirty: bool,
@@ -352,6 +376,10 @@ impl RaftCore {
             #[cfg(feature = "sim")]
             skip_lease_wait: false,
             lead: None,
+            retiring: false,
+            retiring_peers: BTreeSet::new(),
+            abdicated_in: None,
+            led_term: None,
             messages: Vec::new(),
             hard_state_dirty: false,
             published: None,
@@ -466,6 +494,29 @@ impl RaftCore {
     /// Returns when this node last heard from a live leader (or led a round).
     pub fn last_leader_contact(&self) -> Time {
         self.last_leader_contact
+    }
+
+    /// Returns whether [`retire`](Self::retire) was called.
+    pub fn is_retiring(&self) -> bool {
+        self.retiring
+    }
+
+    /// Returns whether every voter other than this node is known to be
+    /// retiring: nobody is left to hand leadership over to, or to remove
+    /// this node.
+    pub fn others_retiring(&self) -> bool {
+        self.config
+            .voters
+            .keys()
+            .filter(|v| **v != self.id)
+            .all(|v| self.retiring_peers.contains(v))
+    }
+
+    /// Returns whether the leader of the current term left without a
+    /// successor ([`abdicate`](Self::abdicate)): every voter it knew of was
+    /// going away.
+    pub fn leader_abdicated(&self) -> bool {
+        self.lead.is_none() && self.abdicated_in == Some(self.term)
     }
 
     /// Returns whether a leader transfer is under way.
@@ -646,10 +697,17 @@ impl RaftCore {
         let mut next = self.config.clone();
         next.voters.remove(id);
         next.learners.remove(id);
+        if let Some(lead) = self.lead.as_mut() {
+            if lead.removed.len() == REMEMBERED_REMOVALS {
+                lead.removed.pop_front();
+            }
+            lead.removed.push_back(id.clone());
+        }
         Ok(self.append_config(next))
     }
 
-    /// Hands leadership to `target`, or to the most up-to-date other voter.
+    /// Hands leadership to `target`, or to the most up-to-date other voter
+    /// not known to be retiring.
     /// The lease is given up at once and not regained in this term; if the
     /// target has not taken over within `election_timeout_min`, this node
     /// steps down and a normal election follows.
@@ -674,7 +732,7 @@ impl RaftCore {
                 .config
                 .voters
                 .keys()
-                .filter(|v| **v != self.id)
+                .filter(|v| **v != self.id && !self.retiring_peers.contains(*v))
                 .max_by_key(|v| {
                     let p = lead.progress.get(*v);
                     (
@@ -701,7 +759,12 @@ impl RaftCore {
     }
 
     /// Asks the leader to remove this node (graceful leave). Returns whether a
-    /// leader was known to ask.
+    /// leader was known to ask. Without one, tells every other voter
+    /// instead: whoever leads next removes this node and never hands
+    /// leadership to it, and a group going away learns who is leaving.
+    /// Except a leader that stepped down in this term: its followers may
+    /// still take it for their leader, and Leave from their leader means it
+    /// [abdicated](Self::abdicate); it asks the next leader instead.
     pub fn leave(&mut self) -> bool {
         match self.leader.clone() {
             Some(l) if l != self.id => {
@@ -714,7 +777,20 @@ impl RaftCore {
                 }
                 true
             }
-            None => false,
+            None if self.led_term == Some(self.term) => false,
+            None => {
+                let voters: Vec<NodeId> = self
+                    .config
+                    .voters
+                    .keys()
+                    .filter(|v| **v != self.id)
+                    .cloned()
+                    .collect();
+                for v in voters {
+                    self.send(v, MessageBody::Leave);
+                }
+                false
+            }
         }
     }
 
@@ -750,6 +826,55 @@ impl RaftCore {
     #[cfg(feature = "sim")]
     pub fn mutate_skip_lease_wait(&mut self) {
         self.skip_lease_wait = true;
+    }
+
+    /// Marks this node as going away for good (SIGTERM). From here on it
+    /// never starts a pre-vote or an election, never becomes leader, and
+    /// answers TimeoutNow with Leave (a refusal the leader acts on at once).
+    /// A pre-candidate or candidate gives up its campaign at once; a leader
+    /// keeps leading until it hands over ([`transfer_leadership`](Self::transfer_leadership))
+    /// or [`abdicate`](Self::abdicate)s. It still votes for others: a
+    /// retiring voter's vote may be what lets the rest elect a successor.
+    pub fn retire(&mut self, now: Time) {
+        self.retiring = true;
+        if matches!(self.role, Role::PreCandidate | Role::Candidate) {
+            let term = self.term;
+            self.become_follower(now, term, None);
+        }
+    }
+
+    /// Records that member `id` is going away (e.g. its hello said so): it
+    /// is no longer a transfer target. Non-members are ignored.
+    pub fn note_retiring(&mut self, id: &NodeId) {
+        if self.config.contains(id) && *id != self.id {
+            self.retiring_peers.insert(id.clone());
+        }
+    }
+
+    /// Steps down without a successor and sends Leave to every other member,
+    /// so that retiring followers stop waiting for a leader that will never
+    /// remove them. Only a retiring leader abdicates (returns whether it
+    /// did); call it when [`transfer_leadership`](Self::transfer_leadership)
+    /// finds nobody to hand over to.
+    pub fn abdicate(&mut self, now: Time) -> bool {
+        let Some(lead) = self.lead.as_ref().filter(|_| self.retiring) else {
+            return false;
+        };
+        // Members it removed too: one may not have its removal yet and
+        // would otherwise wait for a leader that is gone.
+        let others: BTreeSet<NodeId> = self
+            .config
+            .members()
+            .map(|(id, _)| id)
+            .chain(lead.removed.iter())
+            .filter(|id| **id != self.id)
+            .cloned()
+            .collect();
+        for id in others {
+            self.send(id, MessageBody::Leave);
+        }
+        self.step_down(now);
+        true
     }
 
     /// Changes the election timeout range; takes effect at the next timer reset.
@@ -795,8 +920,8 @@ impl RaftCore {
     }
 
     fn election_timeout(&mut self, now: Time) {
-        if !self.config.is_voter(&self.id) {
-            // Learners and non-members never campaign.
+        if !self.config.is_voter(&self.id) || self.retiring {
+            // Learners, non-members and retiring nodes never campaign.
             self.reset_election_timer(now);
             return;
         }
@@ -867,6 +992,9 @@ impl RaftCore {
 
     /// Starts an election in the next term (Raft paper §5.2).
     fn campaign(&mut self, now: Time, transfer: bool) {
+        if self.retiring {
+            return;
+        }
         self.term = self.term.next();
         self.voted_for = Some(self.id.clone());
         self.hard_state_dirty = true;
@@ -920,7 +1048,11 @@ impl RaftCore {
         let quorum = self.config.quorum();
         let yes = self.votes.values().filter(|g| **g).count();
         let no = self.votes.len() - yes;
-        if yes >= quorum {
+        if yes >= quorum && self.retiring {
+            // A node going away never accepts leadership.
+            let term = self.term;
+            self.become_follower(now, term, None);
+        } else if yes >= quorum {
             match role {
                 Role::PreCandidate => self.campaign(now, false),
                 _ => self.become_leader(now),
@@ -1056,14 +1188,32 @@ impl RaftCore {
             // Only the leader of this term may hand over its term.
             return;
         }
+        if self.retiring {
+            // Refuse: Leave tells the leader to pick another target now
+            // rather than wait out the transfer deadline.
+            self.send(from, MessageBody::Leave);
+            return;
+        }
         self.campaign(now, true);
     }
 
+    /// A member is going away: a leader removes it (and picks another
+    /// transfer target if it was the target); a follower whose own leader
+    /// sends Leave learns that the leader left without a successor.
     fn handle_leave(&mut self, from: NodeId) {
+        if !self.config.contains(&from) {
+            return;
+        }
+        self.retiring_peers.insert(from.clone());
         if let Some(lead) = self.lead.as_mut() {
-            if self.config.contains(&from) {
-                lead.leaving.insert(from);
+            if lead.transfer.as_ref().is_some_and(|t| t.target == from) {
+                // The target refused; the lease stays forfeited if
+                // TimeoutNow went out.
+                lead.transfer = None;
             }
+            lead.leaving.insert(from);
+        } else if self.leader.as_ref() == Some(&from) {
+            self.abdicated_in = Some(self.term);
         }
     }
 
@@ -1093,6 +1243,7 @@ impl RaftCore {
 
     fn become_leader(&mut self, now: Time) {
         self.role = Role::Leader;
+        self.led_term = Some(self.term);
         self.leader = Some(self.id.clone());
         self.votes.clear();
         self.leader_gone = false;
@@ -1124,6 +1275,7 @@ impl RaftCore {
             lease_forfeited: false,
             transfer: None,
             leaving: BTreeSet::new(),
+            removed: VecDeque::new(),
         });
         self.broadcast_append(now);
         self.maybe_commit(now);
@@ -1581,6 +1733,8 @@ impl RaftCore {
         let (index, config) = self.log.latest_config();
         self.config_index = index;
         self.config = config.clone();
+        let config = &self.config;
+        self.retiring_peers.retain(|id| config.contains(id));
         let last = self.log.last_index();
         let me = self.id.clone();
         // A member removed by a still-uncommitted change keeps receiving

@@ -84,7 +84,9 @@ pub enum MessageBody {
     },
     /// Start an election now: the leader hands over (dissertation §3.10).
     TimeoutNow,
-    /// The sender is shutting down and asks the leader to remove it.
+    /// The sender is shutting down: to its leader, "remove me" (also the
+    /// refusal of a TimeoutNow); from a leader to its members, "I leave
+    /// without a successor" (see `RaftCore::abdicate`).
     Leave,
 }
 

@@ -1002,3 +1002,233 @@ fn a_transfer_campaign_needs_no_wait_for_the_old_lease() {
     a.step(t, ack("b", term, 2, t)).unwrap();
     assert!(a.has_lease(t), "the old leader forfeited its lease");
 }
+
+// ----- retiring (SIGTERM): never lead again --------------------------------
+
+#[test]
+fn a_retiring_follower_never_starts_a_pre_vote_at_its_election_timeout() {
+    let mut b = node("b");
+    b.retire(ms(1000));
+    b.tick(ms(5000));
+    assert_eq!(b.role(), Role::Follower);
+    assert_eq!(b.term(), Term(0));
+    assert!(b.take_ready().messages.is_empty(), "no pre-vote sent");
+    assert!(b.next_deadline() > ms(5000), "the timer was re-armed");
+}
+
+#[test]
+fn a_pre_candidate_that_retires_gives_up_and_never_asks_for_votes() {
+    let mut a = node("a");
+    a.tick(ms(2000));
+    assert_eq!(a.role(), Role::PreCandidate);
+    a.take_ready();
+    a.retire(ms(2001));
+    assert_eq!(a.role(), Role::Follower);
+    a.step(
+        ms(2002),
+        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
+    )
+    .unwrap();
+    assert_eq!(a.role(), Role::Follower);
+    assert_eq!(a.term(), Term(0), "no election started");
+    assert!(a.take_ready().messages.is_empty());
+}
+
+#[test]
+fn a_candidate_that_retires_refuses_the_votes_that_would_make_it_leader() {
+    let mut a = node("a");
+    a.tick(ms(2000));
+    a.step(
+        ms(2000),
+        msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
+    )
+    .unwrap();
+    assert_eq!(a.role(), Role::Candidate);
+    a.take_ready();
+    a.retire(ms(2001));
+    a.step(
+        ms(2002),
+        msg(
+            "b",
+            "a",
+            1,
+            MessageBody::RequestVoteResponse {
+                granted: true,
+                leader_contact_age: LONG_AGO,
+            },
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.role(), Role::Follower);
+    assert!(a.lease_until().is_none());
+}
+
+#[test]
+fn a_retiring_follower_answers_timeout_now_from_its_leader_with_leave() {
+    let t = ms(4000);
+    let mut b = follower_b_of_a(t);
+    b.retire(t);
+    b.step(t, msg("a", "b", 1, MessageBody::TimeoutNow))
+        .unwrap();
+    assert_eq!(b.role(), Role::Follower);
+    assert_eq!(b.term(), Term(1), "no campaign");
+    let ready = b.take_ready();
+    assert_eq!(sent_kinds(&ready), vec![("a".to_string(), "leave")]);
+}
+
+#[test]
+fn a_retiring_node_still_votes_for_another_candidate() {
+    let mut c = node("c");
+    c.retire(ms(1000));
+    c.step(
+        ms(5000),
+        msg(
+            "b",
+            "c",
+            1,
+            MessageBody::RequestVote {
+                last_log_index: 1,
+                last_log_term: Term(0),
+                transfer: false,
+            },
+        ),
+    )
+    .unwrap();
+    assert!(matches!(
+        c.take_ready().messages[0].body,
+        MessageBody::RequestVoteResponse { granted: true, .. }
+    ));
+}
+
+#[test]
+fn a_leader_whose_transfer_target_refuses_hands_over_to_the_next_voter_at_once() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    a.step(ms(2001), ack("c", 1, 2, ms(2000))).unwrap();
+    a.retire(ms(2002));
+    let first = a.transfer_leadership(ms(2002), None).unwrap();
+    a.take_ready();
+    a.step(ms(2003), msg(&first.name, "a", 1, MessageBody::Leave))
+        .unwrap();
+    assert!(!a.is_transferring(), "the refusal ends the transfer");
+    assert_eq!(a.role(), Role::Leader);
+    let second = a.transfer_leadership(ms(2003), None).unwrap();
+    assert_ne!(second, first, "a retiring voter is no target");
+    let ready = a.take_ready();
+    assert_eq!(
+        sent_kinds(&ready),
+        vec![(second.name.clone(), "timeout_now")]
+    );
+}
+
+#[test]
+fn a_retiring_leader_with_every_other_voter_leaving_abdicates_and_tells_every_member() {
+    let mut a = leader_a();
+    a.retire(ms(2001));
+    a.step(ms(2001), msg("b", "a", 1, MessageBody::Leave))
+        .unwrap();
+    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave))
+        .unwrap();
+    assert!(a.others_retiring());
+    assert_eq!(
+        a.transfer_leadership(ms(2002), None),
+        Err(TransferError::NoTarget)
+    );
+    a.take_ready();
+    assert!(a.abdicate(ms(2002)));
+    assert_eq!(a.role(), Role::Follower);
+    let ready = a.take_ready();
+    let mut sent = sent_kinds(&ready);
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![("b".to_string(), "leave"), ("c".to_string(), "leave")]
+    );
+    // It never campaigns afterwards.
+    a.tick(ms(9000));
+    assert_eq!(a.role(), Role::Follower);
+}
+
+#[test]
+fn a_leader_that_is_not_retiring_does_not_abdicate() {
+    let mut a = leader_a();
+    assert!(!a.abdicate(ms(2001)));
+    assert_eq!(a.role(), Role::Leader);
+}
+
+#[test]
+fn a_follower_whose_leader_sends_leave_learns_the_group_is_going_away() {
+    let t = ms(4000);
+    let mut b = follower_b_of_a(t);
+    assert!(!b.leader_abdicated());
+    // Leave from another follower means nothing to a follower.
+    b.step(t, msg("c", "b", 1, MessageBody::Leave)).unwrap();
+    assert!(!b.leader_abdicated());
+    b.step(t, msg("a", "b", 1, MessageBody::Leave)).unwrap();
+    assert!(b.leader_abdicated());
+    assert!(b.others_retiring(), "a and c both said so");
+}
+
+#[test]
+fn retiring_peers_outside_the_configuration_are_not_kept() {
+    let mut b = node("b");
+    b.note_retiring(&id("z"));
+    b.note_retiring(&NodeId::new("c", 2));
+    assert!(!b.others_retiring());
+    b.note_retiring(&id("a"));
+    b.note_retiring(&id("c"));
+    assert!(b.others_retiring());
+}
+
+#[test]
+fn a_node_that_leaves_without_a_known_leader_tells_every_other_voter() {
+    let mut b = node("b");
+    b.retire(ms(1000));
+    b.take_ready();
+    assert!(!b.leave(), "no leader known");
+    let mut sent = sent_kinds(&b.take_ready());
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![("a".to_string(), "leave"), ("c".to_string(), "leave")]
+    );
+}
+
+#[test]
+fn an_abdicating_leader_also_tells_the_members_it_just_removed() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    a.step(ms(2001), ack("c", 1, 2, ms(2000))).unwrap();
+    a.step(ms(2001), msg("c", "a", 1, MessageBody::Leave))
+        .unwrap();
+    a.tick(ms(2050));
+    assert!(!a.configuration().0.contains(&id("c")), "c removed");
+    a.take_ready();
+    a.retire(ms(2051));
+    a.step(ms(2052), msg("b", "a", 1, MessageBody::Leave))
+        .unwrap();
+    assert!(a.transfer_leadership(ms(2052), None).is_err());
+    assert!(a.abdicate(ms(2052)));
+    let mut sent = sent_kinds(&a.take_ready());
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![("b".to_string(), "leave"), ("c".to_string(), "leave")]
+    );
+}
+
+#[test]
+fn a_leader_that_stepped_down_in_this_term_does_not_tell_its_followers_it_leaves() {
+    let mut a = leader_a();
+    a.retire(ms(2001));
+    a.transfer_leadership(ms(2001), None).unwrap();
+    a.take_ready();
+    // The target never takes over: a steps down at the transfer deadline.
+    a.tick(ms(2001) + Duration::from_millis(150));
+    assert_eq!(a.role(), Role::Follower);
+    assert!(!a.leave());
+    assert!(
+        a.take_ready().messages.is_empty(),
+        "a Leave from their leader would tell b and c the group is going away"
+    );
+}

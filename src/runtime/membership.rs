@@ -12,11 +12,26 @@
 //! Debounce: a peer must be seen twice, `add_after` apart, before it is added,
 //! and a removal waits for the grace period, so a flapping DNS answer does
 //! not churn the configuration.
+//!
+//! Tombstones: an incarnation that left (its hello said `leaving`) or was
+//! removed from the configuration by any path (its Leave, gone from
+//! discovery, replaced by a new incarnation) is tombstoned: it is neither
+//! observed nor added again, so a departing pod that still answers hello for
+//! a moment is not re-added behind its own removal. Tombstones are per
+//! incarnation: a new incarnation with the same name joins as usual. They
+//! expire after [`TOMBSTONE_GRACE_FACTOR`] removal grace periods (only an
+//! incarnation that is still alive then, e.g. one removed while partitioned,
+//! is added back) and at most [`MAX_TOMBSTONES`] are kept.
 
 use crate::raft::{Configuration, NodeId};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// A tombstone lasts this many removal grace periods (2 min by default).
+pub const TOMBSTONE_GRACE_FACTOR: u32 = 4;
+/// Most tombstones kept; the oldest is dropped first beyond it.
+pub const MAX_TOMBSTONES: usize = 1024;
 
 /// Timing of membership decisions.
 #[derive(Clone, Debug)]
@@ -51,6 +66,13 @@ pub struct MembershipDriver {
     seen: HashMap<NodeId, Sighting>,
     /// When this node started watching (removals wait a grace period from it).
     since: Instant,
+    /// Incarnations that left or were removed, and when: never added again
+    /// while the tombstone lasts.
+    tombstones: HashMap<NodeId, Instant>,
+    /// Members of the configuration seen by the last
+    /// [`track_configuration`](Self::track_configuration); those missing
+    /// from the next one are tombstoned.
+    members: BTreeSet<NodeId>,
 }
 
 impl MembershipDriver {
@@ -60,11 +82,17 @@ impl MembershipDriver {
             policy,
             seen: HashMap::new(),
             since: now,
+            tombstones: HashMap::new(),
+            members: BTreeSet::new(),
         }
     }
 
-    /// Records that `id` answered at `address`.
+    /// Records that `id` answered at `address`. A tombstoned incarnation is
+    /// not recorded: it left and must not be added again.
     pub fn observe(&mut self, id: NodeId, address: String, now: Instant) {
+        if self.is_tombstoned(&id, now) {
+            return;
+        }
         let s = self.seen.entry(id).or_insert(Sighting {
             address: address.clone(),
             first_seen: now,
@@ -81,6 +109,62 @@ impl MembershipDriver {
     /// Forgets a peer (it is leaving on purpose).
     pub fn forget(&mut self, id: &NodeId) {
         self.seen.remove(id);
+    }
+
+    /// Forgets incarnation `id` and refuses to observe or add it again
+    /// while the tombstone lasts: it left, or it was removed. Other
+    /// incarnations of the same name are not affected.
+    pub fn tombstone(&mut self, id: NodeId, now: Instant) {
+        self.seen.remove(&id);
+        self.expire_tombstones(now);
+        if self.tombstones.len() >= MAX_TOMBSTONES && !self.tombstones.contains_key(&id) {
+            let oldest = self
+                .tombstones
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.tombstones.remove(&oldest);
+            }
+        }
+        self.tombstones.insert(id, now);
+    }
+
+    /// Returns whether incarnation `id` is tombstoned at `now`.
+    pub fn is_tombstoned(&self, id: &NodeId, now: Instant) -> bool {
+        self.tombstones
+            .get(id)
+            .is_some_and(|at| now.saturating_duration_since(*at) < self.tombstone_ttl())
+    }
+
+    /// Tombstones every member of the previously tracked configuration that
+    /// `config` no longer holds (removed by any path: Leave, gone from
+    /// discovery, replaced incarnation), then remembers `config`'s members.
+    /// Call it before [`next_change`](Self::next_change) and whenever the
+    /// configuration may have changed, on every role: a follower that
+    /// becomes leader must know what its predecessor removed.
+    pub fn track_configuration(&mut self, me: &NodeId, config: &Configuration, now: Instant) {
+        let current: BTreeSet<NodeId> = config.members().map(|(id, _)| id.clone()).collect();
+        let removed: Vec<NodeId> = self
+            .members
+            .difference(&current)
+            .filter(|id| *id != me)
+            .cloned()
+            .collect();
+        for id in removed {
+            self.tombstone(id, now);
+        }
+        self.members = current;
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.policy.removal_grace * TOMBSTONE_GRACE_FACTOR
+    }
+
+    fn expire_tombstones(&mut self, now: Instant) {
+        let ttl = self.tombstone_ttl();
+        self.tombstones
+            .retain(|_, at| now.saturating_duration_since(*at) < ttl);
     }
 
     /// Restarts the removal grace period (call when becoming leader: a new
@@ -117,6 +201,7 @@ impl MembershipDriver {
         // Forget peers unseen for much longer than any decision needs.
         self.seen
             .retain(|_, s| now.saturating_duration_since(s.last_seen) <= grace * 4);
+        self.expire_tombstones(now);
         let fresh = |s: &Sighting| now.saturating_duration_since(s.last_seen) <= grace;
 
         // 1. A member replaced by a new incarnation: another identity answers
@@ -161,6 +246,7 @@ impl MembershipDriver {
             .filter(|(id, s)| {
                 *id != me
                     && !config.contains(id)
+                    && !self.tombstones.contains_key(*id)
                     && now.saturating_duration_since(s.last_seen) <= self.policy.add_after * 2
                     && s.last_seen.saturating_duration_since(s.first_seen) >= self.policy.add_after
             })
@@ -268,6 +354,95 @@ mod tests {
                 reason: "gone from discovery"
             })
         );
+    }
+
+    /// Sees `id` at `b:4041` at t0 and again `add_after` later.
+    fn seen_steadily(d: &mut MembershipDriver, id: NodeId, t0: Instant) -> Instant {
+        d.observe(id.clone(), "b:4041".into(), t0);
+        let t1 = t0 + Duration::from_millis(1100);
+        d.observe(id, "b:4041".into(), t1);
+        t1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_removed_after_its_leave_is_not_added_back_while_it_still_answers() {
+        let t0 = Instant::now();
+        let me = id("a", 1);
+        let mut d = MembershipDriver::new(policy(), t0);
+        let with_b = config(&[("a", 1), ("b", 1)]);
+        d.track_configuration(&me, &with_b, t0);
+        let t1 = seen_steadily(&mut d, id("b", 1), t0);
+        // The core removed b on its Leave; b's process still answers hello.
+        let without_b = config(&[("a", 1)]);
+        d.track_configuration(&me, &without_b, t1);
+        let t2 = t1 + Duration::from_millis(100);
+        d.observe(id("b", 1), "b:4041".into(), t2);
+        let t3 = t2 + Duration::from_millis(1100);
+        d.observe(id("b", 1), "b:4041".into(), t3);
+        assert_eq!(d.next_change(&me, &without_b, t3), None);
+        assert!(d.recently_seen(t3, Duration::from_secs(5)).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_incarnation_with_a_tombstoned_name_still_joins() {
+        let t0 = Instant::now();
+        let me = id("a", 1);
+        let cfg = config(&[("a", 1)]);
+        let mut d = MembershipDriver::new(policy(), t0);
+        d.tombstone(id("b", 1), t0);
+        let t1 = seen_steadily(&mut d, id("b", 2), t0);
+        assert_eq!(
+            d.next_change(&me, &cfg, t1),
+            Some(MembershipChange::AddLearner {
+                id: id("b", 2),
+                address: "b:4041".into()
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_removed_as_gone_or_replaced_is_tombstoned_too() {
+        let t0 = Instant::now();
+        let me = id("a", 1);
+        let mut d = MembershipDriver::new(policy(), t0);
+        d.track_configuration(&me, &config(&[("a", 1), ("b", 1), ("c", 1)]), t0);
+        d.track_configuration(&me, &config(&[("a", 1), ("c", 1)]), t0);
+        d.track_configuration(&me, &config(&[("a", 1)]), t0);
+        assert!(d.is_tombstoned(&id("b", 1), t0));
+        assert!(d.is_tombstoned(&id("c", 1), t0));
+        assert!(!d.is_tombstoned(&id("a", 1), t0), "never itself");
+        assert!(!d.is_tombstoned(&id("c", 2), t0), "per incarnation");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tombstone_expires_after_four_removal_grace_periods() {
+        let t0 = Instant::now();
+        let me = id("a", 1);
+        let cfg = config(&[("a", 1)]);
+        let mut d = MembershipDriver::new(policy(), t0);
+        d.tombstone(id("b", 1), t0);
+        let almost = t0 + Duration::from_secs(39);
+        assert!(d.is_tombstoned(&id("b", 1), almost));
+        let after = t0 + Duration::from_secs(40);
+        assert!(!d.is_tombstoned(&id("b", 1), after));
+        let t1 = seen_steadily(&mut d, id("b", 1), after);
+        assert!(matches!(
+            d.next_change(&me, &cfg, t1),
+            Some(MembershipChange::AddLearner { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tombstones_are_bounded_and_the_oldest_goes_first() {
+        let t0 = Instant::now();
+        let mut d = MembershipDriver::new(policy(), t0);
+        for i in 0..=MAX_TOMBSTONES as u64 {
+            d.tombstone(id("p", i), t0 + Duration::from_millis(i));
+        }
+        let now = t0 + Duration::from_secs(2);
+        assert_eq!(d.tombstones.len(), MAX_TOMBSTONES);
+        assert!(!d.is_tombstoned(&id("p", 0), now), "oldest dropped");
+        assert!(d.is_tombstoned(&id("p", MAX_TOMBSTONES as u64), now));
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,7 +20,7 @@ use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, NodeId, RaftCore, Role, Time};
+use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, StorageError};
 use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
@@ -45,6 +45,9 @@ const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
 const FORGET_UNSEEN_AFTER: u32 = 4;
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
+/// Longest a retiring node waits before it checks again whether anything
+/// is left to wait for (inputs wake it sooner).
+const LEAVE_RECHECK: Duration = Duration::from_millis(20);
 /// How recently a peer must have answered to count for bootstrap.
 const BOOTSTRAP_FRESHNESS: Duration = Duration::from_secs(5);
 
@@ -178,15 +181,24 @@ impl NodeTask {
     fn step(&mut self, inbound: Inbound) {
         match inbound {
             Inbound::Message(msg) => self.step_message(msg),
-            // A crash or a network failure; the election timeout decides
-            // what it means (issue 12 may act on a lost leader sooner).
-            Inbound::ConnectionLost { peer } => debug!(%peer, "connection to a peer lost"),
+            // Most likely the peer's process died (the kernel closed its
+            // socket without a goodbye). If it was our leader, the core
+            // campaigns now and its lease waits out the old one (see the
+            // core's "Crash failover").
+            Inbound::ConnectionLost { peer } => {
+                debug!(%peer, "connection to a peer ended without a goodbye");
+                let now = self.now();
+                self.core.leader_connection_lost(now, &peer);
+            }
         }
     }
 
     fn step_message(&mut self, msg: Message) {
         let now = self.now();
         let (from, kind) = (msg.from.clone(), msg.body.kind());
+        if matches!(msg.body, MessageBody::Leave | MessageBody::TimeoutNow) {
+            debug!(%from, kind, term = msg.term.0, "lifecycle message");
+        }
         if let Err(e) = self.core.step(now, msg) {
             self.metrics
                 .rejected_messages
@@ -213,8 +225,10 @@ impl NodeTask {
         }
         self.directory.insert(info.id.clone(), info.address.clone());
         if info.leaving {
-            // A member on its way out is neither added again nor waited for.
-            self.membership.forget(&info.id);
+            // A member on its way out is neither added again nor waited for,
+            // nor handed leadership.
+            self.membership.tombstone(info.id.clone(), now);
+            self.core.note_retiring(&info.id);
         } else {
             self.membership
                 .observe(info.id.clone(), info.address.clone(), now);
@@ -261,6 +275,11 @@ impl NodeTask {
         let now = Instant::now();
         self.prune_unseen(now);
         self.maybe_bootstrap(now);
+        // Every role tracks removals: a follower that becomes leader must
+        // not re-add what its predecessor removed.
+        let me = self.core.id().clone();
+        self.membership
+            .track_configuration(&me, &self.core.configuration().0, now);
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
         }
@@ -490,9 +509,12 @@ impl NodeTask {
 
     // ----- shutdown ------------------------------------------------------------------
 
-    /// Hands leadership over (TimeoutNow to the most up-to-date voter), then
-    /// asks the leader to remove this member, then returns. Bounded by
-    /// `shutdown_timeout`.
+    /// Retires the core (it never campaigns or leads again), hands
+    /// leadership over (TimeoutNow to the most up-to-date voter not known to
+    /// be leaving, the next one when a target refuses), asks the leader to
+    /// remove this member, then returns. Whether there is anything left to
+    /// wait for is checked again after every input, not once: the group may
+    /// be going away around this node. Bounded by `shutdown_timeout`.
     async fn graceful_shutdown(
         mut self,
         inbound: &mut mpsc::Receiver<Inbound>,
@@ -501,48 +523,92 @@ impl NodeTask {
         let started = Instant::now();
         let deadline = started + self.opts.shutdown_timeout;
         self.shutting_down = true;
+        let now = self.now();
+        self.core.retire(now);
         // Stop claiming leadership at once: /is-leader answers 503 from here on.
         let view = self.core.leadership();
         self.publish(&view);
         self.metrics.is_leader.set(0);
-        let (config, _) = self.core.configuration();
-        let me = self.core.id();
-        if !config.contains(me) || (config.voters.len() == 1 && config.is_voter(me)) {
-            // Not a member, or the only voter: nothing to hand over or leave.
-            info!("shutting down: not a member or the only voter, leaving at once");
-            return Ok(());
-        }
-        if self.core.role() == Role::Leader {
-            let now = self.now();
-            match self.core.transfer_leadership(now, None) {
-                Ok(target) => info!(%target, "shutting down: handing leadership over"),
-                Err(e) => info!(error = %e, "shutting down: no one to hand leadership to"),
-            }
-            self.handle_ready()?;
-            let handover_by = Instant::now() + self.core.config().election_timeout_max * 2;
-            while self.core.role() == Role::Leader && Instant::now() < handover_by.min(deadline) {
-                self.pump(inbound, seen, handover_by.min(deadline)).await?;
-            }
-        }
-        // Ask to be removed, and wait until a configuration without us arrives.
+        info!(role = %self.core.role(), "shutting down: retiring, never leading again");
+        self.handle_ready()?;
         let mut next_leave = Instant::now();
-        while self.core.configuration().0.contains(self.core.id()) && Instant::now() < deadline {
-            if Instant::now() >= next_leave {
+        // The leader last asked: a new one (or none) is asked at once.
+        let mut asked: Option<Option<NodeId>> = None;
+        let reason = loop {
+            if let Some(reason) = self.nothing_left_to_wait_for() {
+                break reason;
+            }
+            if Instant::now() >= deadline {
+                break "shutdown timeout";
+            }
+            if self.core.role() == Role::Leader {
+                if !self.core.is_transferring() {
+                    let now = self.now();
+                    match self.core.transfer_leadership(now, None) {
+                        Ok(target) => info!(%target, "shutting down: handing leadership over"),
+                        Err(e) => {
+                            info!(error = %e, "shutting down: nobody left to hand leadership over to");
+                            self.core.abdicate(now);
+                            self.handle_ready()?;
+                            break "nobody left to hand leadership over to";
+                        }
+                    }
+                }
+            } else if Instant::now() >= next_leave
+                || asked.as_ref() != Some(&self.core.leader().cloned())
+            {
+                asked = Some(self.core.leader().cloned());
                 if self.core.leave() {
                     debug!("asked the leader to remove this member");
                 }
-                self.handle_ready()?;
                 next_leave = Instant::now() + LEAVE_RETRY;
             }
-            self.pump(inbound, seen, next_leave.min(deadline)).await?;
-        }
+            self.handle_ready()?;
+            // Never a wakeup in the past: that would spin without yielding
+            // and starve the tasks that carry this node's messages.
+            let now = Instant::now();
+            let mut wake = (now + LEAVE_RECHECK).min(deadline);
+            if next_leave > now {
+                wake = wake.min(next_leave);
+            }
+            self.pump(inbound, seen, wake).await?;
+        };
         let removed = !self.core.configuration().0.contains(self.core.id());
         info!(
             removed,
+            reason,
             took_ms = started.elapsed().as_millis() as u64,
             "left the cluster"
         );
         Ok(())
+    }
+
+    /// Returns why a retiring node may exit now, if it may: it is no longer
+    /// a member (removed, or never joined); it is the only voter; or, not
+    /// leading, the group is going away: its leader left without a
+    /// successor, or every other voter is leaving and no leader was heard
+    /// for an election timeout (none will be elected to remove it).
+    fn nothing_left_to_wait_for(&self) -> Option<&'static str> {
+        let (config, _) = self.core.configuration();
+        let me = self.core.id();
+        if !config.contains(me) {
+            return Some("not a member");
+        }
+        if config.voters.len() == 1 && config.is_voter(me) {
+            return Some("the only voter");
+        }
+        if self.core.role() == Role::Leader {
+            return None;
+        }
+        if self.core.leader_abdicated() {
+            return Some("the leader left without a successor: the group is going away");
+        }
+        let silent = self.now().saturating_since(self.core.last_leader_contact())
+            >= self.core.config().election_timeout_max;
+        if self.core.others_retiring() && silent {
+            return Some("every other voter is leaving and no leader is left");
+        }
+        None
     }
 
     /// Processes one input, or ticks the core at its next deadline or at
@@ -576,7 +642,7 @@ mod tests {
     //! The node task with a recording store and transport: what it saves,
     //! what it sends and where, in which order, and what it forgets.
     use super::*;
-    use crate::raft::{Config, HardState, MessageBody, Term};
+    use crate::raft::{Config, HardState, Term};
     use std::sync::{Arc, Mutex};
 
     #[derive(Debug, PartialEq)]
