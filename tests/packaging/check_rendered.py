@@ -91,6 +91,10 @@ def check_common(docs, fullname, group, sa_name):
     expect(ports.get("raft") == 4041, "peer Service port named raft (SRV _raft._tcp) on 4041")
     expect(ports.get("http") == 4040, "peer Service port named http on 4040")
     one(docs, "CustomResourceDefinition", "leaderelections.raft-elector.io")
+    le = one(docs, "LeaderElection", group)
+    expect(le["spec"]["service"] == f"{fullname}-peers", "LeaderElection names the peer Service")
+    expect(le["spec"]["podSelector"] == f"raft-elector.io/group={group}", "LeaderElection selects the group's pods")
+    expect("status" not in le, "the chart leaves the LeaderElection status to the leader")
     for d in docs:
         if d["kind"] != "CustomResourceDefinition":
             expect(d["metadata"].get("namespace") in ("packaging", "monitoring"),
