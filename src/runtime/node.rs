@@ -49,6 +49,9 @@ const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
 const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
+/// How long a leader that abdicated keeps running so that its Leave
+/// messages are sent before the process exits.
+const FAREWELL_LINGER: Duration = Duration::from_millis(30);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
@@ -603,6 +606,13 @@ impl NodeTask {
                             info!(error = %e, "shutting down: nobody left to hand leadership over to");
                             self.core.abdicate(now);
                             self.handle_ready()?;
+                            // The client sends from tasks of its own: give
+                            // the farewell Leaves a moment to leave the
+                            // process, or the members wait for nothing.
+                            let linger = Instant::now() + FAREWELL_LINGER;
+                            while Instant::now() < linger {
+                                self.pump(inbound, seen, linger).await?;
+                            }
                             break "nobody left to hand leadership over to";
                         }
                     }
