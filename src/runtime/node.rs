@@ -292,7 +292,7 @@ impl NodeTask {
         // not re-add what its predecessor removed.
         let me = self.core.id().clone();
         self.membership
-            .track_configuration(&me, &self.core.configuration().0, now);
+            .track_configuration(&me, self.core.configuration().0, now);
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
         }
