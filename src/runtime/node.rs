@@ -186,6 +186,9 @@ impl NodeTask {
         self.handle_ready()?;
         loop {
             tokio::select! {
+                // The signal first: an input stepped after it could still
+                // make this node leader.
+                biased;
                 // SIGTERM / Ctrl-C (or the signal task is gone).
                 _ = &mut stop => break,
                 // Raft timers, peer messages and hello answers, until the
