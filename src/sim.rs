@@ -880,10 +880,12 @@ impl Sim {
     /// What the runtime does for a retiring leader after every input: hand
     /// over again when a target refused, abdicate when nobody is left.
     fn hand_over_if_retiring(core: &mut RaftCore, now: Time) {
-        if core.is_retiring() && core.role() == Role::Leader && !core.is_transferring() {
-            if core.transfer_leadership(now, None).is_err() {
-                core.abdicate(now);
-            }
+        if core.is_retiring()
+            && core.role() == Role::Leader
+            && !core.is_transferring()
+            && core.transfer_leadership(now, None).is_err()
+        {
+            core.abdicate(now);
         }
     }
 

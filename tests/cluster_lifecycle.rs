@@ -63,14 +63,35 @@ fn message(line: &Value) -> &str {
     line["fields"]["message"].as_str().unwrap_or("")
 }
 
-/// Returns whether the run logged "became leader" after its SIGTERM.
+/// Returns whether the run logged "became leader" after its node task
+/// took the SIGTERM (it logs "shutting down: retiring" then; the signal
+/// handler's own line may come a few microseconds earlier, while the task
+/// still steps the input in hand).
 fn led_after_sigterm(lines: &[Value]) -> bool {
-    let Some(termed) = lines.iter().position(|l| message(l).starts_with("SIGTERM")) else {
+    let Some(termed) = lines
+        .iter()
+        .position(|l| message(l).starts_with("shutting down: retiring"))
+    else {
         return false;
     };
     lines[termed..]
         .iter()
         .any(|l| message(l) == "became leader")
+}
+
+/// Returns whether the run logged "became leader" between the signal
+/// handler's line and the node task's retiring line.
+fn led_while_taking_the_signal(lines: &[Value]) -> bool {
+    let signal = lines.iter().position(|l| message(l).starts_with("SIGTERM"));
+    let retired = lines
+        .iter()
+        .position(|l| message(l).starts_with("shutting down: retiring"));
+    match (signal, retired) {
+        (Some(from), Some(to)) if from < to => lines[from..to]
+            .iter()
+            .any(|l| message(l) == "became leader"),
+        _ => false,
+    }
 }
 
 /// Returns the run's "left the cluster" line.
@@ -233,13 +254,44 @@ async fn scaling_five_to_three_removes_the_departed_members_for_good() {
     assert!(settled <= WITHIN, "learners back to 0 took {settled:?}");
 }
 
+/// Returns whether process `pid` has ended (a zombie not reaped yet, or gone).
+fn has_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
+/// Watches every process at once and returns, per process, the time from
+/// its SIGTERM (`termed`) to its end, to within 2 ms.
+async fn exit_times(pids: &[u32], termed: &[Instant]) -> Vec<Duration> {
+    let mut took: Vec<Option<Duration>> = vec![None; pids.len()];
+    let deadline = Instant::now() + EXIT;
+    while took.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (i, pid) in pids.iter().enumerate() {
+            if took[i].is_none() && has_ended(*pid) {
+                took[i] = Some(termed[i].elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    took.into_iter().map(|t| t.unwrap_or(EXIT)).collect()
+}
+
 /// Runs `trials` group shutdowns of an `n`-member cluster; returns every
 /// member's time from SIGTERM to exit.
 async fn group_shutdowns(n: usize, trials: usize, net: u8) -> Vec<Duration> {
-    let config = ClusterConfig {
+    let mut config = ClusterConfig {
         loopback_net: net,
         ..ClusterConfig::default()
     };
+    // Lifecycle messages (Leave, TimeoutNow) show in the log of a slow exit.
+    config
+        .extra_args
+        .extend(["--log-level", "info,raft_elector::runtime::node=debug"].map(String::from));
     let mut cluster = Cluster::start(n, config).await;
     wait_for_voters(&cluster, n, "all members voters").await;
     let mut exits = Vec::new();
@@ -248,17 +300,32 @@ async fn group_shutdowns(n: usize, trials: usize, net: u8) -> Vec<Duration> {
         for slot in 0..n {
             termed.push(cluster.sigterm(slot));
         }
-        for (slot, at) in termed.into_iter().enumerate() {
+        let pids: Vec<u32> = (0..n).filter_map(|s| cluster.node(s).pid()).collect();
+        for (slot, took) in exit_times(&pids, &termed).await.into_iter().enumerate() {
             let status = cluster.wait_exit(slot, EXIT).await;
             assert!(
                 status.success(),
                 "trial {trial}: node-{slot} exited with {status}"
             );
-            exits.push(at.elapsed());
+            if took > WITHIN {
+                let run: Vec<String> = last_run(&cluster.node(slot).log)
+                    .iter()
+                    .filter(|l| !message(l).contains("discovered"))
+                    .map(|l| format!("{} {}", l["timestamp"], l["fields"]))
+                    .collect();
+                eprintln!(
+                    "trial {trial}: node-{slot} took {took:?}:\n{}",
+                    run.join("\n")
+                );
+            }
+            exits.push(took);
         }
         let mut removed = Vec::new();
         for slot in 0..n {
             let lines = last_run(&cluster.node(slot).log);
+            if led_while_taking_the_signal(&lines) {
+                eprintln!("trial {trial}: node-{slot} became leader while its SIGTERM was on its way to the node task");
+            }
             assert!(
                 !led_after_sigterm(&lines),
                 "trial {trial}: node-{slot} became leader after its SIGTERM"

@@ -46,6 +46,9 @@ const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
 const FORGET_UNSEEN_AFTER: u32 = 4;
 /// Period of re-sent Leave requests during shutdown.
 const LEAVE_RETRY: Duration = Duration::from_millis(200);
+/// How long a leader that abdicated keeps running so that its Leave
+/// messages are sent before the process exits.
+const FAREWELL_LINGER: Duration = Duration::from_millis(30);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
@@ -156,6 +159,9 @@ impl NodeTask {
         self.handle_ready()?;
         loop {
             tokio::select! {
+                // The signal first: an input stepped after it could still
+                // make this node leader.
+                biased;
                 // SIGTERM / Ctrl-C (or the signal task is gone).
                 _ = &mut stop => break,
                 // Raft timers, peer messages and hello answers, until the
@@ -304,7 +310,7 @@ impl NodeTask {
         // not re-add what its predecessor removed.
         let me = self.core.id().clone();
         self.membership
-            .track_configuration(&me, &self.core.configuration().0, now);
+            .track_configuration(&me, self.core.configuration().0, now);
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
         }
@@ -615,6 +621,13 @@ impl NodeTask {
                             info!(error = %e, "shutting down: nobody left to hand leadership over to");
                             self.core.abdicate(now);
                             self.handle_ready()?;
+                            // The client sends from tasks of its own: give
+                            // the farewell Leaves a moment to leave the
+                            // process, or the members wait for nothing.
+                            let linger = Instant::now() + FAREWELL_LINGER;
+                            while Instant::now() < linger {
+                                self.pump(inbound, seen, linger).await?;
+                            }
                             break "nobody left to hand leadership over to";
                         }
                     }
