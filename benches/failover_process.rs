@@ -453,9 +453,12 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    // `--binary PATH` measures a binary built elsewhere (e.g. `cargo build
+    // --release`) instead of this build's.
     let mut builds = vec![Build {
         name: "this build".to_string(),
-        binary: PathBuf::from(support::cluster::BIN),
+        binary: flag("--binary")
+            .map_or_else(|| PathBuf::from(support::cluster::BIN), PathBuf::from),
     }];
     if let Some(path) = flag("--baseline") {
         builds.push(Build {
