@@ -715,6 +715,19 @@ impl NodeTask {
     }
 }
 
+/// Lists a configuration's members for the leadership watch, voters first.
+fn members_of(config: &Configuration) -> Vec<crate::leadership::MemberInfo> {
+    let member = |(id, address): (&NodeId, &String), voter| crate::leadership::MemberInfo {
+        name: id.name.clone(),
+        id: id.to_string(),
+        address: address.clone(),
+        voter,
+    };
+    let voters = config.voters.iter().map(|m| member(m, true));
+    let learners = config.learners.iter().map(|m| member(m, false));
+    voters.chain(learners).collect()
+}
+
 #[cfg(test)]
 mod tests {
     //! The node task with a recording store and transport: what it saves,
@@ -956,17 +969,4 @@ mod tests {
         task.publish(&other);
         assert!(rx.has_changed().unwrap(), "anything else is news");
     }
-}
-
-/// Lists a configuration's members for the leadership watch, voters first.
-fn members_of(config: &Configuration) -> Vec<crate::leadership::MemberInfo> {
-    let member = |(id, address): (&NodeId, &String), voter| crate::leadership::MemberInfo {
-        name: id.name.clone(),
-        id: id.to_string(),
-        address: address.clone(),
-        voter,
-    };
-    let voters = config.voters.iter().map(|m| member(m, true));
-    let learners = config.learners.iter().map(|m| member(m, false));
-    voters.chain(learners).collect()
 }
