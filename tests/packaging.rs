@@ -195,18 +195,18 @@ fn schema_leaves(schema: &Value, prefix: &str, out: &mut Vec<String>) {
 }
 
 #[test]
-fn every_chart_value_is_in_the_schema_and_documented_in_docs_chart_md() {
+fn every_chart_value_is_in_the_schema_and_documented_in_the_readme() {
     let schema: Value = serde_json::from_str(&read("charts/raft-elector/values.schema.json"))
         .expect("values.schema.json is JSON");
     let mut leaves = Vec::new();
     schema_leaves(&schema, "", &mut leaves);
     assert!(leaves.len() > 30, "{leaves:?}");
-    let docs = read("docs/chart.md");
+    let docs = read("README.md");
     let values = read("charts/raft-elector/values.yaml");
     for leaf in leaves.iter().filter(|l| *l != "global") {
         assert!(
             docs.contains(&format!("`{leaf}`")),
-            "docs/chart.md does not document the value `{leaf}`"
+            "README.md does not document the value `{leaf}`"
         );
         let last = leaf.rsplit('.').next().unwrap_or(leaf);
         assert!(

@@ -43,7 +43,7 @@ pub const SERVICE_ACCOUNT: &str = "raft-elector";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The Role the chart ships: exactly the requests the sidecar makes
-/// (docs/kubernetes.md lists them one by one).
+/// (the README's Kubernetes section lists them one by one).
 pub fn role_rules() -> Vec<PolicyRule> {
     let rule = |group: &str, resource: &str, verbs: &[&str]| PolicyRule {
         api_groups: Some(vec![group.to_string()]),
