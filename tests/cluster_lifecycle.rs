@@ -409,6 +409,12 @@ async fn rolling_restart(n: usize, net: u8) -> (usize, usize) {
         timeline.samples.len(),
         timeline.ambiguous_overlaps()
     );
+    // Checked while the cluster lives, so that a failure prints every log.
+    assert!(replaced_leaders >= 1, "the leader was replaced too");
+    assert!(
+        handoffs <= replaced_leaders,
+        "{n} members: {handoffs} handoffs for {replaced_leaders} replaced leaders"
+    );
     (handoffs, replaced_leaders)
 }
 
