@@ -91,6 +91,19 @@ async fn events(env: &KubeEnv) -> Vec<Event> {
         .collect()
 }
 
+/// Waits until `n` LeaderElected Events are out; panics after `bound`.
+async fn wait_events(env: &KubeEnv, n: usize, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    loop {
+        let have = events(env).await.len();
+        if have >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{have} Events out, want {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_pod_is_labelled_and_status_shows_it_then_nothing_is_written() {
     let Some(env) = KubeEnv::start("labels_and_status").await else {
@@ -199,6 +212,8 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
     let watch = LeaderWatch::start(&env).await;
     let mut slot = wait_voters(&mut cluster, 3).await;
     wait_published(&env, &cluster.node(slot).name.clone(), LABEL_BOUND).await;
+    // The first leader's Event is the last write of its first pass.
+    wait_events(&env, 1, LABEL_BOUND).await;
     let mut moved = Vec::new();
     let mut writes_per_change = Vec::new();
     for round in 0..rounds {
@@ -237,6 +252,8 @@ async fn kill9_failovers_move_labels_and_a_watch_never_sees_two_leaders() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The Event is the pass's last write: once it is out, so is the rest.
+        wait_events(&env, round + 2, LABEL_BOUND).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after = requests(&cluster, WRITES, Some(victim)).await;
         writes_per_change.push(after - before);
