@@ -1,6 +1,7 @@
 //! Failover of real `raft-elector run` processes on loopback: kill -9 the
 //! leader again and again (3, 5 and 7 nodes), hand leadership over with
-//! SIGTERM (5 nodes), and measure idle CPU and memory per node. Prints a
+//! SIGTERM and freeze the leader with SIGSTOP (5 nodes), and measure idle
+//! CPU and memory per node. Prints a
 //! markdown table, the machine, and each target as MET / NOT MET.
 //!
 //! `/is-leader` of every node is sampled every 2 ms during each trial; the
@@ -130,6 +131,52 @@ async fn kill_series(build: &Build, size: usize, trials: usize) -> Series {
             &timeline,
         );
         cluster.restart(old, true).await;
+    }
+    series
+}
+
+/// Freezes the leader with SIGSTOP `trials` times (no connection ends, so
+/// followers notice only by their election timeout, as with a partition);
+/// returns SIGSTOP → first 200 elsewhere. The frozen node is thawed after
+/// the new leader is known and rejoins as a follower.
+async fn stop_series(build: &Build, size: usize, trials: usize) -> Series {
+    let mut cluster = Cluster::start(size, bench_config(build)).await;
+    let mut series = Series::default();
+    for _ in 0..trials {
+        let old = wait_steady(&mut cluster, size).await;
+        let pid = nix::unistd::Pid::from_raw(
+            i32::try_from(cluster.node(old).pid().expect("the leader runs")).expect("a pid"),
+        );
+        cluster.start_sampling(SAMPLE_EVERY);
+        tokio::time::sleep(BEFORE_FAULT).await;
+        let stopped = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        let stopped_us = cluster.micros(stopped);
+        let deadline = stopped + STEADY;
+        let new = loop {
+            let mut found = None;
+            for slot in cluster.running() {
+                if slot != old && cluster.status(slot).await.is_some_and(|s| s.is_leader) {
+                    found = Some(slot);
+                }
+            }
+            if found.is_some() || Instant::now() > deadline {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        assert!(new.is_some(), "no new leader while node-{old} was stopped");
+        // Sample the thawed old leader too: it must not answer 200 again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let timeline = cluster.stop_sampling().await;
+        let first = timeline
+            .first_after(stopped_us, |s| s.is_200() && s.slot != old)
+            .expect("another node answered 200");
+        series.add(
+            Duration::from_micros(first.received_us - stopped_us),
+            &timeline,
+        );
     }
     series
 }
@@ -270,8 +317,10 @@ async fn bench(trials: usize, builds: &[Build], idle_rounds: usize) {
         }
         eprintln!("{}: SIGTERM handoff series, 5 nodes ...", build.name);
         let handoff = handoff_series(build, 5, trials).await;
+        eprintln!("{}: SIGSTOP series, 5 nodes ...", build.name);
+        let stop = stop_series(build, 5, trials).await;
         println!("## {} ({})\n", build.name, build.binary.display());
-        print_series(&kills, &handoff);
+        print_series(&kills, &handoff, &stop);
         println!();
     }
     // Idle CPU is measured round-robin so that load from elsewhere on the
@@ -304,7 +353,7 @@ async fn bench(trials: usize, builds: &[Build], idle_rounds: usize) {
 }
 
 /// Prints the failover rows and their targets.
-fn print_series(kills: &[(usize, Series)], handoff: &Series) {
+fn print_series(kills: &[(usize, Series)], handoff: &Series, stop: &Series) {
     println!("| scenario | nodes | trials | p50 ms | p90 ms | p99 ms | max ms | double-200 | ambiguous overlaps | samples |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let row = |name: &str, size: usize, s: &Series| {
@@ -324,9 +373,12 @@ fn print_series(kills: &[(usize, Series)], handoff: &Series) {
         row("kill -9 → first 200 elsewhere", *size, series);
     }
     row("SIGTERM → old 503 → new 200", 5, handoff);
+    row("SIGSTOP → first 200 elsewhere", 5, stop);
 
     let five = &kills[1].1;
-    let double: usize = kills.iter().map(|(_, s)| s.violations).sum::<usize>() + handoff.violations;
+    let double: usize = kills.iter().map(|(_, s)| s.violations).sum::<usize>()
+        + handoff.violations
+        + stop.violations;
     println!("\n| target | measured | verdict |");
     println!("| --- | --- | --- |");
     let target = |name: String, measured: String, met: bool| {
