@@ -213,7 +213,7 @@ impl Bed {
             _ => panic!("scripts/testbed build failed:\n{}", build.output),
         }
         let dir = tempfile::Builder::new()
-            .prefix("testbed-")
+            .prefix("raft-elector-bed-")
             .tempdir()
             .expect("make the bed directory");
         let mut bed = Bed {
