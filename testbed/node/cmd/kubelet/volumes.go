@@ -364,7 +364,13 @@ func (w *podWorker) containerEnv(ctx context.Context, pod *corev1.Pod, c *corev1
 		env[k] = v
 	}
 	set("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-	set("HOME", "/root")
+	// An empty home of the pod's own, as in an image: never the host's
+	// (a ~/.kube/config there would win over the in-cluster config).
+	home := filepath.Join(w.dir, "home")
+	if err := os.MkdirAll(home, 0o755); err != nil {
+		return nil, nil, fmt.Errorf("home directory: %w", err)
+	}
+	set("HOME", home)
 	set("HOSTNAME", pod.Name)
 	set("KUBERNETES_SERVICE_HOST", cfg.apiHost)
 	set("KUBERNETES_SERVICE_PORT", cfg.apiPort)
