@@ -240,12 +240,23 @@ async fn pods_started_together_form_one_cluster_from_the_record_and_rebootstrap_
         Some(ids.clone()),
         "the CR records exactly the running members"
     );
-    let le = env.election(CLUSTER_ID).await.expect("the CR");
-    assert_eq!(
-        le.status.and_then(|s| s.cluster_id).as_deref(),
-        Some(CLUSTER_ID),
-        "one cluster id in the CR"
-    );
+    // The leader's status write adds the cluster id next to the record.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = env.election(CLUSTER_ID).await.and_then(|le| le.status);
+        let written = status.as_ref().is_some_and(|s| s.leader.is_some());
+        if written {
+            let status = status.expect("written");
+            assert_eq!(status.cluster_id.as_deref(), Some(CLUSTER_ID));
+            let mut members: Vec<String> =
+                status.members.iter().map(|m| m.name.clone()).collect();
+            members.sort();
+            assert_eq!(members, names, "one cluster of every member");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader never wrote the status");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for slot in cluster.running() {
         assert_eq!(
             bootstraps(&cluster, slot).await,
