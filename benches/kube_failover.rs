@@ -12,11 +12,15 @@
 //! - API requests per minute at steady state, by verb (through the fault
 //!   proxy in pass mode, which counts every request), and writes per leader
 //!   change (the sidecars' own request counters);
-//! - idle CPU (millicores) and RSS per replica with publishing on.
+//! - idle CPU (millicores) and RSS per replica with publishing on, on fresh
+//!   replicas with default flags after the trials, and the same replicas
+//!   with `--no-kubernetes` for comparison.
 //!
 //! Run with `cargo bench --bench kube_failover` (about 6 minutes;
 //! `-- --trials 10 --baseline-trials 2` for a quick look). Skips with a
 //! message where Go and the test bed binaries are missing.
+//! `KUBE_BENCH_BIN=<path>` runs that `raft-elector` binary instead of this
+//! build's (a copy keeps a long run safe from rebuilds).
 
 #[path = "../tests/kube_env/mod.rs"]
 mod kube_env;
@@ -140,6 +144,8 @@ struct Raft {
     steady_writes: f64,
     idle_leader: (f64, f64),
     idle_followers: Vec<(f64, f64)>,
+    idle_leader_off: (f64, f64),
+    idle_followers_off: Vec<(f64, f64)>,
 }
 
 async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
@@ -149,6 +155,10 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
     config
         .extra_args
         .extend(env.sidecar_args(&proxy.kubeconfig));
+    // A copy of the binary, so that a long run is not changed by a rebuild.
+    if let Some(bin) = std::env::var_os("KUBE_BENCH_BIN") {
+        config.binary = bin.into();
+    }
     let mut cluster = Cluster::start(REPLICAS, config).await;
     let watch = LeaderWatch::start(env).await;
     let mut slot = cluster
@@ -163,6 +173,8 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
         steady_writes: 0.0,
         idle_leader: (0.0, 0.0),
         idle_followers: Vec::new(),
+        idle_leader_off: (0.0, 0.0),
+        idle_followers_off: Vec::new(),
     };
     wait_label(
         &watch,
@@ -217,23 +229,84 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
     out.steady = per_minute(&s0, &proxy.stats().await, STEADY_WINDOW);
     out.steady_writes =
         (writes_of(&cluster, None).await - writes) * 60.0 / STEADY_WINDOW.as_secs_f64();
-    let leader = cluster
-        .wait_for_single_leader(Duration::from_secs(20))
+    drop(watch);
+    drop(cluster);
+    // Idle is measured on fresh replicas with default flags (the trials
+    // above poll DNS every 200 ms, which is most of a leader's idle CPU and
+    // no part of publishing), once with publishing on and once off, so the
+    // difference is what publishing costs. The pods are recreated, as a
+    // StatefulSet would: a group that starts anew finds them unlabelled.
+    for name in &names {
+        env.delete_pod(name).await;
+    }
+    env.create_pods(&names, CLUSTER_ID).await;
+    (out.idle_leader, out.idle_followers) = idle_replicas(Some(env), proxy).await;
+    (out.idle_leader_off, out.idle_followers_off) = idle_replicas(None, proxy).await;
+    out
+}
+
+/// Starts 5 replicas with default flags, publishing to `env` (or with
+/// `--no-kubernetes`), waits until they are steady, and returns the idle
+/// (millicores, RSS) of the leader and of each follower.
+async fn idle_replicas(env: Option<&KubeEnv>, proxy: &FaultProxy) -> ((f64, f64), Vec<(f64, f64)>) {
+    let mut config = ClusterConfig {
+        extra_args: Vec::new(),
+        ..ClusterConfig::default()
+    };
+    if let Some(env) = env {
+        config.extra_args = env.sidecar_args(&proxy.kubeconfig);
+    }
+    if let Some(bin) = std::env::var_os("KUBE_BENCH_BIN") {
+        config.binary = bin.into();
+    }
+    let mut cluster = Cluster::start(REPLICAS, config).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        let leader = cluster
+            .wait_for_single_leader(Duration::from_secs(20))
+            .await;
+        if cluster
+            .status(leader)
+            .await
+            .is_some_and(|s| s.voters + s.learners == REPLICAS)
+        {
+            break leader;
+        }
+        assert!(Instant::now() < deadline, "idle replicas never all joined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Some(env) = env {
+        let name = cluster.node(leader).name.clone();
+        env.wait_roles(Duration::from_secs(10), "idle replicas labelled", |roles| {
+            roles
+                .iter()
+                .any(|(n, r, _)| *n == name && r.as_deref() == Some("leader"))
+        })
         .await;
+    }
+    // Let startup's membership changes and first DNS lookups settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let slots = cluster.running();
     let pids: Vec<u32> = slots
         .iter()
         .filter_map(|s| cluster.node(*s).pid())
         .collect();
     let rows = idle(&pids, IDLE_WINDOW).await;
+    assert_eq!(
+        cluster.steady_leader().await,
+        Some(leader),
+        "the leader changed while idle"
+    );
+    let mut lead = (0.0, 0.0);
+    let mut follow = Vec::new();
     for (s, row) in slots.iter().zip(rows) {
         if *s == leader {
-            out.idle_leader = row;
+            lead = row;
         } else {
-            out.idle_followers.push(row);
+            follow.push(row);
         }
     }
-    out
+    (lead, follow)
 }
 
 async fn writes_of(cluster: &Cluster, skip: Option<usize>) -> f64 {
@@ -443,6 +516,21 @@ async fn main() {
     println!(
         "| idle CPU leader / follower (max) | {:.2} / {f_cpu:.2} millicores | {b_cpu:.2} millicores (max) |",
         raft.idle_leader.0
+    );
+    let f_cpu_off = raft
+        .idle_followers_off
+        .iter()
+        .map(|r| r.0)
+        .fold(0.0, f64::max);
+    let max_rss_off = raft
+        .idle_followers_off
+        .iter()
+        .chain(std::iter::once(&raft.idle_leader_off))
+        .map(|r| r.1)
+        .fold(0.0, f64::max);
+    println!(
+        "| same replicas with --no-kubernetes: idle CPU leader / follower (max), RSS (max) | {:.2} / {f_cpu_off:.2} millicores, {max_rss_off:.1} MiB | – |",
+        raft.idle_leader_off.0
     );
     println!("| RSS per replica (max) | {max_rss:.1} MiB | {b_rss:.1} MiB |");
     println!(

@@ -191,9 +191,8 @@ pub async fn run(
         // With Kubernetes on, the LeaderElection record decides the first
         // configuration instead of the members' local agreement.
         info!("the first configuration is recorded in the LeaderElection by compare-and-swap");
-        node = node.with_bootstrap_authority(Box::new(RecordedAgreement::new(
-            expect, max_voters, handle,
-        )));
+        node = node
+            .with_bootstrap_authority(Box::new(RecordedAgreement::new(expect, max_voters, handle)));
     }
     // A spawned task, not the runtime's main future: waking the main future
     // goes through the driver's eventfd, one more syscall and wakeup for

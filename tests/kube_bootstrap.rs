@@ -111,12 +111,7 @@ async fn group_rebootstraps_only_when_no_recorded_member_pod_exists() {
     );
     // node-2's pod runs another incarnation (the caller saw it): that pod is
     // not the recorded member's. Checked on a copy of the record only.
-    let probe = CrBootstrap::new(
-        sidecar_client(&env).await,
-        &env.namespace,
-        "probe",
-        spec(),
-    );
+    let probe = CrBootstrap::new(sidecar_client(&env).await, &env.namespace, "probe", spec());
     probe.record_or_adopt(record.clone()).await.expect("record");
     assert!(
         probe
@@ -248,13 +243,15 @@ async fn pods_started_together_form_one_cluster_from_the_record_and_rebootstrap_
         if written {
             let status = status.expect("written");
             assert_eq!(status.cluster_id.as_deref(), Some(CLUSTER_ID));
-            let mut members: Vec<String> =
-                status.members.iter().map(|m| m.name.clone()).collect();
+            let mut members: Vec<String> = status.members.iter().map(|m| m.name.clone()).collect();
             members.sort();
             assert_eq!(members, names, "one cluster of every member");
             break;
         }
-        assert!(Instant::now() < deadline, "the leader never wrote the status");
+        assert!(
+            Instant::now() < deadline,
+            "the leader never wrote the status"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for slot in cluster.running() {

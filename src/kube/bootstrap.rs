@@ -391,7 +391,8 @@ impl Recorder {
             watcher::Event::Apply(le) => self.set(Some(&le)),
             watcher::Event::Delete(_) => {
                 self.version = None;
-                self.known.send_if_modified(|k| replace_if_differs(k, Known::Empty))
+                self.known
+                    .send_if_modified(|k| replace_if_differs(k, Known::Empty))
             }
         }
     }
@@ -406,7 +407,8 @@ impl Recorder {
         }
         self.version = version;
         let known = le.map_or(Known::Empty, known_of);
-        self.known.send_if_modified(|k| replace_if_differs(k, known))
+        self.known
+            .send_if_modified(|k| replace_if_differs(k, known))
     }
 
     /// Serves one ask; returns when to serve it again, if it waits on
@@ -427,8 +429,13 @@ impl Recorder {
                     recorded_at: Some(Time(Timestamp::now())),
                 };
                 match self.cas.record_or_adopt(proposal).await? {
-                    Outcome::Recorded(r) => info!(members = r.members.len(), "recorded the first configuration in the LeaderElection"),
-                    Outcome::Adopted(r) => info!(members = r.members.len(), by = %r.recorded_by, "another member recorded the first configuration first"),
+                    Outcome::Recorded(r) => info!(
+                        members = r.members.len(),
+                        "recorded the first configuration in the LeaderElection"
+                    ),
+                    Outcome::Adopted(r) => {
+                        info!(members = r.members.len(), by = %r.recorded_by, "another member recorded the first configuration first")
+                    }
                 }
                 // The watch brings the record.
                 Ok(None)
@@ -459,7 +466,9 @@ fn known_of(le: &LeaderElection) -> Known {
     for m in &record.members {
         match m.id.parse::<NodeId>() {
             Ok(id) => members.push((id, m.address.clone())),
-            Err(e) => warn!(error = %e, name = %le.name_any(), "a recorded bootstrap member is malformed; ignored"),
+            Err(e) => {
+                warn!(error = %e, name = %le.name_any(), "a recorded bootstrap member is malformed; ignored")
+            }
         }
     }
     Known::Members {

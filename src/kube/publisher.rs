@@ -967,7 +967,11 @@ mod tests {
         s.voters = 5;
         s.learners = 1;
         s.leader_address = Some("10.0.0.1:4041".into());
-        assert_eq!(Relevant::of(&s, now), leased, "an extension is not a change");
+        assert_eq!(
+            Relevant::of(&s, now),
+            leased,
+            "an extension is not a change"
+        );
         assert_ne!(
             Relevant::of(&s, now + Duration::from_secs(1)),
             leased,

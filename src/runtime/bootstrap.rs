@@ -809,7 +809,11 @@ mod tests {
         record.set(RecordRead::Empty);
         agreement.observe(t(0), report("a", 1, false, None));
         assert_eq!(agreement.decide(t(0), &local), None);
-        assert_eq!(record.last_ask(), Some(RecordAsk::Read), "one peer is too few");
+        assert_eq!(
+            record.last_ask(),
+            Some(RecordAsk::Read),
+            "one peer is too few"
+        );
         agreement.observe(t(0), report("c", 3, false, None));
         assert_eq!(agreement.decide(t(0), &local), None);
         // Not only the lowest id proposes: the compare-and-swap picks one.
@@ -857,13 +861,24 @@ mod tests {
         assert_eq!(record.last_ask(), Some(RecordAsk::Read));
         // Later only new, unjoined incarnations answer.
         agreement.observe(t(5), report("b", 7, false, None));
-        assert_eq!(agreement.decide(t(5), &local), None, "never bootstraps a record without it");
+        assert_eq!(
+            agreement.decide(t(5), &local),
+            None,
+            "never bootstraps a record without it"
+        );
         let Some(RecordAsk::Forget { recorded, replaced }) = record.last_ask() else {
             panic!("asks to forget: {:?}", record.last_ask());
         };
-        assert_eq!(recorded, old.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            recorded,
+            old.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>()
+        );
         let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
-        assert_eq!(replaced, ["a", "b"], "c was not heard from: its pod decides");
+        assert_eq!(
+            replaced,
+            ["a", "b"],
+            "c was not heard from: its pod decides"
+        );
         // The same ask is not repeated at every call, only after a while.
         let asks = record.asks.lock().expect("asks").len();
         agreement.decide(t(5), &local);
