@@ -11,7 +11,14 @@
 //! Rules (ARCHITECTURE.md, "Kubernetes publishing"):
 //! - Every member watches (metadata-only pod watch, CR watch), only the
 //!   leader writes, and only while its lease holds: the lease is checked
-//!   right before each request.
+//!   right before each request. One exception: between winning and its
+//!   lease, a leader already demotes the pods that still say `leader`
+//!   (term-fenced and resourceVersion-conditional, so never a second
+//!   leader; see `Publisher::demote_before_lease`), which leaves one
+//!   request between the first `/is-leader` 200 and the label.
+//! - It re-plans on a leadership change only when something it publishes
+//!   changed (role, term, leader, membership, lease held or not), never on
+//!   a lease extension: an idle leader's publisher does not wake.
 //! - Level-triggered: any watch event or leadership change re-plans from
 //!   the caches; a relabelled or recreated pod is repaired, and a converged
 //!   view plans no writes at all.
