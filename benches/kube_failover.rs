@@ -146,6 +146,8 @@ struct Raft {
     kill_to_label: Vec<f64>,
     writes: Vec<f64>,
     double_leaders: usize,
+    /// Leader changes nobody caused, seen between trials.
+    elections_between_trials: usize,
     steady: Vec<(String, f64)>,
     steady_writes: f64,
     idle_leader: (f64, f64),
@@ -176,6 +178,7 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
         kill_to_label: Vec::new(),
         writes: Vec::new(),
         double_leaders: 0,
+        elections_between_trials: 0,
         steady: Vec::new(),
         steady_writes: 0.0,
         idle_leader: (0.0, 0.0),
@@ -192,6 +195,26 @@ async fn bench_raft(env: &KubeEnv, proxy: &FaultProxy, trials: usize) -> Raft {
     .await;
     for trial in 0..trials {
         tokio::time::sleep(Duration::from_millis(300)).await;
+        // An election between trials (the loaded machine starving a
+        // follower's timer) would make this trial kill a non-leader: start
+        // from whoever leads now, once its label is out.
+        let now_leading = cluster
+            .wait_for_single_leader(Duration::from_secs(20))
+            .await;
+        if now_leading != slot {
+            out.elections_between_trials += 1;
+            slot = now_leading;
+            let name = cluster.node(slot).name.clone();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !watch.record().leaders.contains(&name) {
+                assert!(
+                    Instant::now() < deadline,
+                    "trial {trial}: {name} leads but is never labelled"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let before = writes_of(&cluster, Some(slot)).await;
         let victim = slot;
         let killed = cluster.kill9(victim);
@@ -554,6 +577,10 @@ async fn main() {
     println!(
         "| watch saw two role=leader pods | {} times | – |",
         raft.double_leaders
+    );
+    println!(
+        "| leader changes between trials nobody caused (trial restarted from the new leader) | {} | – |",
+        raft.elections_between_trials
     );
     println!();
     let speedup = b_p50 / r_p50;
