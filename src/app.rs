@@ -13,6 +13,7 @@ use crate::kube;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{NodeId, RaftCore, Time};
+use crate::runtime::bootstrap::{FirstConfigRecord, RecordAsk, RecordRead, RecordedAgreement};
 use crate::runtime::{MembershipPolicy, NodeOptions, NodeTask};
 use crate::storage::{FileStore, HardStateStore, MemoryStore};
 use crate::transport::{PeerInfo, Transport, TransportConfig};
@@ -157,9 +158,11 @@ pub async fn run(
         stopped(),
     ));
 
-    if cfg.kubernetes {
-        start_kube(&cfg, &state_rx, &metrics, stopped(), &mut tasks).await?;
-    }
+    let recorder = if cfg.kubernetes {
+        start_kube(&cfg, &state_rx, &metrics, &stopped, &mut tasks).await?
+    } else {
+        None
+    };
     if cfg.bootstrap_expect.is_none() && core.log().is_empty() {
         info!("no --bootstrap-expect: this node joins an existing cluster when its leader adds it");
     }
@@ -173,7 +176,8 @@ pub async fn run(
         },
         shutdown_timeout: SHUTDOWN_TIMEOUT,
     };
-    let node = NodeTask::new(
+    let max_voters = core.config().max_voters;
+    let mut node = NodeTask::new(
         core,
         epoch,
         opts,
@@ -183,6 +187,13 @@ pub async fn run(
         state_tx,
         identity_tx,
     );
+    if let (Some(handle), Some(expect)) = (recorder, cfg.bootstrap_expect) {
+        // With Kubernetes on, the LeaderElection record decides the first
+        // configuration instead of the members' local agreement.
+        info!("the first configuration is recorded in the LeaderElection by compare-and-swap");
+        node = node
+            .with_bootstrap_authority(Box::new(RecordedAgreement::new(expect, max_voters, handle)));
+    }
     // A spawned task, not the runtime's main future: waking the main future
     // goes through the driver's eventfd, one more syscall and wakeup for
     // every message, which is most of a sidecar's idle CPU.
@@ -219,16 +230,22 @@ fn bind_peer_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener
     socket.listen(PEER_ACCEPT_BACKLOG)
 }
 
-/// Starts Kubernetes publishing. Its failures never reach the node: only an
-/// unusable `--kubeconfig` the user asked for stops startup; without any
-/// configuration the sidecar runs unpublished and says so.
-async fn start_kube(
+/// Starts Kubernetes publishing and, when this member bootstraps
+/// (`--bootstrap-expect`), the recorder of the first configuration in the
+/// LeaderElection; returns the recorder's handle for the node. Publishing
+/// failures never reach the node: only an unusable `--kubeconfig` the user
+/// asked for stops startup; without any configuration the sidecar runs
+/// unpublished (and bootstraps by local agreement) and says so.
+async fn start_kube<F>(
     cfg: &RunConfig,
     state: &watch::Receiver<LeaderState>,
     metrics: &Metrics,
-    stop: impl Future<Output = ()> + Send + 'static,
+    stopped: &impl Fn() -> F,
     tasks: &mut JoinSet<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<kube::bootstrap::RecorderHandle>>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let settings = kube::KubeSettings {
         kubeconfig: cfg.kubeconfig.clone(),
         namespace: cfg.pod.namespace.clone(),
@@ -238,16 +255,50 @@ async fn start_kube(
         pod_selector: cfg.pod_selector.clone(),
         spec: kube_spec(cfg),
     };
-    match kube::start_publisher(settings, state.clone(), metrics.clone(), stop).await {
-        Ok(publisher) => {
-            tasks.spawn(publisher);
-            Ok(())
-        }
-        Err(e) if cfg.kubeconfig.is_some() => Err(e).context("Kubernetes publishing"),
+    let conn = match kube::connect(settings, metrics).await {
+        Ok(conn) => conn,
+        Err(e) if cfg.kubeconfig.is_some() => return Err(e).context("Kubernetes publishing"),
         Err(e) => {
             warn!(error = %e, "Kubernetes publishing off; /is-leader, /leader and the status file still carry leadership");
-            Ok(())
+            return Ok(None);
         }
+    };
+    tasks.spawn(conn.publisher(state.clone(), metrics.clone(), stopped()));
+    if cfg.bootstrap_expect.is_none() {
+        return Ok(None);
+    }
+    let (handle, recorder) = conn.bootstrap_recorder(state.clone(), stopped());
+    tasks.spawn(recorder);
+    Ok(Some(handle))
+}
+
+/// The node's bootstrap authority reads and asks the LeaderElection record
+/// through the Kubernetes recorder (the two sides' types mirror each other,
+/// so neither module imports the other).
+impl FirstConfigRecord for kube::bootstrap::RecorderHandle {
+    fn read(&self) -> RecordRead {
+        match kube::bootstrap::RecorderHandle::read(self) {
+            kube::bootstrap::Known::Unread => RecordRead::Unread,
+            kube::bootstrap::Known::Empty => RecordRead::Empty,
+            kube::bootstrap::Known::Members {
+                members,
+                max_voters,
+            } => RecordRead::Members {
+                members,
+                max_voters,
+            },
+        }
+    }
+
+    fn ask(&mut self, ask: RecordAsk) {
+        let ask = match ask {
+            RecordAsk::Read => kube::bootstrap::Ask::Read,
+            RecordAsk::Record { members, by } => kube::bootstrap::Ask::Record { members, by },
+            RecordAsk::Forget { recorded, replaced } => {
+                kube::bootstrap::Ask::Forget { recorded, replaced }
+            }
+        };
+        kube::bootstrap::RecorderHandle::ask(self, ask);
     }
 }
 

@@ -8,11 +8,26 @@
 //! A group re-bootstraps only when none of the recorded members' pods still
 //! exists ([`CrBootstrap::forget_if_abandoned`]).
 
-use super::crd::{BootstrapRecord, LeaderElection, LeaderElectionSpec, LeaderElectionStatus};
+use super::crd::{
+    BootstrapMember, BootstrapRecord, LeaderElection, LeaderElectionSpec, LeaderElectionStatus,
+};
 use super::error::{Error, Result};
+use crate::leadership::LeaderState;
+use crate::raft::NodeId;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
-use kube::{Api, Client};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, ResourceExt};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 /// Most compare-and-swap rounds before giving up (each loses only to a
 /// concurrent writer, so a handful suffices).
@@ -96,17 +111,29 @@ impl CrBootstrap {
     }
 
     /// Forgets the recorded configuration (and the terms written after it)
-    /// when none of its members' pods exists any more, so the next members
-    /// bootstrap a new group. Returns whether it did. A status with a live
-    /// member's pod is never touched.
-    pub async fn forget_if_abandoned(&self) -> Result<bool> {
+    /// when no member of it, nor of the last configuration a leader
+    /// published in the status, still has a pod, so the next members
+    /// bootstrap a new group. Names in `replaced` are skipped: the caller
+    /// knows they run another, unjoined incarnation now (a pod recreated
+    /// under the same name). Returns whether it forgot. A status with a
+    /// live member's pod is never touched, and the write is conditional on
+    /// the resourceVersion that was checked.
+    pub async fn forget_if_abandoned(&self, replaced: &BTreeSet<String>) -> Result<bool> {
         for _ in 0..MAX_ROUNDS {
             let le = self.get_or_create().await?;
-            let Some(record) = le.status.as_ref().and_then(|s| s.bootstrap.clone()) else {
+            let Some(status) = le.status.as_ref() else {
                 return Ok(false);
             };
-            for member in &record.members {
-                let name = member.id.split('#').next().unwrap_or(&member.id);
+            let Some(record) = status.bootstrap.as_ref() else {
+                return Ok(false);
+            };
+            let mut names: BTreeSet<&str> = record
+                .members
+                .iter()
+                .map(|m| m.id.rsplit_once('#').map_or(m.id.as_str(), |(n, _)| n))
+                .collect();
+            names.extend(status.members.iter().map(|m| m.name.as_str()));
+            for name in names.into_iter().filter(|n| !replaced.contains(*n)) {
                 let found = self
                     .pods
                     .get_opt(name)
@@ -160,6 +187,313 @@ impl CrBootstrap {
     }
 }
 
+/// How often a forget that found a live member's pod is checked again,
+/// while it is still asked for.
+const FORGET_RECHECK: Duration = Duration::from_secs(1);
+
+/// What the recorder knows of the recorded first configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Known {
+    /// Not read since the recorder last became active.
+    Unread,
+    /// Nothing is recorded (or the CR does not exist yet).
+    Empty,
+    /// The recorded members and the CR spec's voter limit.
+    Members {
+        /// Every recorded member (identity, address).
+        members: Vec<(NodeId, String)>,
+        /// `spec.maxVoters`: the lowest that many ids vote.
+        max_voters: usize,
+    },
+}
+
+/// What the node's side asks of the recorder; the latest ask wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Keep [`Known`] current.
+    Read,
+    /// Record these members unless some are recorded
+    /// ([`CrBootstrap::record_or_adopt`]).
+    Record {
+        /// The proposal (identity, address), proposer included.
+        members: Vec<(NodeId, String)>,
+        /// The proposer.
+        by: NodeId,
+    },
+    /// Forget the record of `recorded` if abandoned
+    /// ([`CrBootstrap::forget_if_abandoned`] with `replaced`).
+    Forget {
+        /// The recorded members as the asker read them.
+        recorded: Vec<NodeId>,
+        /// Names known to run another, unjoined incarnation.
+        replaced: BTreeSet<String>,
+    },
+}
+
+/// The node side of the recorder: read the latest view, hand over asks.
+/// Neither blocks (the node's bootstrap authority calls them in its loop).
+pub struct RecorderHandle {
+    asks: watch::Sender<Ask>,
+    known: watch::Receiver<Known>,
+}
+
+impl RecorderHandle {
+    /// Returns the record as last read.
+    pub fn read(&self) -> Known {
+        self.known.borrow().clone()
+    }
+
+    /// Hands the recorder a new ask; it acts on the latest one.
+    pub fn ask(&mut self, ask: Ask) {
+        self.asks.send_replace(ask);
+    }
+}
+
+/// The task that keeps [`Known`] and serves the [`Ask`]s against the CR.
+/// It watches the CR only while this node has not joined a cluster: a
+/// running member holds no watch and makes no request for bootstrap.
+pub struct Recorder {
+    cas: CrBootstrap,
+    asks: watch::Receiver<Ask>,
+    known: watch::Sender<Known>,
+    /// resourceVersion of the object [`Known`] was read from.
+    version: Option<u64>,
+}
+
+impl CrBootstrap {
+    /// Returns the recorder of this CR and its node-side handle.
+    pub fn recorder(self) -> (RecorderHandle, Recorder) {
+        let (ask_tx, ask_rx) = watch::channel(Ask::Read);
+        let (known_tx, known_rx) = watch::channel(Known::Unread);
+        let handle = RecorderHandle {
+            asks: ask_tx,
+            known: known_rx,
+        };
+        let recorder = Recorder {
+            cas: self,
+            asks: ask_rx,
+            known: known_tx,
+            version: None,
+        };
+        (handle, recorder)
+    }
+}
+
+impl Recorder {
+    /// Runs until `shutdown` resolves or the node is gone: active while the
+    /// leadership state says this node has not joined, idle otherwise.
+    pub async fn run(
+        mut self,
+        mut state: watch::Receiver<LeaderState>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                unjoined = state.wait_for(|s| !s.joined) => if unjoined.is_err() { return },
+            }
+            debug!(name = %self.cas.name, "reading the bootstrap record");
+            if !self.serve(&mut state, shutdown.as_mut()).await {
+                return;
+            }
+            // Joined: forget the view, a later attempt reads it afresh.
+            self.known.send_replace(Known::Unread);
+            self.version = None;
+        }
+    }
+
+    /// Watches the CR and serves asks until this node joined (`true`) or
+    /// the recorder has to stop (`false`).
+    async fn serve(
+        &mut self,
+        state: &mut watch::Receiver<LeaderState>,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        let les = watcher(
+            self.cas.les.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.cas.name)),
+        )
+        .backoff(super::publisher::RetryBackoff::new());
+        tokio::pin!(les);
+        let mut backoff = super::publisher::RetryBackoff::new();
+        let mut retry_at: Option<Instant> = None;
+        let mut listing: Option<Option<LeaderElection>> = None;
+        let mut due = true;
+        loop {
+            tokio::select! {
+                _ = shutdown.as_mut() => return false,
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                    if state.borrow_and_update().joined {
+                        return true;
+                    }
+                }
+                changed = self.asks.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                    due = true;
+                }
+                event = les.next() => match event {
+                    Some(Ok(ev)) => due |= self.apply(ev, &mut listing),
+                    Some(Err(e)) => debug!(error = %e, "watch of the bootstrap record failed; it resumes after a backoff"),
+                    None => return false,
+                },
+                _ = sleep_until(retry_at), if retry_at.is_some() => {
+                    retry_at = None;
+                    due = true;
+                }
+            }
+            if !due || retry_at.is_some() || *self.known.borrow() == Known::Unread {
+                continue;
+            }
+            due = false;
+            let ask = self.asks.borrow_and_update().clone();
+            match self.act(&ask).await {
+                Ok(recheck) => {
+                    use kube::runtime::utils::Backoff;
+                    backoff.reset();
+                    retry_at = recheck.map(|d| Instant::now() + d);
+                }
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(super::publisher::MAX_BACKOFF);
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "bootstrap record request failed; this node does not bootstrap until it succeeds");
+                    retry_at = Some(Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    /// Applies a watch event; returns whether the view changed.
+    fn apply(
+        &mut self,
+        event: watcher::Event<LeaderElection>,
+        listing: &mut Option<Option<LeaderElection>>,
+    ) -> bool {
+        match event {
+            watcher::Event::Init => {
+                *listing = Some(None);
+                false
+            }
+            watcher::Event::InitApply(le) => {
+                *listing = Some(Some(le));
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = listing.take().flatten();
+                // A relist replaces the view whatever its version.
+                self.version = None;
+                self.set(listed.as_ref())
+            }
+            watcher::Event::Apply(le) => self.set(Some(&le)),
+            watcher::Event::Delete(_) => {
+                self.version = None;
+                self.known
+                    .send_if_modified(|k| replace_if_differs(k, Known::Empty))
+            }
+        }
+    }
+
+    /// Sets the view from `le` unless it is older than the one held.
+    fn set(&mut self, le: Option<&LeaderElection>) -> bool {
+        let version = le.and_then(|l| l.resource_version()?.parse::<u64>().ok());
+        if let (Some(held), Some(new)) = (self.version, version) {
+            if new < held {
+                return false;
+            }
+        }
+        self.version = version;
+        let known = le.map_or(Known::Empty, known_of);
+        self.known
+            .send_if_modified(|k| replace_if_differs(k, known))
+    }
+
+    /// Serves one ask; returns when to serve it again, if it waits on
+    /// something (a live member's pod).
+    async fn act(&mut self, ask: &Ask) -> Result<Option<Duration>> {
+        let known = self.known.borrow().clone();
+        match (ask, known) {
+            (Ask::Record { members, by }, Known::Empty) => {
+                let proposal = BootstrapRecord {
+                    members: members
+                        .iter()
+                        .map(|(id, address)| BootstrapMember {
+                            id: id.to_string(),
+                            address: address.clone(),
+                        })
+                        .collect(),
+                    recorded_by: by.to_string(),
+                    recorded_at: Some(Time(Timestamp::now())),
+                };
+                match self.cas.record_or_adopt(proposal).await? {
+                    Outcome::Recorded(r) => info!(
+                        members = r.members.len(),
+                        "recorded the first configuration in the LeaderElection"
+                    ),
+                    Outcome::Adopted(r) => {
+                        info!(members = r.members.len(), by = %r.recorded_by, "another member recorded the first configuration first")
+                    }
+                }
+                // The watch brings the record.
+                Ok(None)
+            }
+            (Ask::Forget { recorded, replaced }, Known::Members { members, .. }) => {
+                let held: BTreeSet<&NodeId> = members.iter().map(|(id, _)| id).collect();
+                if held != recorded.iter().collect::<BTreeSet<_>>() {
+                    return Ok(None); // the record changed since it was read
+                }
+                if self.cas.forget_if_abandoned(replaced).await? {
+                    info!("no member of the recorded first configuration has a pod any more: forgot it, the group bootstraps anew");
+                    Ok(None)
+                } else {
+                    Ok(Some(FORGET_RECHECK))
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Returns the view of the record in `le`.
+fn known_of(le: &LeaderElection) -> Known {
+    let Some(record) = le.status.as_ref().and_then(|s| s.bootstrap.as_ref()) else {
+        return Known::Empty;
+    };
+    let mut members = Vec::with_capacity(record.members.len());
+    for m in &record.members {
+        match m.id.parse::<NodeId>() {
+            Ok(id) => members.push((id, m.address.clone())),
+            Err(e) => {
+                warn!(error = %e, name = %le.name_any(), "a recorded bootstrap member is malformed; ignored")
+            }
+        }
+    }
+    Known::Members {
+        members,
+        max_voters: usize::try_from(le.spec.max_voters).unwrap_or(usize::MAX),
+    }
+}
+
+fn replace_if_differs(held: &mut Known, new: Known) -> bool {
+    if *held == new {
+        false
+    } else {
+        *held = new;
+        true
+    }
+}
+
+/// Sleeps until `at`, or forever without one (a disabled `select!` arm).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Refuses a proposal that could not be a configuration.
 fn validate(record: &BootstrapRecord) -> Result<()> {
     let reason = if record.members.is_empty() {
@@ -188,7 +522,6 @@ fn validate(record: &BootstrapRecord) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kube::crd::BootstrapMember;
 
     fn member(id: &str) -> BootstrapMember {
         BootstrapMember {

@@ -20,6 +20,7 @@ pub use error::{Error, Result};
 
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
+use bootstrap::{CrBootstrap, RecorderHandle};
 use crd::LeaderElectionSpec;
 use publisher::{Publisher, PublisherConfig};
 use std::future::Future;
@@ -45,28 +46,67 @@ pub struct KubeSettings {
     pub spec: LeaderElectionSpec,
 }
 
-/// Connects to the API server and returns the publisher's task, ready to
-/// spawn. Nothing is written until this node leads.
-pub async fn start_publisher(
+/// One member's connection to the API server, from which its publisher and
+/// its bootstrap recorder are made (they share the client and its metrics).
+pub struct Kube {
+    client: ::kube::Client,
+    namespace: String,
     settings: KubeSettings,
-    state: watch::Receiver<LeaderState>,
-    metrics: Metrics,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<impl Future<Output = ()> + Send + 'static> {
-    let (client, default_ns) = client::connect(settings.kubeconfig.as_deref(), &metrics).await?;
-    let pod_selector = settings
-        .pod_selector
-        .clone()
-        .unwrap_or_else(|| PublisherConfig::default_selector(&settings.cluster_id));
-    let cfg = PublisherConfig {
-        namespace: settings.namespace.clone().unwrap_or(default_ns),
-        name: settings.cluster_id.clone(),
-        me: settings.me.clone(),
-        pod_uid: settings.pod_uid.clone(),
-        cluster_id: settings.cluster_id.clone(),
-        pod_selector,
-        spec: settings.spec,
-    };
-    let publisher = Publisher::new(client, cfg, metrics);
-    Ok(publisher.run(state, shutdown))
+}
+
+/// Connects to the API server named by the settings (or the inferred one).
+pub async fn connect(settings: KubeSettings, metrics: &Metrics) -> Result<Kube> {
+    let (client, default_ns) = client::connect(settings.kubeconfig.as_deref(), metrics).await?;
+    let namespace = settings.namespace.clone().unwrap_or(default_ns);
+    Ok(Kube {
+        client,
+        namespace,
+        settings,
+    })
+}
+
+impl Kube {
+    /// Returns the publisher's task, ready to spawn. Nothing is written
+    /// until this node leads.
+    pub fn publisher(
+        &self,
+        state: watch::Receiver<LeaderState>,
+        metrics: Metrics,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let settings = &self.settings;
+        let pod_selector = settings
+            .pod_selector
+            .clone()
+            .unwrap_or_else(|| PublisherConfig::default_selector(&settings.cluster_id));
+        let cfg = PublisherConfig {
+            namespace: self.namespace.clone(),
+            name: settings.cluster_id.clone(),
+            me: settings.me.clone(),
+            pod_uid: settings.pod_uid.clone(),
+            cluster_id: settings.cluster_id.clone(),
+            pod_selector,
+            spec: settings.spec.clone(),
+        };
+        let publisher = Publisher::new(self.client.clone(), cfg, metrics);
+        publisher.run(state, shutdown)
+    }
+
+    /// Returns the handle the node's bootstrap authority reads and asks
+    /// through, and the recorder's task (the CR compare-and-swap), ready to
+    /// spawn.
+    pub fn bootstrap_recorder(
+        &self,
+        state: watch::Receiver<LeaderState>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (RecorderHandle, impl Future<Output = ()> + Send + 'static) {
+        let cas = CrBootstrap::new(
+            self.client.clone(),
+            &self.namespace,
+            &self.settings.cluster_id,
+            self.settings.spec.clone(),
+        );
+        let (handle, recorder) = cas.recorder();
+        (handle, recorder.run(state, shutdown))
+    }
 }

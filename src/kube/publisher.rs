@@ -11,7 +11,14 @@
 //! Rules (ARCHITECTURE.md, "Kubernetes publishing"):
 //! - Every member watches (metadata-only pod watch, CR watch), only the
 //!   leader writes, and only while its lease holds: the lease is checked
-//!   right before each request.
+//!   right before each request. One exception: between winning and its
+//!   lease, a leader already demotes the pods that still say `leader`
+//!   (term-fenced and resourceVersion-conditional, so never a second
+//!   leader; see `Publisher::demote_before_lease`), which leaves one
+//!   request between the first `/is-leader` 200 and the label.
+//! - It re-plans on a leadership change only when something it publishes
+//!   changed (role, term, leader, membership, lease held or not), never on
+//!   a lease extension: an idle leader's publisher does not wake.
 //! - Level-triggered: any watch event or leadership change re-plans from
 //!   the caches; a relabelled or recreated pod is repaired, and a converged
 //!   view plans no writes at all.
@@ -25,7 +32,7 @@
 use super::crd::{LeaderElection, LeaderElectionSpec, GROUP_LABEL, ROLE_LABEL, TERM_ANNOTATION};
 use super::error::{Error, Result};
 use super::plan::{self, Fence, LabelPatch, PodView, Published, StatusInputs};
-use crate::leadership::LeaderState;
+use crate::leadership::{LeaderState, MemberInfo};
 use crate::metrics::Metrics;
 use crate::raft::Role;
 use futures::StreamExt;
@@ -363,6 +370,9 @@ impl Publisher {
         tokio::pin!(pods, les, shutdown);
         let mut backoff = RetryBackoff::new();
         let mut retry_at: Option<Instant> = None;
+        // What the last complete pass planned from: a wake that brings the
+        // same needs no pass (a Yielded or failed pass leaves nothing here).
+        let mut planned: Option<Relevant> = None;
         info!(
             namespace = %self.cfg.namespace,
             name = %self.cfg.name,
@@ -373,8 +383,17 @@ impl Publisher {
             tokio::select! {
                 // Stop: clear our own label below, then return.
                 _ = &mut shutdown => break,
-                // Leadership changed (or a leader's lease was renewed).
-                changed = state.changed() => if changed.is_err() { break },
+                // Leadership changed: re-plan only when something publishing
+                // depends on did (not on lease extensions or peer counts).
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = Relevant::of(&state.borrow_and_update(), Instant::now());
+                    if planned.as_ref() == Some(&now) {
+                        continue;
+                    }
+                }
                 // A member pod changed: labels may need repair.
                 event = pods.next() => self.on_pod_event(event),
                 // The CR changed: the status may need writing.
@@ -385,9 +404,14 @@ impl Publisher {
             if retry_at.is_some() {
                 continue;
             }
+            let key = Relevant::of(&state.borrow(), Instant::now());
             match self.reconcile(&state).await {
-                Ok(_) => backoff.reset(),
+                Ok(pass) => {
+                    backoff.reset();
+                    planned = matches!(pass, Pass::Done).then_some(key);
+                }
                 Err(e) => {
+                    planned = None;
                     let delay = backoff.next().unwrap_or(MAX_BACKOFF);
                     self.failed(&e, delay);
                     retry_at = Some(Instant::now() + delay);
@@ -458,7 +482,10 @@ impl Publisher {
             self.started_term = 0;
             return self.step_down(&s).await;
         }
-        if !s.is_leader_at(Instant::now()) || !self.pods.ready || !self.le.ready {
+        if !s.is_leader_at(Instant::now()) {
+            return self.demote_before_lease(state, &s).await;
+        }
+        if !self.pods.ready || !self.le.ready {
             return Ok(Pass::Done);
         }
         if self.fenced_term == Some(s.term) {
@@ -514,6 +541,59 @@ impl Publisher {
             self.metrics
                 .kube_publish_seconds
                 .observe(t0.elapsed().as_secs_f64());
+        }
+        Ok(Pass::Done)
+    }
+
+    /// Demotes, between winning the election and holding the lease, the
+    /// pods that still say `leader` (after a crash: the predecessor's), so
+    /// that the promotion is the only request left between this node's
+    /// first `/is-leader` 200 and its label.
+    ///
+    /// Why a leader without its lease may send these and nothing else: a
+    /// demotion never makes a pod say `leader`, so it cannot create two
+    /// leaders for any watch; it carries this term and is planned only
+    /// when no pod was written in a higher one (a newer leader fences it);
+    /// and it carries the cached resourceVersion, so a node with a stale
+    /// view (woken from SIGSTOP, partitioned) gets 409 and changes nothing.
+    /// At worst a deposed leader that has not heard of its successor yet
+    /// clears a label its predecessor's lease still covers: no pod says
+    /// `leader` for a moment, which every reader already has to handle.
+    ///
+    /// Failures here are counted and logged but start no backoff: the
+    /// lease arriving must not wait out a retry delay; the same demotion
+    /// is planned again then.
+    async fn demote_before_lease(
+        &mut self,
+        state: &watch::Receiver<LeaderState>,
+        s: &LeaderState,
+    ) -> Result<Pass> {
+        if !self.pods.ready || self.fenced_term == Some(s.term) {
+            return Ok(Pass::Done);
+        }
+        let pods: Vec<PodView> = self.pods.items.values().cloned().collect();
+        let plan = match plan::plan_labels(&s.node_name, s.term, &pods) {
+            Ok(p) => p,
+            Err(fence) => return Err(self.fence(fence, s.term)),
+        };
+        for patch in plan.demote {
+            if !may_demote(state, s.term) {
+                return Ok(Pass::Yielded);
+            }
+            match send_patch(&self.pods_api, &patch).await {
+                Ok(pod) => {
+                    debug!(pod = %patch.pod, term = s.term, "demoted before the lease");
+                    self.pods.upsert(pod_view(&pod.metadata));
+                }
+                Err(e) => {
+                    self.metrics
+                        .kube_publish_errors
+                        .with_label_values(&[e.metric_label()])
+                        .inc();
+                    debug!(error = %e, "demotion before the lease failed; it is planned again with the lease");
+                    return Ok(Pass::Done);
+                }
+            }
         }
         Ok(Pass::Done)
     }
@@ -739,6 +819,42 @@ fn may_write(state: &watch::Receiver<LeaderState>, term: Option<u64>) -> bool {
     s.role == Role::Leader && s.term == term && !s.shutting_down && s.is_leader_at(Instant::now())
 }
 
+/// Returns whether this node may demote other pods now: the leader of
+/// `term`, lease or not (see [`Publisher::demote_before_lease`]).
+fn may_demote(state: &watch::Receiver<LeaderState>, term: u64) -> bool {
+    let s = state.borrow();
+    s.role == Role::Leader && s.term == term && !s.shutting_down
+}
+
+/// What of the leadership state publishing depends on. The publisher
+/// re-plans when this changes, and not when only the rest does: a lease
+/// extension, the voter and learner counts, the leader's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Relevant {
+    role: Role,
+    term: u64,
+    me: String,
+    leader: Option<String>,
+    shutting_down: bool,
+    /// Whether the lease holds: gaining it starts the writes.
+    leasing: bool,
+    members: Vec<MemberInfo>,
+}
+
+impl Relevant {
+    fn of(s: &LeaderState, now: Instant) -> Relevant {
+        Relevant {
+            role: s.role,
+            term: s.term,
+            me: s.node_name.clone(),
+            leader: s.leader_id.clone(),
+            shutting_down: s.shutting_down,
+            leasing: s.is_leader_at(now),
+            members: s.members.clone(),
+        }
+    }
+}
+
 /// Sends a conditional merge patch of a pod's role label and term annotation.
 async fn send_patch(api: &Api<Pod>, patch: &LabelPatch) -> Result<Pod> {
     let mut metadata = serde_json::json!({
@@ -840,6 +956,44 @@ mod tests {
         assert_eq!(*delays.last().expect("six"), MAX_BACKOFF);
         b.reset();
         assert_eq!(b.next(), Some(MIN_BACKOFF));
+    }
+
+    #[test]
+    fn lease_extensions_and_peer_counts_do_not_wake_a_pass_but_gaining_the_lease_does() {
+        let now = Instant::now();
+        let mut s = LeaderState::initial("a#1".into(), "a".into());
+        s.role = Role::Leader;
+        s.term = 4;
+        s.leader = Some("a".into());
+        s.leader_id = Some("a#1".into());
+        let before_lease = Relevant::of(&s, now);
+        s.lease_until = Some(now + Duration::from_millis(300));
+        let leased = Relevant::of(&s, now);
+        assert_ne!(before_lease, leased, "gaining the lease starts the writes");
+        s.lease_until = Some(now + Duration::from_millis(350));
+        s.voters = 5;
+        s.learners = 1;
+        s.leader_address = Some("10.0.0.1:4041".into());
+        assert_eq!(
+            Relevant::of(&s, now),
+            leased,
+            "an extension is not a change"
+        );
+        assert_ne!(
+            Relevant::of(&s, now + Duration::from_secs(1)),
+            leased,
+            "a lapsed lease is"
+        );
+        s.members.push(MemberInfo {
+            name: "b".into(),
+            id: "b#2".into(),
+            address: "b:4041".into(),
+            voter: true,
+        });
+        let with_b = Relevant::of(&s, now);
+        assert_ne!(with_b, leased, "membership is published");
+        s.term = 5;
+        assert_ne!(Relevant::of(&s, now), with_b, "a new term is published");
     }
 
     #[test]

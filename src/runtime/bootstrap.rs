@@ -89,13 +89,15 @@
 //!
 //! # The seam for Kubernetes
 //!
-//! [`BootstrapAuthority`] is what the node consults. Issue 9 adds an
-//! implementation that records `P` in the LeaderElection CR status with a
-//! compare-and-swap (resourceVersion precondition): the CR holds at most one
-//! first configuration per cluster id, and everyone bootstraps with the one
-//! recorded there (it returns `Bootstrap(P)` for the recorded `P` that
-//! contains this node, `Abandon` when the recorded one excludes a node with
-//! an empty log). The node's side (`Lock`, `Bootstrap`, `Abandon`) stays.
+//! [`BootstrapAuthority`] is what the node consults. With Kubernetes on,
+//! [`RecordedAgreement`] takes the local agreement's place: the first
+//! configuration is recorded in the LeaderElection CR status by a
+//! compare-and-swap (resourceVersion precondition), through the
+//! [`FirstConfigRecord`] seam that app wiring connects to the Kubernetes
+//! recorder. The CR holds at most one first configuration per cluster id,
+//! and everyone bootstraps with the one recorded there, so members that
+//! start together form exactly one cluster; nobody promises (`Lock`), the
+//! record is the promise. The node's side (`Bootstrap`, `Abandon`) stays.
 
 use crate::raft::{Configuration, NodeId, Time};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -494,9 +496,412 @@ impl BootstrapAuthority for LocalAgreement {
     }
 }
 
+/// How often a refused re-bootstrap (a recorded member may still live)
+/// is asked for again at most; the recorder re-checks on its own too.
+const REASK_AFTER: Duration = Duration::from_secs(1);
+
+/// The first configuration as a record outside the members holds it (the
+/// LeaderElection CR status in Kubernetes), read without blocking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordRead {
+    /// Not read yet (or the record's store is unreachable).
+    Unread,
+    /// Read: nothing is recorded.
+    Empty,
+    /// Read: these members (identity, address) are the first
+    /// configuration, of which at most `max_voters` vote (the lowest ids).
+    Members {
+        /// Every member of the first configuration.
+        members: Vec<(NodeId, String)>,
+        /// The group's voter limit as recorded alongside (the CR spec).
+        max_voters: usize,
+    },
+}
+
+/// What [`RecordedAgreement`] asks of the record's keeper; the latest ask
+/// replaces the earlier ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordAsk {
+    /// Keep the record's view current, change nothing.
+    Read,
+    /// Record these members as the first configuration unless one is
+    /// recorded already (compare-and-swap: exactly one proposal wins).
+    Record {
+        /// Proposed members (identity, address), the proposer included.
+        members: Vec<(NodeId, String)>,
+        /// The proposer.
+        by: NodeId,
+    },
+    /// Forget the recorded first configuration `recorded` so that a new
+    /// group can bootstrap, but only if none of its members (nor of the
+    /// last configuration published with it) still has a pod, not counting
+    /// the names in `replaced`: those run another incarnation now, unjoined.
+    Forget {
+        /// The recorded members, as read.
+        recorded: Vec<NodeId>,
+        /// Member names known to run a different, unjoined incarnation.
+        replaced: BTreeSet<String>,
+    },
+}
+
+/// The seam to a record of the first configuration kept outside the members:
+/// a non-blocking front of a task that talks to the store (app wiring gives
+/// the Kubernetes one).
+pub trait FirstConfigRecord: Send {
+    /// Returns the record as last read.
+    fn read(&self) -> RecordRead;
+    /// Hands the keeper a new ask (it replaces the one before).
+    fn ask(&mut self, ask: RecordAsk);
+}
+
+/// The first configuration decided by a compare-and-swap on a shared record
+/// (the LeaderElection CR) instead of the members' promises:
+///
+/// 1. **Propose.** A node with an empty log that sees no member of a
+///    running cluster and at least `N − 1` other fresh, unjoined peers
+///    asks to record itself and the `N − 1` lowest of them. Every such node
+///    may ask; the compare-and-swap lets exactly one proposal in.
+/// 2. **Adopt.** A node with an empty log whose identity is in the record
+///    bootstraps the recorded members (voters: the lowest ids, up to the
+///    recorded voter limit). Everyone reads the same record, so every
+///    first configuration of the group is the same one: one cluster.
+/// 3. **Join.** A node the record leaves out waits to be added by the
+///    recorded group's leader, like any new member.
+/// 4. **Re-bootstrap.** Only when no member of the record (nor of the last
+///    configuration its leaders published) still has a pod, a name running
+///    a new unjoined incarnation not counting, is the record forgotten (by
+///    compare-and-swap again) and rule 1 applies anew. A pod that exists but
+///    answers nobody counts as alive: the group waits rather than risk a
+///    second cluster.
+///
+/// A never-led first configuration whose voters were replaced is given up
+/// by the same rule as [`LocalAgreement`]'s, so its members become new
+/// incarnations, which rule 4 then lets bootstrap again.
+pub struct RecordedAgreement<R: FirstConfigRecord> {
+    /// Peer reports, the voter rule and the never-led rule.
+    local: LocalAgreement,
+    record: R,
+    /// The last ask handed over, and when.
+    asked: Option<(RecordAsk, Time)>,
+    /// Notes for the log, each given once.
+    said: BTreeSet<String>,
+    notes: Vec<String>,
+}
+
+impl<R: FirstConfigRecord> RecordedAgreement<R> {
+    /// Creates the agreement for `expect` members with at most `max_voters`
+    /// voters in a proposal, reading and writing through `record`.
+    pub fn new(expect: usize, max_voters: usize, mut record: R) -> RecordedAgreement<R> {
+        record.ask(RecordAsk::Read);
+        RecordedAgreement {
+            local: LocalAgreement::new(expect, max_voters),
+            record,
+            asked: Some((RecordAsk::Read, Time::ZERO)),
+            said: BTreeSet::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn ask(&mut self, now: Time, ask: RecordAsk) {
+        let again = match &self.asked {
+            Some((last, at)) => *last != ask || now.saturating_since(*at) >= REASK_AFTER,
+            None => true,
+        };
+        if again {
+            self.record.ask(ask.clone());
+            self.asked = Some((ask, now));
+        }
+    }
+
+    fn note(&mut self, text: String) {
+        if self.said.insert(text.clone()) {
+            self.notes.push(text);
+        }
+    }
+
+    /// Rule 1: the proposal this node asks to record, if it sees enough peers.
+    fn propose(&mut self, now: Time, local: &LocalView<'_>) {
+        let me = local.id;
+        let mut by_name: BTreeMap<&str, (&PeerReport, Time)> = BTreeMap::new();
+        for (r, at) in self.local.fresh(now, me) {
+            if r.joined || r.lock.is_some() || r.id.name == me.name {
+                continue;
+            }
+            let newer = by_name.get(r.id.name.as_str()).is_none_or(|(_, t)| *t < at);
+            if newer {
+                by_name.insert(r.id.name.as_str(), (r, at));
+            }
+        }
+        let mut members: Vec<(NodeId, String)> = by_name
+            .values()
+            .map(|(r, _)| (r.id.clone(), r.address.clone()))
+            .collect();
+        members.sort();
+        let expect = self.local.expect();
+        members.truncate(expect - 1);
+        if members.len() + 1 < expect {
+            self.ask(now, RecordAsk::Read);
+            return;
+        }
+        members.push((me.clone(), local.address.to_string()));
+        members.sort();
+        self.ask(
+            now,
+            RecordAsk::Record {
+                members,
+                by: me.clone(),
+            },
+        );
+    }
+
+    /// Rule 4's input: the names whose recorded incarnation is known gone,
+    /// because another one of the name answers unjoined (this node's own
+    /// name included: it is a new incarnation the record leaves out).
+    fn replaced_names(&self, now: Time, me: &NodeId, recorded: &[NodeId]) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self
+            .local
+            .fresh(now, me)
+            .filter(|(r, _)| !r.joined && !recorded.contains(&r.id))
+            .map(|(r, _)| r.id.name.clone())
+            .collect();
+        if !recorded.contains(me) {
+            names.insert(me.name.clone());
+        }
+        names
+    }
+}
+
+impl<R: FirstConfigRecord> BootstrapAuthority for RecordedAgreement<R> {
+    fn observe(&mut self, now: Time, report: PeerReport) {
+        self.local.observe(now, report);
+    }
+
+    fn decide(&mut self, now: Time, local: &LocalView<'_>) -> Option<BootstrapStep> {
+        if !local.log_empty {
+            // A never-led first configuration: the local rule says when it
+            // is lost; anything else is a running member.
+            return self.local.decide(now, local);
+        }
+        let me = local.id;
+        match self.record.read() {
+            RecordRead::Unread => {
+                self.ask(now, RecordAsk::Read);
+                None
+            }
+            RecordRead::Empty => {
+                if self.local.fresh(now, me).any(|(r, _)| r.joined) {
+                    // A cluster runs without a record (formed before the
+                    // CR was used): join it.
+                    return None;
+                }
+                if local.lock.is_some() {
+                    return Some(BootstrapStep::Abandon(
+                        "a promise from the members' local agreement; the LeaderElection record decides now".into(),
+                    ));
+                }
+                self.propose(now, local);
+                None
+            }
+            RecordRead::Members {
+                members,
+                max_voters,
+            } => {
+                if members.len() != self.local.expect() {
+                    self.note(format!(
+                        "the recorded first configuration has {} members, this node expects {} (--bootstrap-expect differs between members?); the record decides",
+                        members.len(),
+                        self.local.expect()
+                    ));
+                }
+                let recorded: Vec<NodeId> = members.iter().map(|(id, _)| id.clone()).collect();
+                let config = first_configuration(members, max_voters);
+                if config.contains(me) {
+                    if local.lock.is_some_and(|p| *p != config) {
+                        return Some(BootstrapStep::Abandon(
+                            "promised another first configuration than the recorded one".into(),
+                        ));
+                    }
+                    self.ask(now, RecordAsk::Read);
+                    return Some(BootstrapStep::Bootstrap(config));
+                }
+                if local.lock.is_some() {
+                    return Some(BootstrapStep::Abandon(
+                        "the recorded first configuration leaves out this node's promise".into(),
+                    ));
+                }
+                if self.local.fresh(now, me).any(|(r, _)| r.joined) {
+                    // The recorded group runs: wait to be added to it.
+                    self.ask(now, RecordAsk::Read);
+                    return None;
+                }
+                let replaced = self.replaced_names(now, me, &recorded);
+                self.ask(now, RecordAsk::Forget { recorded, replaced });
+                None
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.local.reset();
+        self.asked = None;
+    }
+
+    fn take_refusals(&mut self) -> Vec<String> {
+        let mut out = self.local.take_refusals();
+        out.append(&mut self.notes);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A record kept in memory; the test sets what is read and sees the asks.
+    #[derive(Clone, Default)]
+    struct MemoryRecord {
+        read: Arc<Mutex<Option<RecordRead>>>,
+        asks: Arc<Mutex<Vec<RecordAsk>>>,
+    }
+
+    impl MemoryRecord {
+        fn set(&self, read: RecordRead) {
+            *self.read.lock().expect("record") = Some(read);
+        }
+        fn last_ask(&self) -> Option<RecordAsk> {
+            self.asks.lock().expect("asks").last().cloned()
+        }
+    }
+
+    impl FirstConfigRecord for MemoryRecord {
+        fn read(&self) -> RecordRead {
+            self.read
+                .lock()
+                .expect("record")
+                .clone()
+                .unwrap_or(RecordRead::Unread)
+        }
+        fn ask(&mut self, ask: RecordAsk) {
+            self.asks.lock().expect("asks").push(ask);
+        }
+    }
+
+    fn fresh_local<'a>(me: &'a NodeId, empty: &'a Configuration) -> LocalView<'a> {
+        LocalView {
+            id: me,
+            address: "a:4041",
+            log_empty: true,
+            pristine: false,
+            config: empty,
+            lock: None,
+        }
+    }
+
+    #[test]
+    fn recorded_agreement_proposes_once_it_sees_everyone_and_bootstraps_what_is_recorded() {
+        let record = MemoryRecord::default();
+        let mut agreement = RecordedAgreement::new(3, 5, record.clone());
+        let me = id("b", 2);
+        let empty = Configuration::default();
+        let local = fresh_local(&me, &empty);
+        assert_eq!(agreement.decide(t(0), &local), None, "nothing read yet");
+        record.set(RecordRead::Empty);
+        agreement.observe(t(0), report("a", 1, false, None));
+        assert_eq!(agreement.decide(t(0), &local), None);
+        assert_eq!(
+            record.last_ask(),
+            Some(RecordAsk::Read),
+            "one peer is too few"
+        );
+        agreement.observe(t(0), report("c", 3, false, None));
+        assert_eq!(agreement.decide(t(0), &local), None);
+        // Not only the lowest id proposes: the compare-and-swap picks one.
+        let Some(RecordAsk::Record { members, by }) = record.last_ask() else {
+            panic!("a proposal: {:?}", record.last_ask());
+        };
+        assert_eq!(by, me);
+        let names: Vec<&str> = members.iter().map(|(m, _)| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        // Another member's proposal won, with a voter limit of 1.
+        let won = vec![
+            (id("a", 1), "a:4041".to_string()),
+            (id("b", 2), "b:4041".to_string()),
+            (id("d", 4), "d:4041".to_string()),
+        ];
+        record.set(RecordRead::Members {
+            members: won.clone(),
+            max_voters: 1,
+        });
+        let Some(BootstrapStep::Bootstrap(config)) = agreement.decide(t(1), &local) else {
+            panic!("bootstraps the recorded configuration");
+        };
+        assert_eq!(config, first_configuration(won, 1));
+        assert_eq!(config.voters.len(), 1, "the recorded voter limit decides");
+    }
+
+    #[test]
+    fn a_node_the_record_leaves_out_joins_a_running_group_or_asks_to_forget_a_gone_one() {
+        let record = MemoryRecord::default();
+        let mut agreement = RecordedAgreement::new(3, 5, record.clone());
+        let me = id("a", 9);
+        let empty = Configuration::default();
+        let local = fresh_local(&me, &empty);
+        let old: Vec<(NodeId, String)> = [("a", 1), ("b", 2), ("c", 3)]
+            .iter()
+            .map(|(n, i)| (id(n, *i), format!("{n}:4041")))
+            .collect();
+        record.set(RecordRead::Members {
+            members: old.clone(),
+            max_voters: 5,
+        });
+        // b still runs its recorded incarnation in a cluster: wait to be added.
+        agreement.observe(t(0), report("b", 2, true, None));
+        assert_eq!(agreement.decide(t(0), &local), None);
+        assert_eq!(record.last_ask(), Some(RecordAsk::Read));
+        // Later only new, unjoined incarnations answer.
+        agreement.observe(t(5), report("b", 7, false, None));
+        assert_eq!(
+            agreement.decide(t(5), &local),
+            None,
+            "never bootstraps a record without it"
+        );
+        let Some(RecordAsk::Forget { recorded, replaced }) = record.last_ask() else {
+            panic!("asks to forget: {:?}", record.last_ask());
+        };
+        assert_eq!(
+            recorded,
+            old.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>()
+        );
+        let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
+        assert_eq!(
+            replaced,
+            ["a", "b"],
+            "c was not heard from: its pod decides"
+        );
+        // The same ask is not repeated at every call, only after a while.
+        let asks = record.asks.lock().expect("asks").len();
+        agreement.decide(t(5), &local);
+        assert_eq!(record.asks.lock().expect("asks").len(), asks);
+        agreement.decide(t(5) + REASK_AFTER, &local);
+        assert_eq!(record.asks.lock().expect("asks").len(), asks + 1);
+    }
+
+    #[test]
+    fn a_local_promise_gives_way_to_the_record() {
+        let record = MemoryRecord::default();
+        let mut agreement = RecordedAgreement::new(3, 5, record.clone());
+        let me = id("a", 1);
+        let empty = Configuration::default();
+        let promised = config(&[("a", 1), ("b", 2), ("x", 3)]);
+        let mut local = fresh_local(&me, &empty);
+        local.lock = Some(&promised);
+        record.set(RecordRead::Empty);
+        assert!(matches!(
+            agreement.decide(t(0), &local),
+            Some(BootstrapStep::Abandon(_))
+        ));
+    }
 
     fn id(name: &str, inc: u64) -> NodeId {
         NodeId::new(name, inc)

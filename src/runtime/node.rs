@@ -140,6 +140,13 @@ impl NodeTask {
         }
     }
 
+    /// Replaces who decides the first configuration when this node
+    /// bootstraps (the LeaderElection record when Kubernetes is on).
+    pub fn with_bootstrap_authority(mut self, authority: Box<dyn BootstrapAuthority>) -> NodeTask {
+        self.bootstrap = Some(authority);
+        self
+    }
+
     /// Runs until `shutdown` resolves, then hands over leadership, leaves the
     /// configuration and returns.
     pub async fn run(
