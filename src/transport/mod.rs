@@ -19,6 +19,7 @@
 //! - [`noise`]: the handshake and per-frame encryption (why it is safe).
 //! - [`wire`]: the frames and their encoding.
 //! - [`connection`]: establishing a connection, and its reader and writer.
+//! - [`quiet`]: how an idle leader reads its followers' answers once a round.
 //! - [`peers`]: the registry of connections, the listener and its bounds.
 //!
 //! **One connection per pair.** Whoever needs to send first dials. When both
@@ -38,6 +39,7 @@
 pub mod connection;
 pub mod noise;
 pub mod peers;
+pub mod quiet;
 pub mod wire;
 
 pub use self::peers::Transport;
@@ -197,6 +199,14 @@ pub trait SendToPeer: Send {
     /// a new one dialed to `address`. Never blocks; a message that cannot be
     /// queued is dropped and counted (Raft tolerates loss).
     fn send(&self, address: Option<&str>, msg: Message);
+
+    /// Says whether frames may wait on their connections until the next
+    /// [`collect`](SendToPeer::collect) instead of waking the node as they
+    /// arrive; see [`quiet`] for what the node promises in return.
+    fn set_quiet(&self, _quiet: bool) {}
+
+    /// Has what quiet connections hold read now; see [`quiet`].
+    fn collect(&self) {}
 }
 
 /// Failures of a connection, a dial or a hello, and invalid settings.
