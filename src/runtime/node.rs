@@ -23,7 +23,11 @@
 //! the invariants): [`SendToPeer::set_quiet`] after every `Ready`, when that
 //! changes, and [`SendToPeer::collect`] at every timer wakeup while quiet. A
 //! leader's next deadline is its next heartbeat round, so held answers wait
-//! at most one heartbeat interval.
+//! at most one heartbeat interval. A quiet leader also wakes when its lease
+//! is down to [`QUIET_LEASE_MARGIN`] (normally the round's answers have
+//! renewed it long before) and then reads answers as they arrive until the
+//! lease is renewed: answers lost or late cost the lease no sooner than
+//! without quiet rounds.
 //!
 //! Every message, answers included, goes to the transport by recipient:
 //! the transport puts it on the one connection to that peer (so an answer
@@ -65,10 +69,11 @@ const FAREWELL_LINGER: Duration = Duration::from_millis(30);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
-/// Least lease a leader must have left when it reads a round's answers one
-/// round late (`lease − 2 × heartbeat_interval`, 48.5 ms at the defaults)
-/// for it to be quiet at all: the room its timer has to be late by before
-/// the lease lapses.
+/// Least lease a quiet leader keeps: with less left, answers are read as
+/// they arrive again, so a lost or late answer costs the lease no sooner
+/// than without quiet rounds. The timing settings must leave at least this
+/// at each round (`lease − 2 × heartbeat_interval`, 48.5 ms at the
+/// defaults) for a leader to be quiet at all.
 const QUIET_LEASE_MARGIN: Duration = Duration::from_millis(30);
 
 /// Settings of the node task.
@@ -499,10 +504,10 @@ impl NodeTask {
 
     /// Returns whether followers' answers may wait on their connections
     /// until the next round (module docs, "Quiet rounds"): only on a leader
-    /// holding its lease with room to spare ([`QUIET_LEASE_MARGIN`]), with
-    /// every entry committed and every member caught up, not handing over
-    /// and not shutting down. Then nothing but heartbeat answers is expected,
-    /// and none is urgent.
+    /// holding more than [`QUIET_LEASE_MARGIN`] of lease, with every entry
+    /// committed and every member caught up, not handing over and not
+    /// shutting down. Then nothing but heartbeat answers is expected, and
+    /// none is urgent.
     fn answers_may_wait(&self) -> bool {
         let core = &self.core;
         let cfg = core.config();
@@ -510,7 +515,7 @@ impl NodeTask {
             || self.shutting_down
             || core.is_transferring()
             || cfg.lease_duration() < cfg.heartbeat_interval * 2 + QUIET_LEASE_MARGIN
-            || !core.has_lease(self.now())
+            || core.lease_remaining(self.now()) <= QUIET_LEASE_MARGIN
         {
             return false;
         }
@@ -782,7 +787,12 @@ impl NodeTask {
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Input {
-        let deadline = self.instant_of(self.core.next_deadline()).min(until);
+        let mut deadline = self.instant_of(self.core.next_deadline()).min(until);
+        if let Some(lease_until) = self.core.lease_until().filter(|_| self.quiet) {
+            // Quiet ends when the lease runs low. A round's answers renew
+            // it long before, so normally this deadline never comes.
+            deadline = deadline.min(self.instant_of(lease_until) - QUIET_LEASE_MARGIN);
+        }
         tokio::select! {
             // A Raft timer (heartbeat round, election timeout, CheckQuorum;
             // a tick before the core's deadline does nothing).

@@ -37,10 +37,14 @@
 //! 4. **The lease does not change.** The core counts a round toward the lease
 //!    by when the leader *sent* it (the round each answer carries), never by
 //!    when the answer was read, so reading answers one round late only
-//!    computes the same lease later: between rounds the lease has at least
+//!    computes the same lease later: at each round the lease has
 //!    `lease − 2 × heartbeat_interval` left (48.5 ms at the defaults) instead
-//!    of `lease − heartbeat_interval`. The node is quiet only while that is
-//!    at least `runtime::node`'s margin.
+//!    of `lease − heartbeat_interval`. The node is quiet only while more
+//!    than `runtime::node`'s margin (30 ms) is left, and wakes when it is
+//!    down to it, so an answer lost or late is read as it arrives before the
+//!    lease could lapse for want of it. What quiet does cost: a leader whose
+//!    thread is held up by more than 48.5 ms at a round (not 98.5) loses its
+//!    lease until the answers are read.
 //! 5. **Marks serialize.** Raising and lowering a mark happen under one lock,
 //!    and the quiet flag is read under it, so a mark is never left raised
 //!    after [`Quiet::set`] turned quiet off, whatever the threads.
