@@ -605,7 +605,11 @@ mod tests {
             matches!(next(&mut b).await, Inbound::Message(_)),
             "read at the collection"
         );
-        // Held again, and handed over when quiet ends.
+        // A collection with nothing held keeps the mark up: the next frame
+        // is held too (the answers to a round wait for the next round), and
+        // handed over when quiet ends.
+        b.transport.collect();
+        assert_eq!(b.transport.inner.quiet.raised(), 1);
         a.transport.send(None, msg(&a, &b));
         assert!(within(&mut b, Duration::from_millis(200)).await.is_none());
         b.transport.set_quiet(false);

@@ -9,10 +9,12 @@
 //! connection whose socket was read empty raises its receive low-water mark
 //! (`SO_RCVLOWAT`) to [`QUIET_LOWAT`] bytes: the kernel then does not report
 //! the few hundred bytes of an answer as readable, so nothing wakes. At its
-//! next round the node calls [`Quiet::collect`], which lowers every raised
-//! mark to one byte; lowering it makes the kernel report at once what
-//! arrived, and the reader tasks read it all in the wakeup the round already
-//! cost.
+//! next round the node calls [`Quiet::collect`], which lowers to one byte
+//! the mark of every socket holding bytes (`FIONREAD`); lowering it makes
+//! the kernel report at once what arrived, and the reader tasks read it all
+//! in the wakeup the round already cost. Empty sockets keep their marks up,
+//! so the answers to the round the node is about to send wait for the next
+//! one.
 //!
 //! ```text
 //!   reader reads the socket empty ──(quiet)──► mark = QUIET_LOWAT: arrivals wake nobody
@@ -24,8 +26,9 @@
 //! 1. **Nothing is stranded.** A mark is raised only after a read found the
 //!    socket empty, so what arrived before was reported; while quiet, the
 //!    node calls [`Quiet::collect`] at every timer wakeup, which it has at
-//!    least once per heartbeat interval; leaving quiet ([`Quiet::set`] with
-//!    `false`) lowers every mark at once. A frame therefore waits at most one
+//!    least once per heartbeat interval, and a collection lowers every mark
+//!    whose socket holds a byte; leaving quiet ([`Quiet::set`] with `false`)
+//!    lowers every mark at once. A frame therefore waits at most one
 //!    heartbeat interval, and only while the node is quiet.
 //! 2. **Ends are never held.** The kernel wakes readers for a FIN, a reset
 //!    or a `TCP_USER_TIMEOUT` whatever the mark, so a crash is reported as
@@ -101,26 +104,32 @@ impl Quiet {
     pub fn set(&self, quiet: bool) {
         self.inner.quiet.store(quiet, Ordering::SeqCst);
         if !quiet {
-            self.collect();
+            for mark in self.live() {
+                mark.lower();
+            }
         }
     }
 
-    /// Lowers every raised mark, so that what arrived since the last
-    /// collection is read now (the reader raises the mark again once it has
-    /// read the socket empty).
+    /// Has what arrived since the last collection read now: lowers the
+    /// raised marks of the sockets holding bytes (the reader raises each
+    /// again once it has read the socket empty). An empty socket keeps its
+    /// mark up, so what arrives next waits for the next collection.
     pub fn collect(&self) {
-        // Upgraded outside the lock: the last reference may go here.
-        let marks: Vec<Arc<Mark>> = self.marks().iter().filter_map(Weak::upgrade).collect();
-        for mark in marks {
-            mark.lower();
+        for mark in self.live() {
+            mark.collect();
         }
+    }
+
+    /// Returns the marks of live connections; upgraded outside the lock,
+    /// since the last reference to one may go with the returned list.
+    fn live(&self) -> Vec<Arc<Mark>> {
+        self.marks().iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Returns how many connections' marks are raised.
     #[cfg(test)]
     pub fn raised(&self) -> usize {
-        let marks: Vec<Arc<Mark>> = self.marks().iter().filter_map(Weak::upgrade).collect();
-        marks.iter().filter(|m| *lock(&m.raised)).count()
+        self.live().iter().filter(|m| *lock(&m.raised)).count()
     }
 
     /// Returns the marks' list, without those of ended connections.
@@ -168,10 +177,15 @@ impl Mark {
     fn lower(&self) {
         let mut raised = lock(&self.raised);
         if *raised {
-            if let Err(e) = set_rcvlowat(self.socket.as_fd(), 1) {
-                debug!(error = %e, "cannot lower a peer socket's receive mark");
-            }
-            *raised = false;
+            lower_locked(&self.socket, &mut raised);
+        }
+    }
+
+    /// Lowers a raised mark if the socket holds bytes (or cannot tell).
+    fn collect(&self) {
+        let mut raised = lock(&self.raised);
+        if *raised && !matches!(bytes_queued(self.socket.as_fd()), Ok(0)) {
+            lower_locked(&self.socket, &mut raised);
         }
     }
 }
@@ -199,8 +213,29 @@ impl AsyncRead for QuietRead {
     }
 }
 
+/// Lowers the mark of `socket`, whose `raised` flag is locked.
+fn lower_locked(socket: &OwnedFd, raised: &mut bool) {
+    if let Err(e) = set_rcvlowat(socket.as_fd(), 1) {
+        debug!(error = %e, "cannot lower a peer socket's receive mark");
+    }
+    *raised = false;
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Returns how many received bytes wait to be read (`FIONREAD`).
+fn bytes_queued(socket: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `socket` is open for the borrow's lifetime, and FIONREAD
+    // writes one `c_int` through the pointer, which points at `n`.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        Ok(n)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sets `SO_RCVLOWAT` (not in nix).
