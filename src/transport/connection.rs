@@ -10,17 +10,17 @@
 //! ```
 //!
 //! Both tasks run on the node's thread, so handing a frame between them and
-//! the node costs no wakeup of its own. The reader reads through
-//! [`super::quiet`], which lets an idle leader read answers once a round.
+//! the node costs no wakeup of its own. The reader reads via [`super::quiet`].
 
 use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
-use super::quiet::{Quiet, QuietRead};
+use super::quiet::{set_int_option, Quiet, QuietRead};
 use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
 use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft::NodeId;
 use futures::{SinkExt, StreamExt};
 use nix::sys::socket::{setsockopt, sockopt};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,22 +38,15 @@ pub const OUT_QUEUE: usize = 256;
 /// timer of ours, and the next send dials afresh instead of waiting for
 /// TCP's exponential retransmission back-off.
 const USER_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Shortest retransmission timeout (`TCP_RTO_MIN_US`, Linux 6.15+), down
-/// from Linux's 200 ms. One connection carries every heartbeat to a peer in
-/// order, so a lost segment holds back the ones behind it until it is
-/// resent; at 200 ms (plus twice the RTT for a lone segment's loss probe) a
-/// single loss outlasts a heartbeat interval four times over and, on a lossy
-/// network, costs the leader its lease (148.5 ms at the defaults) whenever
-/// it hits two followers at once. One heartbeat interval keeps the stall
-/// short while staying above the delayed-ACK timer below, so ACKs that are
-/// merely late cause no spurious resends.
+/// Shortest retransmission timeout (`TCP_RTO_MIN_US`, Linux 6.15+; else
+/// 200 ms): a lost segment holds back the heartbeats behind it on the one
+/// connection until it is resent. Above the delayed-ACK cap below, so late
+/// ACKs cause no spurious resends.
 const RTO_MIN: Duration = Duration::from_millis(50);
-/// Longest delayed ACK (`TCP_DELACK_MAX_US`, Linux 6.15+), down from 200 ms
-/// (at least 40): the RTT samples the retransmission timeout is computed
-/// from then hold no long ACK delays, and a lost segment is noticed sooner.
+/// Longest delayed ACK (`TCP_DELACK_MAX_US`): keeps RTT samples, and so the
+/// retransmission timeout, free of long ACK delays.
 const DELACK_MAX: Duration = Duration::from_millis(10);
-/// `TCP_RTO_MIN_US` and `TCP_DELACK_MAX_US` from `linux/tcp.h`; the libc
-/// crate does not have them yet.
+/// The two options' numbers in `linux/tcp.h` (not in the libc crate yet).
 const TCP_RTO_MIN_US: libc::c_int = 45;
 const TCP_DELACK_MAX_US: libc::c_int = 46;
 
@@ -142,34 +135,10 @@ fn tune(stream: &TcpStream) {
         (TCP_RTO_MIN_US, "TCP_RTO_MIN_US", RTO_MIN),
         (TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", DELACK_MAX),
     ] {
-        if let Err(e) = set_tcp_option(stream, option, value.as_micros() as libc::c_int) {
+        let micros = value.as_micros() as libc::c_int;
+        if let Err(e) = set_int_option(stream.as_fd(), libc::IPPROTO_TCP, option, micros) {
             debug!(error = %e, "cannot set {name} on a peer connection");
         }
-    }
-}
-
-/// Sets an `IPPROTO_TCP` option nix does not know.
-fn set_tcp_option(
-    stream: &TcpStream,
-    option: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open while `stream` is borrowed, and the
-    // pointer and length describe one live `c_int`.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -9,7 +9,8 @@
 //!                    ─► first frame: the dialer's identity (cluster, NodeId) ─► authenticated
 //!                      any refusal: closed, peer_connections_refused_total{reason}++,
 //!                      rate-limited warn, nothing forwarded
-//!                                                │ reader task: frames in order
+//!                                                │ reader task: frames in order (on a quiet
+//!                                                │ leader, read once a round, see `quiet`)
 //!                                                ▼
 //!   node ◄── Inbound::Message / Inbound::ConnectionLost ◄──┘  (answers travel back the same way)
 //!
@@ -200,12 +201,10 @@ pub trait SendToPeer: Send {
     /// queued is dropped and counted (Raft tolerates loss).
     fn send(&self, address: Option<&str>, msg: Message);
 
-    /// Says whether frames may wait on their connections until the next
-    /// [`collect`](SendToPeer::collect) instead of waking the node as they
-    /// arrive; see [`quiet`] for what the node promises in return.
+    /// Says whether frames may wait until the next `collect` instead of
+    /// waking the node as they arrive ([`quiet`]: the node's promises).
     fn set_quiet(&self, _quiet: bool) {}
-
-    /// Has what quiet connections hold read now; see [`quiet`].
+    /// Has what quiet connections hold read now ([`quiet`]).
     fn collect(&self) {}
 }
 

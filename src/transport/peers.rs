@@ -98,7 +98,7 @@ impl Transport {
                 registry: Mutex::new(Registry::default()),
                 handshaking,
                 warned: Mutex::new(HashMap::new()),
-                quiet: Quiet::new(),
+                quiet: Quiet::default(),
             }),
         }
     }
@@ -406,7 +406,6 @@ impl SendToPeer for Transport {
     fn set_quiet(&self, quiet: bool) {
         self.inner.quiet.set(quiet);
     }
-
     fn collect(&self) {
         self.inner.quiet.collect();
     }
