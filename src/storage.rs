@@ -1,4 +1,6 @@
-//! Durable hard state: the [`HardStateStore`] trait and its file implementation.
+//! Durable hard state: the [`HardStateStore`] trait, its file
+//! implementation, and the [`Persister`] that runs saves off the runtime
+//! thread.
 //!
 //! The file is written atomically (temp file, fsync, rename, fsync of the
 //! directory) and carries a length and a CRC-32 so that a truncated or
@@ -28,6 +30,9 @@ pub enum StorageError {
     Encode(String),
     #[error("state file {path} is corrupt ({reason}); move it away to start as a new member")]
     Corrupt { path: PathBuf, reason: String },
+    /// A save was abandoned or panicked before it finished; see [`Persister`].
+    #[error("an earlier hard state save did not finish; no further save may race it")]
+    Interrupted,
 }
 
 /// Where a node's hard state lives.
@@ -36,6 +41,46 @@ pub trait HardStateStore: Send {
     fn load(&self) -> Result<Option<HardState>, StorageError>;
     /// Saves `state` durably; when it returns Ok the state survives a crash.
     fn save(&mut self, state: &HardState) -> Result<(), StorageError>;
+}
+
+/// Runs a store's saves on tokio's blocking pool.
+///
+/// A save fsyncs twice, which a busy or throttled disk can stretch to
+/// hundreds of milliseconds; on the node's single runtime thread that would
+/// stall every other task for as long (the API answering `/is-leader`, the
+/// peer connections' readers and writers). Here the node task alone waits:
+/// it awaits [`Persister::save`] before it sends anything that depends on the
+/// state, so the order "durable, then sent" holds as before, and it takes no
+/// other input meanwhile.
+///
+/// Invariant: at most one save runs at a time, because the store travels
+/// with it. A save whose future was dropped before it finished keeps the
+/// store; every later save then fails with [`StorageError::Interrupted`]
+/// (the node stops) rather than race the unfinished one, which could leave
+/// an older state on disk last.
+pub struct Persister {
+    store: Option<Box<dyn HardStateStore>>,
+}
+
+impl Persister {
+    /// Wraps `store`.
+    pub fn new(store: Box<dyn HardStateStore>) -> Persister {
+        Persister { store: Some(store) }
+    }
+
+    /// Saves `state` off the runtime thread; returns once it is durable.
+    /// Not cancel-safe (see the type's docs): await it to the end.
+    pub async fn save(&mut self, state: HardState) -> Result<(), StorageError> {
+        let mut store = self.store.take().ok_or(StorageError::Interrupted)?;
+        let (store, result) = tokio::task::spawn_blocking(move || {
+            let result = store.save(&state);
+            (store, result)
+        })
+        .await
+        .map_err(|_| StorageError::Interrupted)?;
+        self.store = Some(store);
+        result
+    }
 }
 
 /// Keeps hard state in memory (tests, and `--state-dir` left empty: every

@@ -11,6 +11,23 @@
 //! After every input the task drains the core's `Ready` in order: hard state
 //! is saved (and fsynced) before any message that depends on it is sent. A
 //! failed save stops the node: sending after it could give a vote twice.
+//! The save runs on tokio's blocking pool ([`Persister`]) and the task awaits
+//! it, so a slow disk holds up this task only, never the runtime thread that
+//! also answers `/is-leader` and carries the peer connections. An input is
+//! taken (cancel-safe, raced against shutdown) before it is applied; once
+//! applied, its `Ready` is always handled to the end.
+//!
+//! **Quiet rounds.** While this node leads with its lease, replicates
+//! nothing and hands nothing over, it lets its followers' answers wait on
+//! their connections until its next round (`transport::quiet`, which lists
+//! the invariants): [`SendToPeer::set_quiet`] after every `Ready`, when that
+//! changes, and [`SendToPeer::collect`] at every timer wakeup while quiet. A
+//! leader's next deadline is its next heartbeat round, so held answers wait
+//! at most one heartbeat interval. A quiet leader also wakes when its lease
+//! is down to [`QUIET_LEASE_MARGIN`] (normally the round's answers have
+//! renewed it long before) and then reads answers as they arrive until the
+//! lease is renewed: answers lost or late cost the lease no sooner than
+//! without quiet rounds.
 //!
 //! Every message, answers included, goes to the transport by recipient:
 //! the transport puts it on the one connection to that peer (so an answer
@@ -22,7 +39,7 @@ use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
-use crate::storage::{HardStateStore, StorageError};
+use crate::storage::{HardStateStore, Persister, StorageError};
 use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
 use std::future::Future;
@@ -52,6 +69,12 @@ const FAREWELL_LINGER: Duration = Duration::from_millis(30);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
+/// Least lease a quiet leader keeps: with less left, answers are read as
+/// they arrive again, so a lost or late answer costs the lease no sooner
+/// than without quiet rounds. The timing settings must leave at least this
+/// at each round (`lease − 2 × heartbeat_interval`, 48.5 ms at the
+/// defaults) for a leader to be quiet at all.
+const QUIET_LEASE_MARGIN: Duration = Duration::from_millis(30);
 
 /// Settings of the node task.
 #[derive(Clone, Debug)]
@@ -82,7 +105,7 @@ pub struct NodeTask {
     core: RaftCore,
     epoch: Instant,
     opts: NodeOptions,
-    store: Box<dyn HardStateStore>,
+    store: Persister,
     peers: Box<dyn SendToPeer>,
     metrics: Metrics,
     state_tx: watch::Sender<LeaderState>,
@@ -98,8 +121,21 @@ pub struct NodeTask {
     /// Who decides the first configuration (`None`: join only).
     bootstrap: Option<Box<dyn BootstrapAuthority>>,
     shutting_down: bool,
+    /// Whether the transport was last told that answers may wait (see the
+    /// module docs, "Quiet rounds").
+    quiet: bool,
     /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
+}
+
+/// One input of the node task, taken but not applied yet.
+enum Input {
+    /// A Raft deadline (or the caller's limit) passed.
+    Deadline,
+    /// From the transport.
+    Peer(Inbound),
+    /// A peer answered hello: who is where.
+    Seen(PeerInfo),
 }
 
 impl NodeTask {
@@ -124,7 +160,7 @@ impl NodeTask {
             core,
             epoch,
             opts,
-            store,
+            store: Persister::new(store),
             peers,
             metrics,
             state_tx,
@@ -136,6 +172,7 @@ impl NodeTask {
             last_seen: HashMap::new(),
             bootstrap,
             shutting_down: false,
+            quiet: false,
             timer: DeadlineTimer::new(),
         }
     }
@@ -163,9 +200,9 @@ impl NodeTask {
             let _ = stop_tx.send(());
         });
         let mut next_housekeeping = Instant::now();
-        self.handle_ready()?;
+        self.handle_ready().await?;
         loop {
-            tokio::select! {
+            let input = tokio::select! {
                 // The signal first: an input stepped after it could still
                 // make this node leader.
                 biased;
@@ -173,12 +210,15 @@ impl NodeTask {
                 _ = &mut stop => break,
                 // Raft timers, peer messages and hello answers, until the
                 // next housekeeping is due.
-                pumped = self.pump(&mut inbound, &mut seen, next_housekeeping + HOUSEKEEPING_SLACK) => pumped?,
-            }
+                input = self.next_input(&mut inbound, &mut seen, next_housekeeping + HOUSEKEEPING_SLACK) => input,
+            };
+            // Outside the race: a save, once begun, is awaited to its end.
+            self.apply(input);
+            self.handle_ready().await?;
             // Membership, bootstrap and gauges.
             if Instant::now() >= next_housekeeping {
                 self.housekeeping();
-                self.handle_ready()?;
+                self.handle_ready().await?;
                 next_housekeeping = Instant::now() + self.housekeeping_period();
             }
         }
@@ -437,11 +477,13 @@ impl NodeTask {
     // ----- output ----------------------------------------------------------------
 
     /// Persists, then sends, then publishes: the order the core requires.
-    /// A failed save sends nothing.
-    fn handle_ready(&mut self) -> Result<(), NodeError> {
+    /// A failed save sends nothing. Not cancel-safe: the messages wait in
+    /// this future while the state is saved.
+    async fn handle_ready(&mut self) -> Result<(), NodeError> {
         let ready = self.core.take_ready();
-        if let Some(hs) = &ready.hard_state {
-            if let Err(e) = self.store.save(hs) {
+        let saved = ready.hard_state.is_some();
+        if let Some(hs) = ready.hard_state {
+            if let Err(e) = self.store.save(hs).await {
                 self.metrics.persist_errors.inc();
                 return Err(NodeError::Persist(e));
             }
@@ -449,10 +491,15 @@ impl NodeTask {
         for msg in ready.messages {
             self.send(msg);
         }
+        let quiet = self.answers_may_wait();
+        if quiet != self.quiet {
+            self.quiet = quiet;
+            self.peers.set_quiet(quiet);
+        }
         match ready.leadership {
             Some(view) => self.on_leadership(view),
             // A saved promise or first configuration is reported at once.
-            None if ready.hard_state.is_some() => {
+            None if saved => {
                 if let Some(view) = self.last_view.clone() {
                     self.publish(&view);
                 }
@@ -460,6 +507,35 @@ impl NodeTask {
             None => {}
         }
         Ok(())
+    }
+
+    /// Returns whether followers' answers may wait on their connections
+    /// until the next round (module docs, "Quiet rounds"): only on a leader
+    /// holding more than [`QUIET_LEASE_MARGIN`] of lease, with every entry
+    /// committed and every member caught up, not handing over and not
+    /// shutting down. Then nothing but heartbeat answers is expected, and
+    /// none is urgent.
+    fn answers_may_wait(&self) -> bool {
+        let core = &self.core;
+        let cfg = core.config();
+        if core.role() != Role::Leader
+            || self.shutting_down
+            || core.is_transferring()
+            || cfg.lease_duration() < cfg.heartbeat_interval * 2 + QUIET_LEASE_MARGIN
+            || core.lease_remaining(self.now()) <= QUIET_LEASE_MARGIN
+        {
+            return false;
+        }
+        let last = core.log().last_index();
+        let (config, _) = core.configuration();
+        let me = core.id();
+        core.commit_index() == last
+            && config
+                .voters
+                .keys()
+                .chain(config.learners.keys())
+                .filter(|id| *id != me)
+                .all(|id| core.member_progress(id).is_some_and(|(m, _)| m == last))
     }
 
     /// Hands `msg` to the transport with the address to dial should there be
@@ -608,7 +684,7 @@ impl NodeTask {
         self.publish(&view);
         self.metrics.is_leader.set(0);
         info!(role = %self.core.role(), "shutting down: retiring, never leading again");
-        self.handle_ready()?;
+        self.handle_ready().await?;
         let mut next_leave = Instant::now();
         // The leader last asked: a new one (or none) is asked at once.
         let mut asked: Option<Option<NodeId>> = None;
@@ -627,7 +703,7 @@ impl NodeTask {
                         Err(e) => {
                             info!(error = %e, "shutting down: nobody left to hand leadership over to");
                             self.core.abdicate(now);
-                            self.handle_ready()?;
+                            self.handle_ready().await?;
                             // The client sends from tasks of its own: give
                             // the farewell Leaves a moment to leave the
                             // process, or the members wait for nothing.
@@ -648,7 +724,7 @@ impl NodeTask {
                 }
                 next_leave = Instant::now() + LEAVE_RETRY;
             }
-            self.handle_ready()?;
+            self.handle_ready().await?;
             // Never a wakeup in the past: that would spin without yielding
             // and starve the tasks that carry this node's messages.
             let now = Instant::now();
@@ -697,28 +773,59 @@ impl NodeTask {
     }
 
     /// Processes one input, or ticks the core at its next deadline or at
-    /// `until`, whichever comes first. Cancel-safe: state changes only after
-    /// the wait.
+    /// `until`, whichever comes first, and handles what follows. Not
+    /// cancel-safe (see [`NodeTask::handle_ready`]).
     async fn pump(
         &mut self,
         inbound: &mut mpsc::Receiver<Inbound>,
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Result<(), NodeError> {
-        let deadline = self.instant_of(self.core.next_deadline()).min(until);
+        let input = self.next_input(inbound, seen, until).await;
+        self.apply(input);
+        self.handle_ready().await
+    }
+
+    /// Waits for the next input, or for the core's next deadline or
+    /// `until`, whichever comes first. Cancel-safe: changes nothing.
+    async fn next_input(
+        &mut self,
+        inbound: &mut mpsc::Receiver<Inbound>,
+        seen: &mut mpsc::Receiver<PeerInfo>,
+        until: Instant,
+    ) -> Input {
+        let mut deadline = self.instant_of(self.core.next_deadline()).min(until);
+        if let Some(lease_until) = self.core.lease_until().filter(|_| self.quiet) {
+            // Quiet ends when the lease runs low. A round's answers renew
+            // it long before, so normally this deadline never comes.
+            deadline = deadline.min(self.instant_of(lease_until) - QUIET_LEASE_MARGIN);
+        }
         tokio::select! {
             // A Raft timer (heartbeat round, election timeout, CheckQuorum;
             // a tick before the core's deadline does nothing).
-            _ = self.timer.sleep_until(deadline) => {
+            _ = self.timer.sleep_until(deadline) => Input::Deadline,
+            // A peer message, already authenticated by the transport.
+            Some(msg) = inbound.recv() => Input::Peer(msg),
+            // A peer answered hello: who is where.
+            Some(info) = seen.recv() => Input::Seen(info),
+        }
+    }
+
+    /// Feeds an input to the core (its output is left for `handle_ready`).
+    fn apply(&mut self, input: Input) {
+        match input {
+            Input::Deadline => {
+                if self.quiet {
+                    // The round's wakeup reads what the last round's
+                    // answers left waiting (transport::quiet).
+                    self.peers.collect();
+                }
                 let now = self.now();
                 self.core.tick(now);
             }
-            // A peer message, already authenticated by the transport.
-            Some(msg) = inbound.recv() => self.step(msg),
-            // A peer answered hello: who is where.
-            Some(info) = seen.recv() => self.peer_seen(info),
+            Input::Peer(msg) => self.step(msg),
+            Input::Seen(info) => self.peer_seen(info),
         }
-        self.handle_ready()
     }
 }
 
@@ -741,6 +848,7 @@ mod tests {
     //! what it sends and where, in which order, and what it forgets.
     use super::*;
     use crate::raft::{Config, HardState, Term};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     #[derive(Debug, PartialEq)]
@@ -753,13 +861,27 @@ mod tests {
             address: Option<String>,
             kind: &'static str,
         },
+        /// The node told the transport whether answers may wait.
+        Quiet(bool),
+        /// The node had quiet connections read.
+        Collected,
     }
 
     type Log = Arc<Mutex<Vec<Event>>>;
 
+    #[derive(Default)]
     struct Store {
         log: Log,
         fail: bool,
+        slow: Option<SlowDisk>,
+    }
+
+    /// A disk on which a save takes `delay`; counts what `ticks` (advanced
+    /// by another task) moved on meanwhile in `ticks_during_save`.
+    struct SlowDisk {
+        delay: Duration,
+        ticks: Arc<AtomicUsize>,
+        ticks_during_save: Arc<AtomicUsize>,
     }
 
     impl HardStateStore for Store {
@@ -773,6 +895,12 @@ mod tests {
                     path: "/full-disk".into(),
                     source: std::io::Error::other("disk full"),
                 });
+            }
+            if let Some(slow) = &self.slow {
+                let before = slow.ticks.load(Ordering::SeqCst);
+                std::thread::sleep(slow.delay);
+                let moved = slow.ticks.load(Ordering::SeqCst) - before;
+                slow.ticks_during_save.store(moved, Ordering::SeqCst);
             }
             self.log
                 .lock()
@@ -792,6 +920,14 @@ mod tests {
                 kind: msg.body.kind(),
             });
         }
+
+        fn set_quiet(&self, quiet: bool) {
+            self.0.lock().unwrap().push(Event::Quiet(quiet));
+        }
+
+        fn collect(&self) {
+            self.0.lock().unwrap().push(Event::Collected);
+        }
     }
 
     fn id(name: &str) -> NodeId {
@@ -799,10 +935,24 @@ mod tests {
     }
 
     /// Node `a` of {a, b, c}, its initial state saved; the log is empty.
-    fn node(fail_saves: bool) -> (NodeTask, Log, watch::Receiver<LeaderState>) {
+    async fn node(fail_saves: bool) -> (NodeTask, Log, watch::Receiver<LeaderState>) {
+        let (mut task, log, state_rx) = node_of(&["a", "b", "c"]).await;
+        if fail_saves {
+            task.store = Persister::new(Box::new(Store {
+                log: log.clone(),
+                fail: true,
+                slow: None,
+            }));
+        }
+        (task, log, state_rx)
+    }
+
+    /// Node `a` of a first configuration of `voters`, its initial state
+    /// saved; the log is empty.
+    async fn node_of(voters: &[&str]) -> (NodeTask, Log, watch::Receiver<LeaderState>) {
         let log: Log = Arc::default();
         let mut core = RaftCore::fresh(Config::default(), id("a"), "a:4041".into(), 7, Time::ZERO);
-        let voters = ["a", "b", "c"].map(|n| (id(n), format!("{n}:4041")));
+        let voters = voters.iter().map(|n| (id(n), format!("{n}:4041")));
         core.bootstrap(Configuration::with_voters(voters), Time::ZERO)
             .unwrap();
         let (state_tx, state_rx) = watch::channel(LeaderState::initial("a#1".into(), "a".into()));
@@ -828,7 +978,7 @@ mod tests {
         };
         let store = Store {
             log: log.clone(),
-            fail: false,
+            ..Store::default()
         };
         let mut task = NodeTask::new(
             core,
@@ -840,14 +990,8 @@ mod tests {
             state_tx,
             identity_tx,
         );
-        task.handle_ready().unwrap();
+        task.handle_ready().await.unwrap();
         log.lock().unwrap().clear();
-        if fail_saves {
-            task.store = Box::new(Store {
-                log: log.clone(),
-                fail: true,
-            });
-        }
         (task, log, state_rx)
     }
 
@@ -881,9 +1025,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_new_term_and_vote_are_saved_before_the_answer_is_sent() {
-        let (mut task, log, _) = node(false);
+        let (mut task, log, _) = node(false).await;
         task.step(vote_request("b", 5));
-        task.handle_ready().unwrap();
+        task.handle_ready().await.unwrap();
         let log = log.lock().unwrap();
         assert_eq!(log.first(), Some(&Event::Saved { term: 5 }), "{log:?}");
         assert_eq!(
@@ -900,25 +1044,28 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_save_sends_nothing_and_stops_the_node() {
-        let (mut task, log, _) = node(true);
+        let (mut task, log, _) = node(true).await;
         task.step(vote_request("b", 5));
-        assert!(matches!(task.handle_ready(), Err(NodeError::Persist(_))));
+        assert!(matches!(
+            task.handle_ready().await,
+            Err(NodeError::Persist(_))
+        ));
         assert!(log.lock().unwrap().is_empty());
         assert_eq!(task.metrics.persist_errors.get(), 1);
     }
 
     #[tokio::test]
     async fn an_answer_to_a_stranger_goes_to_the_address_it_was_seen_at() {
-        let (mut task, log, _) = node(false);
+        let (mut task, log, _) = node(false).await;
         task.peer_seen(seen("d", 1));
         task.step(vote_request("d", 5));
-        task.handle_ready().unwrap();
+        task.handle_ready().await.unwrap();
         let log = log.lock().unwrap();
         let sent: Vec<_> = log
             .iter()
             .filter_map(|e| match e {
                 Event::Sent { to, address, .. } => Some((to.clone(), address.clone())),
-                Event::Saved { .. } => None,
+                _ => None,
             })
             .collect();
         assert_eq!(sent, vec![(NodeId::new("d", 1), Some("d:4041".into()))]);
@@ -926,7 +1073,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_incarnation_replaces_the_old_one_in_every_peer_map() {
-        let (mut task, _, _) = node(false);
+        let (mut task, _, _) = node(false).await;
         task.peer_seen(seen("d", 1));
         task.peer_seen(seen("d", 2));
         let old = NodeId::new("d", 1);
@@ -938,7 +1085,7 @@ mod tests {
 
     #[tokio::test]
     async fn peers_unseen_for_long_are_forgotten() {
-        let (mut task, _, _) = node(false);
+        let (mut task, _, _) = node(false).await;
         task.peer_seen(seen("d", 1));
         task.prune_unseen(Instant::now() + Duration::from_secs(1));
         assert_eq!(task.directory.len(), 1, "recently seen: kept");
@@ -950,7 +1097,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lease_extension_alone_wakes_no_waiter() {
-        let (task, _, mut rx) = node(false);
+        let (task, _, mut rx) = node(false).await;
         let view = |lease_ms: u64| Leadership {
             role: Role::Leader,
             term: Term(3),
@@ -975,5 +1122,120 @@ mod tests {
         other.voters = 4;
         task.publish(&other);
         assert!(rx.has_changed().unwrap(), "anything else is news");
+    }
+
+    #[tokio::test]
+    async fn a_slow_save_holds_up_the_send_but_not_the_runtime_thread() {
+        let (mut task, log, _) = node(false).await;
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let ticks_during_save = Arc::new(AtomicUsize::new(0));
+        task.store = Persister::new(Box::new(Store {
+            log: log.clone(),
+            fail: false,
+            slow: Some(SlowDisk {
+                delay: Duration::from_millis(300),
+                ticks: ticks.clone(),
+                ticks_during_save: ticks_during_save.clone(),
+            }),
+        }));
+        // Another task on this (single-threaded) runtime, as the API is.
+        let ticker = tokio::spawn(async move {
+            loop {
+                ticks.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        task.step(vote_request("b", 5));
+        task.handle_ready().await.unwrap();
+        ticker.abort();
+        let moved = ticks_during_save.load(Ordering::SeqCst);
+        assert!(
+            moved >= 10,
+            "the runtime thread ran other tasks only {moved} times during a 300 ms save"
+        );
+        let log = log.lock().unwrap();
+        let kinds: Vec<_> = log
+            .iter()
+            .filter(|e| matches!(e, Event::Saved { .. } | Event::Sent { .. }))
+            .collect();
+        assert!(
+            matches!(
+                kinds.as_slice(),
+                [Event::Saved { term: 5 }, Event::Sent { .. }]
+            ),
+            "the vote is durable before the answer leaves: {log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_save_stops_every_later_one() {
+        let (mut task, log, _) = node(false).await;
+        task.store = Persister::new(Box::new(Store {
+            log,
+            fail: false,
+            slow: Some(SlowDisk {
+                delay: Duration::from_millis(200),
+                ticks: Arc::default(),
+                ticks_during_save: Arc::default(),
+            }),
+        }));
+        let state = task.core.hard_state();
+        // Dropped before it finishes: the store goes with the unfinished save.
+        let save = task.store.save(state.clone());
+        drop(save);
+        let later = task.store.save(state.clone()).await;
+        assert!(matches!(later, Ok(())), "a save never begun loses nothing");
+        {
+            let mut save = Box::pin(task.store.save(state.clone()));
+            // Polled once: the blocking save is under way.
+            assert!(futures::poll!(save.as_mut()).is_pending());
+        }
+        let later = task.store.save(state).await;
+        assert!(
+            matches!(later, Err(StorageError::Interrupted)),
+            "no second save may race the unfinished one: {later:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_never_lets_answers_wait() {
+        let (mut task, log, _) = node(false).await;
+        task.step(vote_request("b", 5));
+        task.handle_ready().await.unwrap();
+        task.apply(Input::Deadline);
+        task.handle_ready().await.unwrap();
+        let log = log.lock().unwrap();
+        assert!(
+            !log.iter()
+                .any(|e| matches!(e, Event::Quiet(_) | Event::Collected)),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_leader_with_its_lease_reads_answers_at_each_round_until_it_shuts_down() {
+        let (mut task, log, _) = node_of(&["a"]).await;
+        // A sole voter elects itself at its election deadline.
+        let t = task.core.next_deadline();
+        task.core.tick(t);
+        task.handle_ready().await.unwrap();
+        assert_eq!(task.core.role(), Role::Leader);
+        assert_eq!(log.lock().unwrap().last(), Some(&Event::Quiet(true)));
+        task.apply(Input::Deadline);
+        task.handle_ready().await.unwrap();
+        assert_eq!(
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|e| **e == Event::Collected)
+                .count(),
+            1,
+            "one collection per timer wakeup"
+        );
+        task.shutting_down = true;
+        task.handle_ready().await.unwrap();
+        assert_eq!(log.lock().unwrap().last(), Some(&Event::Quiet(false)));
+        task.apply(Input::Deadline);
+        assert_ne!(log.lock().unwrap().last(), Some(&Event::Collected));
     }
 }

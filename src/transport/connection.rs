@@ -10,19 +10,21 @@
 //! ```
 //!
 //! Both tasks run on the node's thread, so handing a frame between them and
-//! the node costs no wakeup of its own.
+//! the node costs no wakeup of its own. The reader reads via [`super::quiet`].
 
 use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
+use super::quiet::{set_int_option, Quiet, QuietRead};
 use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
 use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft::NodeId;
 use futures::{SinkExt, StreamExt};
 use nix::sys::socket::{setsockopt, sockopt};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::bytes::Bytes;
@@ -36,6 +38,17 @@ pub const OUT_QUEUE: usize = 256;
 /// timer of ours, and the next send dials afresh instead of waiting for
 /// TCP's exponential retransmission back-off.
 const USER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Shortest retransmission timeout (`TCP_RTO_MIN_US`, Linux 6.15+; else
+/// 200 ms): a lost segment holds back the heartbeats behind it on the one
+/// connection until it is resent. Above the delayed-ACK cap below, so late
+/// ACKs cause no spurious resends.
+const RTO_MIN: Duration = Duration::from_millis(50);
+/// Longest delayed ACK (`TCP_DELACK_MAX_US`): keeps RTT samples, and so the
+/// retransmission timeout, free of long ACK delays.
+const DELACK_MAX: Duration = Duration::from_millis(10);
+/// The two options' numbers in `linux/tcp.h` (not in the libc crate yet).
+const TCP_RTO_MIN_US: libc::c_int = 45;
+const TCP_DELACK_MAX_US: libc::c_int = 46;
 
 /// A connection whose handshake and identities are done.
 pub struct Established {
@@ -107,8 +120,9 @@ pub async fn accept(
     })
 }
 
-/// Sets TCP_NODELAY (a heartbeat must not wait for Nagle) and the user
-/// timeout; a failure only costs latency or detection time, so it is logged.
+/// Sets TCP_NODELAY (a heartbeat must not wait for Nagle), the user
+/// timeout and the short loss recovery; a failure only costs latency or
+/// detection time (older kernels lack the last two), so it is logged.
 fn tune(stream: &TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "cannot set TCP_NODELAY on a peer connection");
@@ -116,6 +130,15 @@ fn tune(stream: &TcpStream) {
     let ms = USER_TIMEOUT.as_millis() as u32;
     if let Err(e) = setsockopt(stream, sockopt::TcpUserTimeout, &ms) {
         debug!(error = %e, "cannot set TCP_USER_TIMEOUT on a peer connection");
+    }
+    for (option, name, value) in [
+        (TCP_RTO_MIN_US, "TCP_RTO_MIN_US", RTO_MIN),
+        (TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", DELACK_MAX),
+    ] {
+        let micros = value.as_micros() as libc::c_int;
+        if let Err(e) = set_int_option(stream.as_fd(), libc::IPPROTO_TCP, option, micros) {
+            debug!(error = %e, "cannot set {name} on a peer connection");
+        }
     }
 }
 
@@ -190,6 +213,8 @@ pub struct ReaderContext {
     pub me: watch::Receiver<PeerInfo>,
     /// For refused frames.
     pub metrics: Metrics,
+    /// The transport's quiet switch (see [`super::quiet`]).
+    pub quiet: Quiet,
 }
 
 impl Link {
@@ -210,7 +235,7 @@ impl Link {
         } = est;
         let parts = framed.into_parts();
         let (read_half, write_half) = parts.io.into_split();
-        let mut reader = FramedRead::new(read_half, parts.codec.clone());
+        let mut reader = FramedRead::new(ctx.quiet.reader(read_half), parts.codec.clone());
         // Bytes the peer sent right behind its identity are not lost.
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let writer = FramedWrite::new(write_half, parts.codec);
@@ -295,7 +320,7 @@ async fn write_loop(
 }
 
 async fn read_loop(
-    mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    mut frames: FramedRead<QuietRead, LengthDelimitedCodec>,
     mut opener: Opener,
     link: &Link,
     identity: watch::Sender<PeerInfo>,

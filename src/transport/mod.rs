@@ -9,7 +9,8 @@
 //!                    ─► first frame: the dialer's identity (cluster, NodeId) ─► authenticated
 //!                      any refusal: closed, peer_connections_refused_total{reason}++,
 //!                      rate-limited warn, nothing forwarded
-//!                                                │ reader task: frames in order
+//!                                                │ reader task: frames in order (on a quiet
+//!                                                │ leader, read once a round, see `quiet`)
 //!                                                ▼
 //!   node ◄── Inbound::Message / Inbound::ConnectionLost ◄──┘  (answers travel back the same way)
 //!
@@ -19,6 +20,7 @@
 //! - [`noise`]: the handshake and per-frame encryption (why it is safe).
 //! - [`wire`]: the frames and their encoding.
 //! - [`connection`]: establishing a connection, and its reader and writer.
+//! - [`quiet`]: how an idle leader reads its followers' answers once a round.
 //! - [`peers`]: the registry of connections, the listener and its bounds.
 //!
 //! **One connection per pair.** Whoever needs to send first dials. When both
@@ -38,6 +40,7 @@
 pub mod connection;
 pub mod noise;
 pub mod peers;
+pub mod quiet;
 pub mod wire;
 
 pub use self::peers::Transport;
@@ -197,6 +200,12 @@ pub trait SendToPeer: Send {
     /// a new one dialed to `address`. Never blocks; a message that cannot be
     /// queued is dropped and counted (Raft tolerates loss).
     fn send(&self, address: Option<&str>, msg: Message);
+
+    /// Says whether frames may wait until the next `collect` instead of
+    /// waking the node as they arrive ([`quiet`]: the node's promises).
+    fn set_quiet(&self, _quiet: bool) {}
+    /// Has what quiet connections hold read now ([`quiet`]).
+    fn collect(&self) {}
 }
 
 /// Failures of a connection, a dial or a hello, and invalid settings.
