@@ -17,18 +17,6 @@
 //! taken (cancel-safe, raced against shutdown) before it is applied; once
 //! applied, its `Ready` is always handled to the end.
 //!
-//! **Quiet rounds.** While this node leads with its lease, replicates
-//! nothing and hands nothing over, it lets its followers' answers wait on
-//! their connections until its next round (`transport::quiet`, which lists
-//! the invariants): [`SendToPeer::set_quiet`] after every `Ready`, when that
-//! changes, and [`SendToPeer::collect`] at every timer wakeup while quiet. A
-//! leader's next deadline is its next heartbeat round, so held answers wait
-//! at most one heartbeat interval. A quiet leader also wakes when its lease
-//! is down to [`QUIET_LEASE_MARGIN`] (normally the round's answers have
-//! renewed it long before) and then reads answers as they arrive until the
-//! lease is renewed: answers lost or late cost the lease no sooner than
-//! without quiet rounds.
-//!
 //! Every message, answers included, goes to the transport by recipient:
 //! the transport puts it on the one connection to that peer (so an answer
 //! travels back on the connection its request came on).
@@ -69,13 +57,6 @@ const FAREWELL_LINGER: Duration = Duration::from_millis(30);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
-/// Least lease a quiet leader keeps: with less left, answers are read as
-/// they arrive again, so a lost or late answer costs the lease no sooner
-/// than without quiet rounds. The timing settings must leave at least this
-/// at each round (`lease − 2 × heartbeat_interval`, 48.5 ms at the
-/// defaults) for a leader to be quiet at all.
-const QUIET_LEASE_MARGIN: Duration = Duration::from_millis(30);
-
 /// Settings of the node task.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -121,9 +102,6 @@ pub struct NodeTask {
     /// Who decides the first configuration (`None`: join only).
     bootstrap: Option<Box<dyn BootstrapAuthority>>,
     shutting_down: bool,
-    /// Whether the transport was last told that answers may wait (see the
-    /// module docs, "Quiet rounds").
-    quiet: bool,
     /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
 }
@@ -172,7 +150,6 @@ impl NodeTask {
             last_seen: HashMap::new(),
             bootstrap,
             shutting_down: false,
-            quiet: false,
             timer: DeadlineTimer::new(),
         }
     }
@@ -491,11 +468,6 @@ impl NodeTask {
         for msg in ready.messages {
             self.send(msg);
         }
-        let quiet = self.answers_may_wait();
-        if quiet != self.quiet {
-            self.quiet = quiet;
-            self.peers.set_quiet(quiet);
-        }
         match ready.leadership {
             Some(view) => self.on_leadership(view),
             // A saved promise or first configuration is reported at once.
@@ -507,35 +479,6 @@ impl NodeTask {
             None => {}
         }
         Ok(())
-    }
-
-    /// Returns whether followers' answers may wait on their connections
-    /// until the next round (module docs, "Quiet rounds"): only on a leader
-    /// holding more than [`QUIET_LEASE_MARGIN`] of lease, with every entry
-    /// committed and every member caught up, not handing over and not
-    /// shutting down. Then nothing but heartbeat answers is expected, and
-    /// none is urgent.
-    fn answers_may_wait(&self) -> bool {
-        let core = &self.core;
-        let cfg = core.config();
-        if core.role() != Role::Leader
-            || self.shutting_down
-            || core.is_transferring()
-            || cfg.lease_duration() < cfg.heartbeat_interval * 2 + QUIET_LEASE_MARGIN
-            || core.lease_remaining(self.now()) <= QUIET_LEASE_MARGIN
-        {
-            return false;
-        }
-        let last = core.log().last_index();
-        let (config, _) = core.configuration();
-        let me = core.id();
-        core.commit_index() == last
-            && config
-                .voters
-                .keys()
-                .chain(config.learners.keys())
-                .filter(|id| *id != me)
-                .all(|id| core.member_progress(id).is_some_and(|(m, _)| m == last))
     }
 
     /// Hands `msg` to the transport with the address to dial should there be
@@ -794,12 +737,7 @@ impl NodeTask {
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Input {
-        let mut deadline = self.instant_of(self.core.next_deadline()).min(until);
-        if let Some(lease_until) = self.core.lease_until().filter(|_| self.quiet) {
-            // Quiet ends when the lease runs low. A round's answers renew
-            // it long before, so normally this deadline never comes.
-            deadline = deadline.min(self.instant_of(lease_until) - QUIET_LEASE_MARGIN);
-        }
+        let deadline = self.instant_of(self.core.next_deadline()).min(until);
         tokio::select! {
             // A Raft timer (heartbeat round, election timeout, CheckQuorum;
             // a tick before the core's deadline does nothing).
@@ -815,11 +753,6 @@ impl NodeTask {
     fn apply(&mut self, input: Input) {
         match input {
             Input::Deadline => {
-                if self.quiet {
-                    // The round's wakeup reads what the last round's
-                    // answers left waiting (transport::quiet).
-                    self.peers.collect();
-                }
                 let now = self.now();
                 self.core.tick(now);
             }
@@ -861,10 +794,6 @@ mod tests {
             address: Option<String>,
             kind: &'static str,
         },
-        /// The node told the transport whether answers may wait.
-        Quiet(bool),
-        /// The node had quiet connections read.
-        Collected,
     }
 
     type Log = Arc<Mutex<Vec<Event>>>;
@@ -919,14 +848,6 @@ mod tests {
                 address: address.map(str::to_owned),
                 kind: msg.body.kind(),
             });
-        }
-
-        fn set_quiet(&self, quiet: bool) {
-            self.0.lock().unwrap().push(Event::Quiet(quiet));
-        }
-
-        fn collect(&self) {
-            self.0.lock().unwrap().push(Event::Collected);
         }
     }
 
@@ -1195,47 +1116,5 @@ mod tests {
             matches!(later, Err(StorageError::Interrupted)),
             "no second save may race the unfinished one: {later:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn a_follower_never_lets_answers_wait() {
-        let (mut task, log, _) = node(false).await;
-        task.step(vote_request("b", 5));
-        task.handle_ready().await.unwrap();
-        task.apply(Input::Deadline);
-        task.handle_ready().await.unwrap();
-        let log = log.lock().unwrap();
-        assert!(
-            !log.iter()
-                .any(|e| matches!(e, Event::Quiet(_) | Event::Collected)),
-            "{log:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_leader_with_its_lease_reads_answers_at_each_round_until_it_shuts_down() {
-        let (mut task, log, _) = node_of(&["a"]).await;
-        // A sole voter elects itself at its election deadline.
-        let t = task.core.next_deadline();
-        task.core.tick(t);
-        task.handle_ready().await.unwrap();
-        assert_eq!(task.core.role(), Role::Leader);
-        assert_eq!(log.lock().unwrap().last(), Some(&Event::Quiet(true)));
-        task.apply(Input::Deadline);
-        task.handle_ready().await.unwrap();
-        assert_eq!(
-            log.lock()
-                .unwrap()
-                .iter()
-                .filter(|e| **e == Event::Collected)
-                .count(),
-            1,
-            "one collection per timer wakeup"
-        );
-        task.shutting_down = true;
-        task.handle_ready().await.unwrap();
-        assert_eq!(log.lock().unwrap().last(), Some(&Event::Quiet(false)));
-        task.apply(Input::Deadline);
-        assert_ne!(log.lock().unwrap().last(), Some(&Event::Collected));
     }
 }

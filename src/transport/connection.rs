@@ -10,21 +10,19 @@
 //! ```
 //!
 //! Both tasks run on the node's thread, so handing a frame between them and
-//! the node costs no wakeup of its own. The reader reads via [`super::quiet`].
+//! the node costs no wakeup of its own.
 
 use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
-use super::quiet::{set_int_option, Quiet, QuietRead};
 use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
 use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft::NodeId;
 use futures::{SinkExt, StreamExt};
 use nix::sys::socket::{setsockopt, sockopt};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::bytes::Bytes;
@@ -136,9 +134,35 @@ fn tune(stream: &TcpStream) {
         (TCP_DELACK_MAX_US, "TCP_DELACK_MAX_US", DELACK_MAX),
     ] {
         let micros = value.as_micros() as libc::c_int;
-        if let Err(e) = set_int_option(stream.as_fd(), libc::IPPROTO_TCP, option, micros) {
+        if let Err(e) = set_int_option(stream, libc::IPPROTO_TCP, option, micros) {
             debug!(error = %e, "cannot set {name} on a peer connection");
         }
+    }
+}
+
+/// Sets an integer socket option (for those nix does not have).
+fn set_int_option(
+    socket: &TcpStream,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `socket` is open for the borrow, and the pointer and length
+    // describe one live `c_int`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -213,8 +237,6 @@ pub struct ReaderContext {
     pub me: watch::Receiver<PeerInfo>,
     /// For refused frames.
     pub metrics: Metrics,
-    /// The transport's quiet switch (see [`super::quiet`]).
-    pub quiet: Quiet,
 }
 
 impl Link {
@@ -235,7 +257,7 @@ impl Link {
         } = est;
         let parts = framed.into_parts();
         let (read_half, write_half) = parts.io.into_split();
-        let mut reader = FramedRead::new(ctx.quiet.reader(read_half), parts.codec.clone());
+        let mut reader = FramedRead::new(read_half, parts.codec.clone());
         // Bytes the peer sent right behind its identity are not lost.
         reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let writer = FramedWrite::new(write_half, parts.codec);
@@ -320,7 +342,7 @@ async fn write_loop(
 }
 
 async fn read_loop(
-    mut frames: FramedRead<QuietRead, LengthDelimitedCodec>,
+    mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
     mut opener: Opener,
     link: &Link,
     identity: watch::Sender<PeerInfo>,

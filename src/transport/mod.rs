@@ -9,8 +9,7 @@
 //!                    ─► first frame: the dialer's identity (cluster, NodeId) ─► authenticated
 //!                      any refusal: closed, peer_connections_refused_total{reason}++,
 //!                      rate-limited warn, nothing forwarded
-//!                                                │ reader task: frames in order (on a quiet
-//!                                                │ leader, read once a round, see `quiet`)
+//!                                                │ reader task: frames in order
 //!                                                ▼
 //!   node ◄── Inbound::Message / Inbound::ConnectionLost ◄──┘  (answers travel back the same way)
 //!
@@ -20,7 +19,6 @@
 //! - [`noise`]: the handshake and per-frame encryption (why it is safe).
 //! - [`wire`]: the frames and their encoding.
 //! - [`connection`]: establishing a connection, and its reader and writer.
-//! - [`quiet`]: how an idle leader reads its followers' answers once a round.
 //! - [`peers`]: the registry of connections, the listener and its bounds.
 //!
 //! **One connection per pair.** Whoever needs to send first dials. When both
@@ -40,7 +38,6 @@
 pub mod connection;
 pub mod noise;
 pub mod peers;
-pub mod quiet;
 pub mod wire;
 
 pub use self::peers::Transport;
@@ -200,12 +197,6 @@ pub trait SendToPeer: Send {
     /// a new one dialed to `address`. Never blocks; a message that cannot be
     /// queued is dropped and counted (Raft tolerates loss).
     fn send(&self, address: Option<&str>, msg: Message);
-
-    /// Says whether frames may wait until the next `collect` instead of
-    /// waking the node as they arrive ([`quiet`]: the node's promises).
-    fn set_quiet(&self, _quiet: bool) {}
-    /// Has what quiet connections hold read now ([`quiet`]).
-    fn collect(&self) {}
 }
 
 /// Failures of a connection, a dial or a hello, and invalid settings.

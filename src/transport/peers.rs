@@ -12,7 +12,6 @@
 //!   `peer_connections_refused_total{reason}` and logged rate-limited.
 
 use super::connection::{self, End, Established, Link, ReaderContext};
-use super::quiet::Quiet;
 use super::wire::Frame;
 use super::{Inbound, PeerInfo, SendToPeer, TransportConfig, TransportError};
 use crate::metrics::Metrics;
@@ -50,7 +49,6 @@ struct Inner {
     registry: Mutex<Registry>,
     handshaking: Arc<Semaphore>,
     warned: Mutex<HashMap<&'static str, (Instant, u64)>>,
-    quiet: Quiet,
 }
 
 #[derive(Default)]
@@ -98,7 +96,6 @@ impl Transport {
                 registry: Mutex::new(Registry::default()),
                 handshaking,
                 warned: Mutex::new(HashMap::new()),
-                quiet: Quiet::default(),
             }),
         }
     }
@@ -185,7 +182,6 @@ impl Transport {
             inbound: self.inner.inbound.clone(),
             me: self.inner.me.clone(),
             metrics: self.inner.metrics.clone(),
-            quiet: self.inner.quiet.clone(),
         };
         let this = self.clone();
         let mut reg = self.registry();
@@ -402,13 +398,6 @@ impl SendToPeer for Transport {
         }
         self.via_dial(&mut reg, addr, Some(Frame::Raft(msg)), None);
     }
-
-    fn set_quiet(&self, quiet: bool) {
-        self.inner.quiet.set(quiet);
-    }
-    fn collect(&self) {
-        self.inner.quiet.collect();
-    }
 }
 
 #[cfg(test)]
@@ -575,71 +564,5 @@ mod tests {
             .peer_rpc_errors
             .with_label_values(&["unknown_address"]);
         assert_eq!(errors.get(), 1);
-    }
-
-    /// Returns what arrives within `wait`, if anything.
-    async fn within(node: &mut TestNode, wait: Duration) -> Option<Inbound> {
-        tokio::time::timeout(wait, node.inbound.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    #[tokio::test]
-    async fn a_quiet_connection_holds_frames_until_they_are_collected() {
-        let (a, mut b) = (start("a").await, start("b").await);
-        a.transport.send(Some(&b.addr), msg(&a, &b));
-        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
-        b.transport.set_quiet(true);
-        // The mark goes up once the reader has read the socket empty while
-        // quiet, so this frame still arrives at once.
-        a.transport.send(None, msg(&a, &b));
-        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
-        assert_eq!(b.transport.inner.quiet.raised(), 1);
-        a.transport.send(None, msg(&a, &b));
-        let early = within(&mut b, Duration::from_millis(200)).await;
-        assert!(early.is_none(), "held while quiet: {early:?}");
-        b.transport.collect();
-        assert!(
-            matches!(next(&mut b).await, Inbound::Message(_)),
-            "read at the collection"
-        );
-        // A collection with nothing held keeps the mark up: the next frame
-        // is held too (the answers to a round wait for the next round), and
-        // handed over when quiet ends.
-        b.transport.collect();
-        assert_eq!(b.transport.inner.quiet.raised(), 1);
-        a.transport.send(None, msg(&a, &b));
-        assert!(within(&mut b, Duration::from_millis(200)).await.is_none());
-        b.transport.set_quiet(false);
-        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
-        assert_eq!(b.transport.inner.quiet.raised(), 0);
-        // Not quiet: every frame wakes the node as it arrives.
-        a.transport.send(None, msg(&a, &b));
-        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
-    }
-
-    #[tokio::test]
-    async fn a_quiet_connection_reports_a_crashed_peer_without_a_collection() {
-        let mut b = start("b").await;
-        b.transport.set_quiet(true);
-        let crasher = PeerInfo {
-            cluster_id: "test".into(),
-            id: NodeId::new("crasher", 9),
-            address: "127.0.0.1:9".into(),
-            joined: true,
-            term: 1,
-            leader: None,
-            leaving: false,
-            bootstrap_lock: None,
-        };
-        let est = connection::dial(&b.addr, &cfg(), &crasher).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(b.transport.inner.quiet.raised(), 1, "the mark is up");
-        drop(est);
-        match within(&mut b, Duration::from_secs(1)).await {
-            Some(Inbound::ConnectionLost { peer }) => assert_eq!(peer, crasher.id),
-            other => panic!("expected ConnectionLost at once, got {other:?}"),
-        }
     }
 }
