@@ -310,6 +310,35 @@ impl Timeline {
             .copied()
     }
 
+    /// Returns how long after `from_us` a node other than `old` answered
+    /// the first 200 to a request sent at or after it: a failover's length,
+    /// to the arrival of the answer.
+    pub fn first_200_elsewhere(&self, from_us: u64, old: usize) -> Option<Duration> {
+        let first = self.first_after(from_us, |s| s.is_200() && s.slot != old)?;
+        Some(Duration::from_micros(
+            first.received_us.saturating_sub(from_us),
+        ))
+    }
+
+    /// Returns an upper bound of the time nobody led in a handoff by `old`
+    /// begun at `from_us`: from sending `old`'s last 200 before it stopped
+    /// answering 200 to receiving the first 200 of another node after
+    /// `from_us`. Says which answer is missing when one is.
+    pub fn handoff_gap(&self, from_us: u64, old: usize) -> Result<Duration, &'static str> {
+        let stopped = self
+            .first_after(from_us, |s| s.slot == old && !s.is_200())
+            .ok_or("the old leader never stopped answering 200")?;
+        let last_claim = self
+            .last_before(stopped.sent_us, |s| s.slot == old && s.is_200())
+            .ok_or("the old leader answered no 200 before it stopped")?;
+        let took_over = self
+            .first_after(from_us, |s| s.slot != old && s.is_200())
+            .ok_or("no other node answered 200")?;
+        Ok(Duration::from_micros(
+            took_over.received_us.saturating_sub(last_claim.sent_us),
+        ))
+    }
+
     /// Returns the longest time without a 200 between the first and the
     /// last 200, as an upper bound: a node led at some instant inside each
     /// 200's request interval, so between two 200s consecutive in send

@@ -664,6 +664,30 @@ impl Cluster {
         self.sampler.micros(at)
     }
 
+    /// Kills leader `old` with `kill -9` while sampling `/is-leader` every
+    /// `every`, from `before` ahead of the kill until one leader is agreed
+    /// again (within `steady`), then restarts it with its state. Returns the
+    /// time from the kill to the first 200 of another node, and the samples.
+    pub async fn kill_leader_trial(
+        &mut self,
+        old: usize,
+        every: Duration,
+        before: Duration,
+        steady: Duration,
+    ) -> (Duration, Timeline) {
+        self.start_sampling(every);
+        tokio::time::sleep(before).await;
+        let killed = self.kill9(old);
+        let killed_us = self.micros(killed);
+        self.wait_for_single_leader(steady).await;
+        let timeline = self.stop_sampling().await;
+        let took = timeline
+            .first_200_elsewhere(killed_us, old)
+            .expect("another node answered 200 after the kill");
+        self.restart(old, true).await;
+        (took, timeline)
+    }
+
     /// Prints the last lines of every node's log to stderr.
     pub fn print_logs(&self) {
         for node in &self.nodes {
