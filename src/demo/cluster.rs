@@ -16,7 +16,6 @@
 
 use super::launch::{LaunchError, Launcher, NodeCommand, Peers, Process};
 use super::timeline::{Event, FaultKind};
-use super::DemoError;
 use crate::cli::DemoConfig;
 use nix::sys::signal::Signal;
 use std::ffi::OsString;
@@ -166,7 +165,7 @@ impl Cluster {
         exe: &Path,
         workdir: PathBuf,
         secret: &str,
-    ) -> Result<(Cluster, Vec<Event>), DemoError> {
+    ) -> Result<(Cluster, Vec<Event>), LaunchError> {
         let mut cluster = Cluster {
             nodes: (0..specs.len())
                 .map(|index| Node {
@@ -234,14 +233,19 @@ impl Cluster {
 
     /// Injects `kind` into node `index` at `now`. Only a running node can be
     /// hit; anything else returns an error and changes nothing.
-    pub fn inject(&mut self, index: usize, kind: FaultKind, now: Instant) -> Result<(), DemoError> {
+    pub fn inject(
+        &mut self,
+        index: usize,
+        kind: FaultKind,
+        now: Instant,
+    ) -> Result<(), LaunchError> {
         let node = self
             .nodes
             .get_mut(index)
-            .ok_or(DemoError::NoSuchNode(index))?;
+            .ok_or(LaunchError::NoSuchNode(index))?;
         let not_running = || LaunchError::NotRunning(node.spec.name.clone());
         if node.life != Life::Running {
-            return Err(not_running().into());
+            return Err(not_running());
         }
         let process = node.process.as_ref().ok_or_else(not_running)?;
         let (signal, life) = match kind {

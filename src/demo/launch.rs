@@ -16,6 +16,7 @@
 //! child when dropped. Children run in their own process group, so Ctrl-C in
 //! a terminal reaches only the program that started them.
 
+use crate::cli::SECRET_ENV;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -28,9 +29,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc as std_mpsc;
 use thiserror::Error;
 use tokio::sync::oneshot;
-
-/// The environment variable the nodes read their peer secret from.
-pub use crate::cli::SECRET_ENV;
 
 /// Most bytes read from the end of a log by [`log_tail`].
 const LOG_TAIL_BYTES: u64 = 64 * 1024;
@@ -56,6 +54,8 @@ pub enum LaunchError {
     },
     #[error("{0} is not running")]
     NotRunning(String),
+    #[error("there is no node #{0}")]
+    NoSuchNode(usize),
 }
 
 /// How a node finds its peers.
@@ -239,7 +239,6 @@ impl Launcher {
             Some(Ok(child)) => Ok(Process {
                 name: name.to_string(),
                 child: Some(child),
-                exit: None,
             }),
             Some(Err(source)) => Err(LaunchError::Spawn {
                 node: name.to_string(),
@@ -291,7 +290,6 @@ fn die_with_launcher(_command: &mut Command) {}
 pub struct Process {
     name: String,
     child: Option<Child>,
-    exit: Option<ExitStatus>,
 }
 
 impl Process {
@@ -303,11 +301,6 @@ impl Process {
     /// Returns whether the process was not reaped yet.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
-    }
-
-    /// Returns the exit status, once reaped.
-    pub fn exit(&self) -> Option<ExitStatus> {
-        self.exit
     }
 
     /// Sends `signal` to the process; an error when it was reaped already.
@@ -326,7 +319,6 @@ impl Process {
     pub fn reap(&mut self) -> Option<ExitStatus> {
         let status = self.child.as_mut()?.try_wait().ok()??;
         self.child = None;
-        self.exit = Some(status);
         Some(status)
     }
 
@@ -335,8 +327,7 @@ impl Process {
     pub fn kill(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         let _ = child.kill();
-        self.exit = child.wait().ok();
-        self.exit
+        child.wait().ok()
     }
 }
 

@@ -36,7 +36,6 @@ pub mod view;
 
 use crate::cli::DemoConfig;
 use cluster::{Cluster, Life, NodeSpec};
-use launch::LaunchError;
 use probe::Probes;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -82,10 +81,6 @@ pub enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Launch(#[from] LaunchError),
-    #[error("there is no node #{0}")]
-    NoSuchNode(usize),
     #[error("cannot drive the terminal: {0}; pass --no-tui for plain output")]
     Terminal(#[source] std::io::Error),
     #[error("every node exited; the end of {log}:\n{tail}")]
