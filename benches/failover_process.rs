@@ -5,7 +5,7 @@
 //! markdown table, the machine, and each target as MET / NOT MET.
 //!
 //! `/is-leader` of every node is sampled every 2 ms during each trial; the
-//! double-leader rule is the one documented in `tests/support/cluster.rs`.
+//! double-leader rule is the one documented in `raft_elector::demo::samples`.
 //!
 //! Run with `cargo bench --bench failover_process` (about 4 minutes;
 //! `-- --trials 5` for a quick look, `-- --trials 0` for the idle
@@ -117,20 +117,10 @@ async fn kill_series(build: &Build, size: usize, trials: usize) -> Series {
     let mut series = Series::default();
     for _ in 0..trials {
         let old = wait_steady(&mut cluster, size).await;
-        cluster.start_sampling(SAMPLE_EVERY);
-        tokio::time::sleep(BEFORE_FAULT).await;
-        let killed = cluster.kill9(old);
-        let killed_us = cluster.micros(killed);
-        cluster.wait_for_single_leader(STEADY).await;
-        let timeline = cluster.stop_sampling().await;
-        let first = timeline
-            .first_after(killed_us, |s| s.is_200() && s.slot != old)
-            .expect("another node answered 200");
-        series.add(
-            Duration::from_micros(first.received_us - killed_us),
-            &timeline,
-        );
-        cluster.restart(old, true).await;
+        let (took, timeline) = cluster
+            .kill_leader_trial(old, SAMPLE_EVERY, BEFORE_FAULT, STEADY)
+            .await;
+        series.add(took, &timeline);
     }
     series
 }
@@ -199,19 +189,10 @@ async fn handoff_series(build: &Build, size: usize, trials: usize) -> Series {
         unclean_exits += usize::from(!exit.success());
         cluster.wait_for_single_leader(STEADY).await;
         let timeline = cluster.stop_sampling().await;
-        let stopped = timeline
-            .first_after(termed_us, |s| s.slot == old && !s.is_200())
-            .expect("the old leader stopped answering 200");
-        let last_claim = timeline
-            .last_before(stopped.sent_us, |s| s.slot == old && s.is_200())
-            .expect("the old leader answered 200 before");
-        let first = timeline
-            .first_after(termed_us, |s| s.is_200() && s.slot != old)
-            .expect("another node answered 200");
-        series.add(
-            Duration::from_micros(first.received_us.saturating_sub(last_claim.sent_us)),
-            &timeline,
-        );
+        let gap = timeline
+            .handoff_gap(termed_us, old)
+            .unwrap_or_else(|missing| panic!("{missing}"));
+        series.add(gap, &timeline);
         cluster.restart(old, false).await;
     }
     assert_eq!(unclean_exits, 0, "some leaders did not exit 0 on SIGTERM");

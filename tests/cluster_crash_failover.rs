@@ -43,19 +43,12 @@ async fn killing_the_leader_moves_the_200_at_the_lease_floor_and_never_to_two() 
     let (mut samples, mut violations) = (0, 0);
     for _ in 0..trials {
         let old = cluster.wait_for_single_leader(STEADY).await;
-        cluster.start_sampling(SAMPLE_EVERY);
-        tokio::time::sleep(BEFORE_FAULT).await;
-        let killed = cluster.kill9(old);
-        let killed_us = cluster.micros(killed);
-        cluster.wait_for_single_leader(STEADY).await;
-        let timeline = cluster.stop_sampling().await;
-        let first = timeline
-            .first_after(killed_us, |s| s.is_200() && s.slot != old)
-            .expect("another node answered 200 after the kill");
-        millis.push((first.received_us - killed_us) as f64 / 1000.0);
+        let (took, timeline) = cluster
+            .kill_leader_trial(old, SAMPLE_EVERY, BEFORE_FAULT, STEADY)
+            .await;
+        millis.push(took.as_secs_f64() * 1000.0);
         samples += timeline.samples.len();
         violations += timeline.violations().len();
-        cluster.restart(old, true).await;
     }
     millis.sort_by(f64::total_cmp);
     println!(

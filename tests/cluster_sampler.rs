@@ -76,3 +76,38 @@ fn the_leaderless_gap_is_bounded_by_the_surrounding_200s() {
         Duration::from_micros(300_200)
     );
 }
+
+#[test]
+fn a_failover_runs_from_the_fault_to_the_first_200_elsewhere_asked_after_it() {
+    let timeline = Timeline::new(vec![
+        sample(0, 0, 100, 200, 3),
+        sample(1, 900, 1_000, 200, 4),
+        sample(0, 1_500, 1_600, 0, 0),
+        sample(1, 2_000, 2_300, 200, 4),
+    ]);
+    assert_eq!(
+        timeline.first_200_elsewhere(1_000, 0),
+        Some(Duration::from_micros(1_300)),
+        "the 200 asked before the fault does not count"
+    );
+    assert_eq!(timeline.first_200_elsewhere(1_000, 1), None);
+}
+
+#[test]
+fn a_handoff_gap_runs_from_the_old_leaders_last_200_to_the_new_ones_first() {
+    let timeline = Timeline::new(vec![
+        sample(0, 0, 100, 200, 3),
+        sample(0, 1_000, 1_100, 200, 3),
+        sample(0, 2_000, 2_100, 503, 0),
+        sample(1, 2_500, 2_700, 200, 4),
+    ]);
+    assert_eq!(
+        timeline.handoff_gap(500, 0),
+        Ok(Duration::from_micros(1_700))
+    );
+    let still_leading = Timeline::new(vec![sample(0, 1_000, 1_100, 200, 3)]);
+    assert_eq!(
+        still_leading.handoff_gap(500, 0),
+        Err("the old leader never stopped answering 200")
+    );
+}

@@ -14,32 +14,23 @@
 //! `SIM_TRACE=1` with `SIM_SEED` prints the run's starts, crashes, promises,
 //! bootstraps and abandons, then every node's state after healing.
 
+#[path = "support/sim.rs"]
+mod sim_support;
+
 use raft_elector::runtime::bootstrap::first_voter_count;
 use raft_elector::sim::{Sim, SimBootstrap, SimConfig, SimStats};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
+use sim_support::{
+    add_stats, assert_no_failures, env_u64, faulty_config, replay, seeds_for, LIVENESS_BOUND,
+};
 use std::time::Duration;
 
-/// Once faults heal and every node is up, a leader with a valid lease
-/// appears within this bound.
-const LIVENESS_BOUND: Duration = Duration::from_millis(2_000);
 /// The runtime's hello period while a node has not joined.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 /// Builds a faulty network and a random start order from the seed.
 fn bootstrap_config(nodes: usize, seed: u64) -> SimConfig {
-    let mut rng = SmallRng::seed_from_u64(seed ^ 0xb007);
-    let mut cfg = SimConfig::new(nodes, seed);
-    let lo = rng.random_range(100..2_000);
-    let hi = lo + rng.random_range(0..8_000);
-    cfg.delay = (Duration::from_micros(lo), Duration::from_micros(hi));
-    cfg.loss = [0.0, 0.01, 0.05][rng.random_range(0..3)];
-    cfg.duplicate = [0.0, 0.02][rng.random_range(0..2)];
-    cfg.drift = cfg.raft.max_clock_drift;
+    let (mut cfg, mut rng) = faulty_config(nodes, seed, 0xb007, &[0.0, 0.02]);
     cfg.bootstrap = Some(SimBootstrap {
         expect: nodes,
         // From all at once to seconds apart.
@@ -108,11 +99,10 @@ fn run_one(nodes: usize, seed: u64, faults: bool) -> Outcome {
 }
 
 fn check_many(nodes: usize) {
-    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
-        Some(s) if env_u64("SIM_NODES").is_none_or(|n| n == nodes as u64) => vec![s],
-        Some(_) => return,
-        None => (0..env_u64("SIM_SEEDS").unwrap_or(1000)).collect(),
-    };
+    let seeds = seeds_for(nodes, 1000);
+    if seeds.is_empty() {
+        return;
+    }
     let mut failures = Vec::new();
     let mut recoveries = Vec::new();
     let mut starts = Vec::new();
@@ -121,14 +111,8 @@ fn check_many(nodes: usize) {
         // Every tenth seed starts without faults: the plain bootstrap time.
         let faults = seed % 10 != 0;
         let out = run_one(nodes, seed, faults);
-        total.crashes += out.stats.crashes;
-        total.restarts_with_state += out.stats.restarts_with_state;
-        total.leaders += out.stats.leaders;
-        total.restarts_without_state += out.stats.restarts_without_state;
-        total.partitions += out.stats.partitions;
-        total.bootstraps += out.stats.bootstraps;
-        total.abandons += out.stats.abandons;
-        let replay = format!("(replay: SIM_SEED={seed} SIM_NODES={nodes})");
+        add_stats(&mut total, &out.stats);
+        let replay = replay(seed, nodes);
         if let Some(f) = out.failure {
             failures.push(format!("seed {seed}: {f} {replay}"));
         }
@@ -156,13 +140,7 @@ fn check_many(nodes: usize) {
         starts.last(),
     );
     println!("{nodes} nodes, over all seeds: {total:?}");
-    assert!(
-        failures.is_empty(),
-        "{} of {} seeds failed for {nodes} nodes:\n{}",
-        failures.len(),
-        seeds.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, seeds.len(), nodes);
     if seeds.len() >= 100 {
         // The faults really happened during bootstrap.
         let n = seeds.len() as u64;

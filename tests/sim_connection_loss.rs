@@ -8,37 +8,21 @@
 //! Replay one run with `SIM_SEED=<seed> SIM_NODES=<n> cargo test --test sim_connection_loss`.
 //! `SIM_SEEDS=<count>` changes how many seeds per cluster size run (default 1000).
 
+#[path = "support/sim.rs"]
+mod sim_support;
+
 use raft_elector::sim::{Sim, SimConfig, SimStats};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use sim_support::{
+    add_stats, adversarial_clocks, assert_no_failures, faults_then_heal, faulty_config, replay,
+    seeds_for, LIVENESS_BOUND,
+};
 use std::time::Duration;
 
-/// Same bound as the random-fault suite: after healing, a leader with a
-/// lease within 2 s.
-const LIVENESS_BOUND: Duration = Duration::from_millis(2_000);
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-fn seeds_for(nodes: usize, default: u64) -> Vec<u64> {
-    match env_u64("SIM_SEED") {
-        Some(s) if env_u64("SIM_NODES").is_none_or(|n| n == nodes as u64) => vec![s],
-        Some(_) => vec![],
-        None => (0..env_u64("SIM_SEEDS").unwrap_or(default)).collect(),
-    }
-}
-
 /// A faulty network from the seed, with connection ends on.
-fn faulty_config(nodes: usize, seed: u64) -> SimConfig {
-    let mut rng = SmallRng::seed_from_u64(seed ^ 0xc0ffee);
-    let mut cfg = SimConfig::new(nodes, seed);
-    let lo = rng.random_range(100..2_000);
-    let hi = lo + rng.random_range(0..8_000);
-    cfg.delay = (Duration::from_micros(lo), Duration::from_micros(hi));
-    cfg.loss = [0.0, 0.01, 0.05][rng.random_range(0..3)];
-    cfg.duplicate = [0.0, 0.02, 0.1][rng.random_range(0..3)];
-    cfg.drift = cfg.raft.max_clock_drift;
+fn connection_loss_config(nodes: usize, seed: u64) -> SimConfig {
+    let (mut cfg, _) = faulty_config(nodes, seed, 0xc0ffee, &[0.0, 0.02, 0.1]);
     cfg.connection_ends = true;
     cfg
 }
@@ -48,38 +32,22 @@ fn check_random_faults(nodes: usize) {
     let mut failures = Vec::new();
     let mut total = SimStats::default();
     for &seed in &seeds {
-        let mut sim = Sim::new(faulty_config(nodes, seed));
-        sim.run_for(Duration::from_millis(500));
-        sim.run_random_faults(Duration::from_secs(8));
-        sim.heal_all();
-        let recovery = sim.run_until_lease(Duration::from_secs(10));
-        sim.run_for(Duration::from_secs(1));
-        let stats = sim.stats();
-        total.crashes += stats.crashes;
-        total.connection_ends += stats.connection_ends;
-        total.spurious_connection_ends += stats.spurious_connection_ends;
-        total.partitions += stats.partitions;
-        total.leaders += stats.leaders;
+        let mut sim = Sim::new(connection_loss_config(nodes, seed));
+        let recovery = faults_then_heal(&mut sim);
+        add_stats(&mut total, &sim.stats());
+        let replay = replay(seed, nodes);
         if let Some(v) = sim.violations().first() {
-            failures.push(format!(
-                "seed {seed}: {v} (replay: SIM_SEED={seed} SIM_NODES={nodes})"
-            ));
+            failures.push(format!("seed {seed}: {v} {replay}"));
         }
         if recovery.is_none_or(|d| d > LIVENESS_BOUND) {
             failures.push(format!(
                 "seed {seed}: no leader with a lease within {LIVENESS_BOUND:?} after healing \
-                 (took {recovery:?}) (replay: SIM_SEED={seed} SIM_NODES={nodes})"
+                 (took {recovery:?}) {replay}"
             ));
         }
     }
     println!("{nodes} nodes, {} seeds, faults: {total:?}", seeds.len());
-    assert!(
-        failures.is_empty(),
-        "{} of {} seeds failed for {nodes} nodes:\n{}",
-        failures.len(),
-        seeds.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, seeds.len(), nodes);
     if seeds.len() >= 100 {
         let n = seeds.len() as u64;
         assert!(total.crashes >= n, "{total:?}");
@@ -124,14 +92,7 @@ fn spurious_end_at_the_worst_moment(seed: u64, skip_wait: bool) -> Vec<String> {
     let Some(leader) = sim.leader() else {
         return vec![format!("seed {seed}: no leader after settling")];
     };
-    for slot in 0..5 {
-        let rate = if slot == leader {
-            1.0 - drift / 2.0
-        } else {
-            1.0 + drift / 2.0
-        };
-        sim.set_clock_rate(slot, rate);
-    }
+    adversarial_clocks(&mut sim, 5, leader, drift);
     // Land anywhere in the heartbeat cycle, seeded.
     let mut rng = SmallRng::seed_from_u64(seed);
     sim.run_for(Duration::from_micros(rng.random_range(0..50_000)));

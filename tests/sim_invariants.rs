@@ -3,33 +3,15 @@
 //! Replay one failing run with `SIM_SEED=<seed> SIM_NODES=<n> cargo test --test sim_invariants`.
 //! `SIM_SEEDS=<count>` changes how many seeds per cluster size run (default 1000).
 
-use raft_elector::sim::{Sim, SimConfig, SimStats};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+#[path = "support/sim.rs"]
+mod sim_support;
+
+use raft_elector::sim::{Sim, SimStats};
+use sim_support::{
+    add_stats, assert_no_failures, faults_then_heal, faulty_config, replay, seeds_for,
+    LIVENESS_BOUND,
+};
 use std::time::Duration;
-
-/// Once faults heal and every node is back, a leader with a valid lease
-/// appears within this bound: stickiness (150 ms) + worst election timeout
-/// (300 ms) + a few split or failed rounds of up to 300 ms each.
-const LIVENESS_BOUND: Duration = Duration::from_millis(2_000);
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
-/// Builds a faulty network from the seed: delay, loss, duplication and drift vary per run.
-fn faulty_config(nodes: usize, seed: u64) -> SimConfig {
-    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
-    let mut cfg = SimConfig::new(nodes, seed);
-    let lo = rng.random_range(100..2_000);
-    let hi = lo + rng.random_range(0..8_000);
-    cfg.delay = (Duration::from_micros(lo), Duration::from_micros(hi));
-    cfg.loss = [0.0, 0.01, 0.05][rng.random_range(0..3)];
-    cfg.duplicate = [0.0, 0.02, 0.1][rng.random_range(0..3)];
-    // The drift bound the lease assumes, used in full.
-    cfg.drift = cfg.raft.max_clock_drift;
-    cfg
-}
 
 struct Outcome {
     violations: Vec<String>,
@@ -38,13 +20,9 @@ struct Outcome {
 }
 
 fn run_one(nodes: usize, seed: u64) -> Outcome {
-    let mut sim = Sim::new(faulty_config(nodes, seed));
-    sim.run_for(Duration::from_millis(500));
-    sim.run_random_faults(Duration::from_secs(8));
-    sim.heal_all();
-    let recovery = sim.run_until_lease(Duration::from_secs(10));
-    // Keep running healed for a while: leadership must hold without violations.
-    sim.run_for(Duration::from_secs(1));
+    let (cfg, _) = faulty_config(nodes, seed, 0x5eed, &[0.0, 0.02, 0.1]);
+    let mut sim = Sim::new(cfg);
+    let recovery = faults_then_heal(&mut sim);
     Outcome {
         violations: sim.violations().iter().map(|v| v.to_string()).collect(),
         recovery,
@@ -53,33 +31,24 @@ fn run_one(nodes: usize, seed: u64) -> Outcome {
 }
 
 fn check_many(nodes: usize) {
-    let seeds: Vec<u64> = match env_u64("SIM_SEED") {
-        Some(s) if env_u64("SIM_NODES").is_none_or(|n| n == nodes as u64) => vec![s],
-        Some(_) => return,
-        None => (0..env_u64("SIM_SEEDS").unwrap_or(1000)).collect(),
-    };
+    let seeds = seeds_for(nodes, 1000);
+    if seeds.is_empty() {
+        return;
+    }
     let mut failures = Vec::new();
     let mut recoveries = Vec::new();
     let mut total = SimStats::default();
     for &seed in &seeds {
         let out = run_one(nodes, seed);
-        total.crashes += out.stats.crashes;
-        total.restarts_with_state += out.stats.restarts_with_state;
-        total.restarts_without_state += out.stats.restarts_without_state;
-        total.partitions += out.stats.partitions;
-        total.transfers += out.stats.transfers;
-        total.leaders += out.stats.leaders;
-        total.config_changes_committed += out.stats.config_changes_committed;
-        if !out.violations.is_empty() {
-            failures.push(format!(
-                "seed {seed}: {} (replay: SIM_SEED={seed} SIM_NODES={nodes})",
-                out.violations[0]
-            ));
+        add_stats(&mut total, &out.stats);
+        let replay = replay(seed, nodes);
+        if let Some(violation) = out.violations.first() {
+            failures.push(format!("seed {seed}: {violation} {replay}"));
         }
         match out.recovery {
             Some(d) if d <= LIVENESS_BOUND => recoveries.push(d),
             other => failures.push(format!(
-                "seed {seed}: no leader with a lease within {LIVENESS_BOUND:?} after healing (took {other:?}) (replay: SIM_SEED={seed} SIM_NODES={nodes})"
+                "seed {seed}: no leader with a lease within {LIVENESS_BOUND:?} after healing (took {other:?}) {replay}"
             )),
         }
     }
@@ -93,13 +62,7 @@ fn check_many(nodes: usize) {
         );
     }
     println!("{nodes} nodes, faults injected over all seeds: {total:?}");
-    assert!(
-        failures.is_empty(),
-        "{} of {} seeds failed for {nodes} nodes:\n{}",
-        failures.len(),
-        seeds.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures, seeds.len(), nodes);
     if seeds.len() >= 100 {
         // The faults really happened, so the invariants were really exercised.
         let n = seeds.len() as u64;

@@ -1,8 +1,12 @@
 //! Multi-node stories run through the deterministic simulator. Each test runs
 //! many seeds and names the seed of any failure so it can be replayed.
 
+#[path = "support/sim.rs"]
+mod sim_support;
+
 use raft_elector::raft::Role;
 use raft_elector::sim::{Sim, SimConfig};
+use sim_support::adversarial_clocks;
 use std::time::Duration;
 
 /// Elects a first leader and lets it settle; returns its slot.
@@ -281,14 +285,7 @@ fn tightest_lease_race(seed: u64, lease_drift: f64, clock_drift: f64) -> Sim {
     let old = sim
         .lease_holder()
         .unwrap_or_else(|| panic!("seed {seed}: no leader"));
-    for n in 0..5 {
-        let rate = if n == old {
-            1.0 - clock_drift / 2.0
-        } else {
-            1.0 + clock_drift / 2.0
-        };
-        sim.set_clock_rate(n, rate);
-    }
+    adversarial_clocks(&mut sim, 5, old, clock_drift);
     // Wait for the lease to be extended by a fresh majority acknowledgement.
     let before = sim.lease_end_nanos(old);
     sim.run_until_condition(Duration::from_millis(200), |s| {

@@ -1,32 +1,27 @@
 //! The demo's node processes: the same binary run as `raft-elector run` N
-//! times on 127.0.0.1, and the faults done to them with signals.
+//! times on 127.0.0.1, and the faults done to them with signals, on a
+//! schedule (frozen and killed nodes come back after [`FAULT_LENGTH`]).
 //!
 //! ```text
-//!  Cluster ──spawn request──► launcher thread ──fork/exec──► raft-elector run --id node-i ...
-//!     │                                                         (own process group,
-//!     └── kill -9 / SIGSTOP+SIGCONT / SIGTERM, restart ◄──────── dies with the launcher)
+//!  Cluster ──NodeCommand──► Launcher (launch.rs) ──fork/exec──► raft-elector run --id node-i ...
+//!     │                                                            (own process group,
+//!     └── kill -9 / SIGSTOP+SIGCONT / SIGTERM, restart ◄─────────── dies with the launcher)
 //! ```
 //!
-//! Every child is started from one long-lived launcher thread and asks the
-//! kernel to SIGKILL it when that thread dies (`PR_SET_PDEATHSIG`), so even a
-//! `kill -9` of the demo leaves no node behind; [`Cluster`]'s `Drop` kills and
-//! reaps them on every ordinary exit path, panics included. Children run in
-//! their own process group so that Ctrl-C in the terminal reaches only the
-//! demo, which then stops them itself.
+//! Starting, signalling and reaping processes is [`super::launch`], shared
+//! with the integration tests; this module adds the demo's plan (names and
+//! ports from `--base-port`) and the life cycle of a fault.
+//! [`Cluster`]'s `Drop` kills and reaps every node on every ordinary exit
+//! path, panics included.
 
+use super::launch::{LaunchError, Launcher, NodeCommand, Peers, Process};
 use super::timeline::{Event, FaultKind};
-use super::DemoError;
-use crate::cli::{DemoConfig, SECRET_ENV};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use crate::cli::DemoConfig;
+use nix::sys::signal::Signal;
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::os::unix::process::CommandExt;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 /// How long a killed or stopped node stays down, and a frozen node frozen.
@@ -70,37 +65,22 @@ pub fn plan(config: &DemoConfig) -> Vec<NodeSpec> {
         .collect()
 }
 
-/// Returns the arguments of `raft-elector run` for node `index`.
-pub fn run_args(
+/// Returns how node `index` of `specs` is started: binary `exe`, state and
+/// log under `workdir`, the timing of `config`, every node as a static peer.
+pub fn node_command(
     config: &DemoConfig,
     specs: &[NodeSpec],
     index: usize,
-    state_dir: &Path,
-) -> Vec<OsString> {
+    exe: &Path,
+    workdir: &Path,
+    secret: &str,
+) -> NodeCommand {
     let spec = &specs[index];
-    let peers: Vec<String> = specs.iter().map(NodeSpec::peer_address).collect();
+    let local = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let micros = |d: Duration| format!("{}us", d.as_micros());
     let raft = &config.raft;
-    let mut args: Vec<OsString> = [
-        "run".to_string(),
-        "--id".into(),
-        spec.name.clone(),
-        "--http-listen".into(),
-        format!("127.0.0.1:{}", spec.http_port),
-        "--peer-listen".into(),
-        spec.peer_address(),
-        "--advertise".into(),
-        spec.peer_address(),
-        "--peers".into(),
-        peers.join(","),
-        "--bootstrap-expect".into(),
-        specs.len().to_string(),
-        "--cluster-id".into(),
-        CLUSTER_ID.into(),
-        "--no-kubernetes".into(),
-        "--log-format".into(),
-        "json".into(),
-        "--election-timeout-min".into(),
+    let timing = [
+        "--election-timeout-min".to_string(),
         micros(raft.election_timeout_min),
         "--election-timeout-max".into(),
         micros(raft.election_timeout_max),
@@ -110,13 +90,21 @@ pub fn run_args(
         raft.max_clock_drift.to_string(),
         "--max-voters".into(),
         raft.max_voters.to_string(),
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
-    args.push("--state-dir".into());
-    args.push(state_dir.as_os_str().to_owned());
-    args
+    ];
+    NodeCommand {
+        binary: exe.to_path_buf(),
+        netns: None,
+        name: spec.name.clone(),
+        http: local(spec.http_port),
+        peer: local(spec.peer_port),
+        advertise: local(spec.peer_port),
+        peers: Peers::Static(specs.iter().map(NodeSpec::peer_address).collect()),
+        bootstrap_expect: Some(specs.len()),
+        cluster_id: CLUSTER_ID.into(),
+        secret: secret.to_string(),
+        state_dir: workdir.join(&spec.name),
+        extra_args: timing.into_iter().map(OsString::from).collect(),
+    }
 }
 
 /// What a node process is going through.
@@ -152,188 +140,61 @@ pub enum Life {
 #[derive(Debug)]
 struct Node {
     spec: NodeSpec,
-    child: Option<Child>,
+    command: NodeCommand,
+    process: Option<Process>,
     life: Life,
 }
-
-/// A request to the launcher thread.
-struct Launch {
-    command: Command,
-    reply: oneshot::Sender<std::io::Result<Child>>,
-}
-
-/// How a node process is started: which binary, where its files go, which secret.
-#[derive(Debug)]
-pub struct Launcher {
-    exe: PathBuf,
-    workdir: PathBuf,
-    secret: String,
-    config: DemoConfig,
-    specs: Vec<NodeSpec>,
-    requests: Option<std_mpsc::Sender<Launch>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Launcher {
-    /// Starts the launcher thread for nodes `specs` of `config`, run from
-    /// binary `exe`, with logs and state under `workdir`.
-    pub fn new(
-        exe: PathBuf,
-        workdir: PathBuf,
-        secret: String,
-        config: DemoConfig,
-        specs: Vec<NodeSpec>,
-    ) -> Result<Launcher, DemoError> {
-        let (requests, inbox) = std_mpsc::channel::<Launch>();
-        let thread = std::thread::Builder::new()
-            .name("demo-launcher".into())
-            .spawn(move || {
-                // Children die with this thread (PR_SET_PDEATHSIG), so it lives
-                // as long as the cluster and does nothing but spawn.
-                for launch in inbox {
-                    let mut command = launch.command;
-                    let _ = launch.reply.send(command.spawn());
-                }
-            })
-            .map_err(DemoError::Launcher)?;
-        Ok(Launcher {
-            exe,
-            workdir,
-            secret,
-            config,
-            specs,
-            requests: Some(requests),
-            thread: Some(thread),
-        })
-    }
-
-    /// Returns the log file of node `index`.
-    pub fn log_path(&self, index: usize) -> PathBuf {
-        self.workdir.join(format!("{}.log", self.specs[index].name))
-    }
-
-    /// Starts node `index` and returns its process.
-    async fn spawn(&self, index: usize) -> Result<Child, DemoError> {
-        let name = &self.specs[index].name;
-        let state_dir = self.workdir.join(name);
-        let log = open_log(&self.log_path(index)).map_err(|source| DemoError::Spawn {
-            node: name.clone(),
-            source,
-        })?;
-        let log_err = log.try_clone().map_err(|source| DemoError::Spawn {
-            node: name.clone(),
-            source,
-        })?;
-        let mut command = Command::new(&self.exe);
-        command
-            .args(run_args(&self.config, &self.specs, index, &state_dir))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .process_group(0);
-        // The demo's own settings must not leak into the nodes' flags.
-        for (key, _) in std::env::vars_os() {
-            let key_text = key.to_string_lossy();
-            if key_text.starts_with("RAFT_ELECTOR_") || key_text.starts_with("POD_") {
-                command.env_remove(&key);
-            }
-        }
-        command.env(SECRET_ENV, &self.secret);
-        die_with_launcher(&mut command);
-
-        let (reply, answer) = oneshot::channel();
-        let sent = self
-            .requests
-            .as_ref()
-            .and_then(|requests| requests.send(Launch { command, reply }).ok());
-        let result = match sent {
-            Some(()) => answer.await.ok(),
-            None => None,
-        };
-        match result {
-            Some(spawned) => spawned.map_err(|source| DemoError::Spawn {
-                node: name.clone(),
-                source,
-            }),
-            None => Err(DemoError::LauncherGone),
-        }
-    }
-}
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        self.requests = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn open_log(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
-}
-
-/// Asks the kernel to SIGKILL the child when the launcher thread dies.
-#[cfg(target_os = "linux")]
-fn die_with_launcher(command: &mut Command) {
-    let parent = std::process::id();
-    // SAFETY: the closure runs between fork and exec of a multi-threaded
-    // process, where only async-signal-safe calls are allowed: it makes two
-    // system calls (prctl, getppid) and builds its errors from an errno
-    // (`from_raw_os_error` stores the number; nothing is allocated).
-    unsafe {
-        command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                .map_err(|errno| std::io::Error::from_raw_os_error(errno as i32))?;
-            // The demo may have died before the prctl took effect.
-            if std::os::unix::process::parent_id() != parent {
-                return Err(std::io::Error::from_raw_os_error(
-                    nix::errno::Errno::ESRCH as i32,
-                ));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn die_with_launcher(_command: &mut Command) {}
 
 /// The running nodes. Dropping it kills and reaps every node.
 #[derive(Debug)]
 pub struct Cluster {
     nodes: Vec<Node>,
+    workdir: PathBuf,
     // Declared after `nodes`: the launcher thread is joined after the kills.
     launcher: Launcher,
 }
 
 impl Cluster {
-    /// Starts every node of `launcher` and returns the cluster with one
+    /// Starts nodes `specs` of `config` as `<exe> run ...` with logs and
+    /// state under `workdir`, and returns the cluster with one
     /// [`Event::Started`] per node. Nodes started before a failure are
     /// killed again when the error returns.
-    pub async fn start(launcher: Launcher) -> Result<(Cluster, Vec<Event>), DemoError> {
+    pub async fn start(
+        config: &DemoConfig,
+        specs: &[NodeSpec],
+        exe: &Path,
+        workdir: PathBuf,
+        secret: &str,
+    ) -> Result<(Cluster, Vec<Event>), LaunchError> {
         let mut cluster = Cluster {
-            nodes: launcher
-                .specs
-                .iter()
-                .map(|spec| Node {
-                    spec: spec.clone(),
-                    child: None,
+            nodes: (0..specs.len())
+                .map(|index| Node {
+                    spec: specs[index].clone(),
+                    command: node_command(config, specs, index, exe, &workdir, secret),
+                    process: None,
                     life: Life::Running,
                 })
                 .collect(),
-            launcher,
+            workdir,
+            launcher: Launcher::new()?,
         };
         let mut events = Vec::new();
         for index in 0..cluster.nodes.len() {
-            let child = cluster.launcher.spawn(index).await?;
+            let process = cluster.spawn(index).await?;
             events.push(Event::Started {
                 node: cluster.nodes[index].spec.name.clone(),
-                pid: child.id(),
+                pid: process.pid().unwrap_or_default(),
             });
-            cluster.nodes[index].child = Some(child);
+            cluster.nodes[index].process = Some(process);
         }
         Ok((cluster, events))
+    }
+
+    /// Starts node `index` and returns its process.
+    async fn spawn(&self, index: usize) -> Result<Process, LaunchError> {
+        let node = &self.nodes[index];
+        let command = node.command.command(&self.log_path(index))?;
+        self.launcher.spawn(&node.spec.name, command).await
     }
 
     /// Returns the number of nodes.
@@ -353,7 +214,7 @@ impl Cluster {
 
     /// Returns node `index`'s process id while it has a process.
     pub fn pid(&self, index: usize) -> Option<u32> {
-        self.nodes.get(index)?.child.as_ref().map(Child::id)
+        self.nodes.get(index)?.process.as_ref()?.pid()
     }
 
     /// Returns what node `index` is going through.
@@ -363,24 +224,30 @@ impl Cluster {
 
     /// Returns the log file of node `index`.
     pub fn log_path(&self, index: usize) -> PathBuf {
-        self.launcher.log_path(index)
+        let name = self
+            .nodes
+            .get(index)
+            .map_or("node", |n| n.spec.name.as_str());
+        self.workdir.join(format!("{name}.log"))
     }
 
     /// Injects `kind` into node `index` at `now`. Only a running node can be
     /// hit; anything else returns an error and changes nothing.
-    pub fn inject(&mut self, index: usize, kind: FaultKind, now: Instant) -> Result<(), DemoError> {
+    pub fn inject(
+        &mut self,
+        index: usize,
+        kind: FaultKind,
+        now: Instant,
+    ) -> Result<(), LaunchError> {
         let node = self
             .nodes
             .get_mut(index)
-            .ok_or(DemoError::NoSuchNode(index))?;
+            .ok_or(LaunchError::NoSuchNode(index))?;
+        let not_running = || LaunchError::NotRunning(node.spec.name.clone());
         if node.life != Life::Running {
-            return Err(DemoError::NotRunning(node.spec.name.clone()));
+            return Err(not_running());
         }
-        let pid = node
-            .child
-            .as_ref()
-            .map(Child::id)
-            .ok_or_else(|| DemoError::NotRunning(node.spec.name.clone()))?;
+        let process = node.process.as_ref().ok_or_else(not_running)?;
         let (signal, life) = match kind {
             FaultKind::Kill => (
                 Signal::SIGKILL,
@@ -403,7 +270,7 @@ impl Cluster {
                 },
             ),
         };
-        signal_node(&node.spec.name, pid, signal)?;
+        process.signal(signal)?;
         node.life = life;
         Ok(())
     }
@@ -435,8 +302,7 @@ impl Cluster {
         match node.life {
             Life::Frozen { since, thaw_at } if now >= thaw_at => {
                 node.life = Life::Running;
-                let pid = node.child.as_ref()?.id();
-                Some(match signal_node(&name, pid, Signal::SIGCONT) {
+                Some(match node.process.as_ref()?.signal(Signal::SIGCONT) {
                     Ok(()) => Event::Thawed {
                         node: name,
                         after: now.saturating_duration_since(since),
@@ -446,10 +312,9 @@ impl Cluster {
                     },
                 })
             }
-            Life::Stopping { kill_at, .. } if now >= kill_at && node.child.is_some() => {
-                let pid = node.child.as_ref()?.id();
+            Life::Stopping { kill_at, .. } if now >= kill_at && node.process.is_some() => {
                 node.life = Life::Killed { restart_at: now };
-                Some(match signal_node(&name, pid, Signal::SIGKILL) {
+                Some(match node.process.as_ref()?.signal(Signal::SIGKILL) {
                     Ok(()) => Event::Escalated { node: name },
                     Err(err) => Event::Failed {
                         message: err.to_string(),
@@ -457,7 +322,7 @@ impl Cluster {
                 })
             }
             Life::Killed { restart_at } | Life::Stopping { restart_at, .. }
-                if now >= restart_at && node.child.is_none() =>
+                if now >= restart_at && node.process.is_none() =>
             {
                 Some(self.restart(index).await)
             }
@@ -468,17 +333,17 @@ impl Cluster {
     /// Collects node `index`'s exit status if its process has ended.
     fn reap(&mut self, index: usize) -> Option<String> {
         let node = &mut self.nodes[index];
-        let status = node.child.as_mut()?.try_wait().ok()??;
-        node.child = None;
+        let status = node.process.as_mut()?.reap()?;
+        node.process = None;
         Some(status.to_string())
     }
 
     async fn restart(&mut self, index: usize) -> Event {
         let name = self.nodes[index].spec.name.clone();
-        match self.launcher.spawn(index).await {
-            Ok(child) => {
-                let pid = child.id();
-                self.nodes[index].child = Some(child);
+        match self.spawn(index).await {
+            Ok(process) => {
+                let pid = process.pid().unwrap_or_default();
+                self.nodes[index].process = Some(process);
                 self.nodes[index].life = Life::Running;
                 Event::Restarted { node: name, pid }
             }
@@ -494,10 +359,7 @@ impl Cluster {
     /// Kills (`kill -9`, which also ends frozen processes) and reaps every node.
     pub fn shutdown(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            node.process = None;
         }
     }
 }
@@ -506,16 +368,6 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// Sends `signal` to node `name`'s process `pid`.
-fn signal_node(name: &str, pid: u32, signal: Signal) -> Result<(), DemoError> {
-    let raw = i32::try_from(pid).map_err(|_| DemoError::NotRunning(name.to_string()))?;
-    kill(Pid::from_raw(raw), signal).map_err(|errno| DemoError::Signal {
-        node: name.to_string(),
-        signal: signal.as_str(),
-        errno,
-    })
 }
 
 #[cfg(test)]
@@ -550,7 +402,16 @@ mod tests {
     fn run_arguments_name_every_peer_and_the_timing() {
         let cfg = config(3);
         let specs = plan(&cfg);
-        let args: Vec<String> = run_args(&cfg, &specs, 1, Path::new("/tmp/x/node-2"))
+        let command = node_command(
+            &cfg,
+            &specs,
+            1,
+            Path::new("/bin/x"),
+            Path::new("/tmp/x"),
+            "s",
+        );
+        let args: Vec<String> = command
+            .args()
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
@@ -574,6 +435,12 @@ mod tests {
             crate::cli::parse_duration(&value("--heartbeat-interval")),
             Ok(Duration::from_millis(50))
         );
+    }
+
+    /// Kills process `pid` without telling the cluster.
+    fn kill_behind_its_back(pid: u32) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+        nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill");
     }
 
     /// Returns the state letter of process `pid` (`S` sleeping, `T` stopped),
@@ -620,15 +487,15 @@ mod tests {
         .expect("write script");
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let cfg = config(nodes);
-        let launcher = Launcher::new(
-            exe,
+        Cluster::start(
+            &cfg,
+            &plan(&cfg),
+            &exe,
             dir.to_path_buf(),
-            "00112233445566778899aabbccddeeff".into(),
-            cfg.clone(),
-            plan(&cfg),
+            "00112233445566778899aabbccddeeff",
         )
-        .expect("launcher");
-        Cluster::start(launcher).await.expect("start")
+        .await
+        .expect("start")
     }
 
     #[tokio::test]
@@ -706,7 +573,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut cluster, _) = stand_in_cluster(dir.path(), 1, "").await;
         let pid = cluster.pid(0).expect("a pid");
-        signal_node("node-1", pid, Signal::SIGKILL).expect("kill");
+        kill_behind_its_back(pid);
         assert!(
             eventually(|| matches!(process_state(pid), Some('Z') | None)),
             "ended"
@@ -764,7 +631,7 @@ mod tests {
         let pid = cluster.pid(0).expect("a pid");
         let t0 = Instant::now();
         cluster.inject(0, FaultKind::Freeze, t0).expect("freeze");
-        signal_node("node-1", pid, Signal::SIGKILL).expect("kill");
+        kill_behind_its_back(pid);
         assert!(
             eventually(|| matches!(process_state(pid), Some('Z') | None)),
             "ended"

@@ -9,7 +9,7 @@
 //!                                    │ GET /is-leader every 20 ms (probe.rs)
 //!                                    ▼
 //!                  Timeline (timeline.rs): leader changes, failover
-//!                  times, two-leader check ──► events
+//!                  times, two-leader checks (samples.rs) ──► events
 //!                                    │
 //!                                    ▼
 //!                  view.rs: live screen (terminal.rs) or plain lines, summary
@@ -20,15 +20,22 @@
 //! one loopback cannot be cut off from each other, but a SIGSTOPped process is
 //! indistinguishable from a partitioned one for its peers, and the view says
 //! which it is.
+//!
+//! The process-cluster harness is shared with the integration tests and the
+//! process benchmark (`tests/support/cluster.rs`): [`launch`] starts and
+//! signals `raft-elector run` processes, [`probe`] polls `/is-leader`, and
+//! [`samples`] records the answers and holds the two-leader check.
 
 pub mod cluster;
+pub mod launch;
 pub mod probe;
+pub mod samples;
 mod terminal;
 pub mod timeline;
 pub mod view;
 
 use crate::cli::DemoConfig;
-use cluster::{Cluster, Launcher, Life, NodeSpec};
+use cluster::{Cluster, Life, NodeSpec};
 use probe::Probes;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +47,10 @@ use tokio::sync::mpsc;
 use tokio::time::{interval, interval_at, sleep_until, Instant, Interval, MissedTickBehavior};
 use view::{Frame, Logged, NodeRow, Summary};
 
+/// Interval between two polls of one node: the resolution of failover times.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long one poll may take before the node counts as not answering.
+const POLL_TIMEOUT: Duration = Duration::from_millis(250);
 /// Interval between checks of the node processes (exits, thaws, restarts).
 const TEND_INTERVAL: Duration = Duration::from_millis(50);
 /// Interval between two frames of the live view.
@@ -70,28 +81,6 @@ pub enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the thread that launches nodes: {0}")]
-    Launcher(#[source] std::io::Error),
-    #[error("the launcher thread is gone; no more nodes can be started")]
-    LauncherGone,
-    #[error("cannot start {node}: {source}; check that the binary exists and the demo directory is writable")]
-    Spawn {
-        node: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot send {signal} to {node}: {errno}")]
-    Signal {
-        node: String,
-        signal: &'static str,
-        errno: nix::errno::Errno,
-    },
-    #[error("{0} is not running")]
-    NotRunning(String),
-    #[error("there is no node #{0}")]
-    NoSuchNode(usize),
-    #[error("cannot build the HTTP client that polls the nodes: {0}")]
-    HttpClient(#[source] reqwest::Error),
     #[error("cannot drive the terminal: {0}; pass --no-tui for plain output")]
     Terminal(#[source] std::io::Error),
     #[error("every node exited; the end of {log}:\n{tail}")]
@@ -112,22 +101,19 @@ pub async fn run_demo_with_binary(config: DemoConfig, exe: &Path) -> anyhow::Res
     let specs = cluster::plan(&config);
     check_ports_free(&config, &specs)?;
     let mut workdir = WorkDir::create()?;
-    let launcher = Launcher::new(
-        exe.to_path_buf(),
-        workdir.path.clone(),
-        hex::encode(rand::random::<[u8; 16]>()),
-        config.clone(),
-        specs.clone(),
-    )?;
+    let secret = hex::encode(rand::random::<[u8; 16]>());
     let live = config.tui && std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
     let started = Instant::now();
-    let (mut cluster, start_events) = Cluster::start(launcher).await?;
+    let (mut cluster, start_events) =
+        Cluster::start(&config, &specs, exe, workdir.path.clone(), &secret).await?;
 
     let (observations, observed) = mpsc::channel(1024);
     let probes = Probes::spawn(
-        specs.iter().map(NodeSpec::is_leader_url).collect(),
+        probe::Client::new(POLL_TIMEOUT),
+        POLL_INTERVAL,
+        specs.iter().map(NodeSpec::is_leader_url).enumerate(),
         observations,
-    )?;
+    );
     let (key_sender, keys) = mpsc::channel(16);
     let screen = if live {
         Some(Screen::enter(key_sender).map_err(DemoError::Terminal)?)
@@ -350,7 +336,7 @@ impl Demo<'_> {
         let log = self.cluster.log_path(0);
         Err(DemoError::AllExited {
             log: log.display().to_string(),
-            tail: log_tail(&log),
+            tail: launch::log_tail(&log, LOG_TAIL_LINES),
         })
     }
 
@@ -483,17 +469,6 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// Returns the last lines of the log at `path` (or why it cannot be read).
-fn log_tail(path: &Path) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-        }
-        Err(err) => format!("(cannot read it: {err})"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,14 +490,5 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains(&format!("port {port}")), "{text}");
         assert!(text.contains("--base-port"), "{text}");
-    }
-
-    #[test]
-    fn the_log_tail_has_the_last_lines() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("node-1.log");
-        std::fs::write(&path, "1\n2\n3\n4\n5\n6\n7\n").expect("write");
-        assert_eq!(log_tail(&path), "3\n4\n5\n6\n7");
-        assert!(log_tail(&dir.path().join("missing")).starts_with("(cannot read it"));
     }
 }

@@ -1,41 +1,206 @@
-//! Polling every node's `GET /is-leader`, one task per node so that a frozen
+//! Asking nodes `GET /is-leader`, one polling task per node so that a frozen
 //! node (which accepts connections but never answers) delays nobody else.
+//! The demo's live view and the tests' sampler ([`super::samples`]) both
+//! poll through here, with one keep-alive HTTP/1.1 client (hyper).
+//!
+//! ```text
+//!  Probes ──every interval, per node──► Client::ask(url) ──► Observation{node, sent, received, reply}
+//!                                                                   │ mpsc
+//!                                                                   ▼
+//!                                                 demo Timeline / tests' Sampler
+//! ```
 
-use super::timeline::{Observation, Reply};
-use super::DemoError;
 use crate::api::LeaderStatus;
-use reqwest::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::{StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-/// Interval between two polls of one node: the resolution of failover times.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// How long one poll may take before the node counts as not answering.
-pub const POLL_TIMEOUT: Duration = Duration::from_millis(250);
+/// Idle keep-alive connections kept per node: one poll at a time, plus one
+/// for a helper request made meanwhile.
+const IDLE_PER_NODE: usize = 2;
 
-/// The polling tasks; dropping this stops them.
+/// One poll of one node's `GET /is-leader`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    /// Index of the polled node (0-based).
+    pub node: usize,
+    /// When the request was sent.
+    pub sent: Instant,
+    /// When the answer (or the failure) arrived.
+    pub received: Instant,
+    /// What the node said.
+    pub reply: Reply,
+}
+
+/// What a node answered to one poll.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// The node answered; `leading` is the HTTP verdict (200 = true, 503 = false).
+    Answered {
+        /// Whether the node answered 200.
+        leading: bool,
+        /// The JSON body.
+        status: LeaderStatus,
+    },
+    /// The node did not answer: refused, timed out or garbled.
+    NoAnswer {
+        /// Why, in a few words (`connection refused`, `no answer in 250 ms`).
+        reason: String,
+    },
+}
+
+impl Reply {
+    /// Returns whether this reply is a 200 (leader with a valid lease).
+    pub fn is_leading(&self) -> bool {
+        matches!(self, Reply::Answered { leading: true, .. })
+    }
+
+    /// Returns the status body, if the node answered.
+    pub fn status(&self) -> Option<&LeaderStatus> {
+        match self {
+            Reply::Answered { status, .. } => Some(status),
+            Reply::NoAnswer { .. } => None,
+        }
+    }
+}
+
+/// Why a request got no HTTP answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection: refused, unreachable or not accepted in time.
+    Connect,
+    /// No complete answer within the client's time limit.
+    Timeout,
+    /// The connection broke or the answer was not HTTP.
+    Lost,
+    /// The URL is not an `http://` URL.
+    BadUrl,
+}
+
+/// An HTTP/1.1 client with keep-alive, no proxy and one time limit for a
+/// whole request; cheap to clone (clones share the connection pool).
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: hyper_util::client::legacy::Client<HttpConnector, Empty<Bytes>>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Returns a client whose requests (connect, send, read the whole body)
+    /// fail after `timeout`.
+    pub fn new(timeout: Duration) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(IDLE_PER_NODE)
+            .build(connector);
+        Client { inner, timeout }
+    }
+
+    /// GETs `url`; returns the status code and the whole body.
+    pub async fn get(&self, url: &str) -> Result<(StatusCode, Bytes), Failure> {
+        let uri: Uri = url.parse().map_err(|_| Failure::BadUrl)?;
+        let request = async {
+            let response = self.inner.get(uri).await.map_err(|err| {
+                if err.is_connect() {
+                    Failure::Connect
+                } else {
+                    Failure::Lost
+                }
+            })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Lost)?;
+            Ok((status, body.to_bytes()))
+        };
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .unwrap_or(Err(Failure::Timeout))
+    }
+
+    /// GETs `url` and returns the body as text, `None` when it failed.
+    pub async fn get_text(&self, url: &str) -> Option<(u16, String)> {
+        let (status, body) = self.get(url).await.ok()?;
+        let text = String::from_utf8(body.to_vec()).ok()?;
+        Some((status.as_u16(), text))
+    }
+
+    /// Asks one node's `/is-leader` at `url` once; a failure becomes
+    /// [`Reply::NoAnswer`] with a short reason.
+    pub async fn ask(&self, url: &str) -> Reply {
+        let no_answer = |reason: String| Reply::NoAnswer { reason };
+        let (code, body) = match self.get(url).await {
+            Ok(answer) => answer,
+            Err(Failure::Timeout) => {
+                return no_answer(format!("no answer in {} ms", self.timeout.as_millis()))
+            }
+            Err(Failure::Connect) => return no_answer("connection refused".into()),
+            Err(Failure::Lost) => return no_answer("connection lost".into()),
+            Err(Failure::BadUrl) => return no_answer(format!("bad URL {url}")),
+        };
+        if code != StatusCode::OK && code != StatusCode::SERVICE_UNAVAILABLE {
+            return no_answer(format!("HTTP {code}"));
+        }
+        match serde_json::from_slice::<LeaderStatus>(&body) {
+            Ok(status) => Reply::Answered {
+                leading: code == StatusCode::OK,
+                status,
+            },
+            Err(_) => no_answer("unreadable answer".into()),
+        }
+    }
+}
+
+/// The polling tasks, one per node; dropping this stops them.
 #[derive(Debug)]
 pub struct Probes {
+    client: Client,
+    interval: Duration,
+    out: mpsc::Sender<Observation>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Probes {
-    /// Starts polling `urls` (node `i` at `urls[i]`), sending each result to `out`.
-    pub fn spawn(urls: Vec<String>, out: mpsc::Sender<Observation>) -> Result<Probes, DemoError> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(POLL_TIMEOUT)
-            .connect_timeout(POLL_TIMEOUT)
-            .build()
-            .map_err(DemoError::HttpClient)?;
-        let tasks = urls
-            .into_iter()
-            .enumerate()
-            .map(|(node, url)| tokio::spawn(poll_node(client.clone(), node, url, out.clone())))
-            .collect();
-        Ok(Probes { tasks })
+    /// Starts polling every `(node, url)` of `targets` each `interval`
+    /// with `client`, sending each result to `out`.
+    pub fn spawn(
+        client: Client,
+        interval: Duration,
+        targets: impl IntoIterator<Item = (usize, String)>,
+        out: mpsc::Sender<Observation>,
+    ) -> Probes {
+        let mut probes = Probes {
+            client,
+            interval,
+            out,
+            tasks: Vec::new(),
+        };
+        for (node, url) in targets {
+            probes.add(node, url);
+        }
+        probes
+    }
+
+    /// Starts polling one more node.
+    pub fn add(&mut self, node: usize, url: String) {
+        self.tasks.push(tokio::spawn(poll_node(
+            self.client.clone(),
+            self.interval,
+            node,
+            url,
+            self.out.clone(),
+        )));
     }
 }
 
@@ -49,17 +214,18 @@ impl Drop for Probes {
 
 /// Polls one node until the receiver of `out` is gone.
 async fn poll_node(
-    client: reqwest::Client,
+    client: Client,
+    interval: Duration,
     node: usize,
     url: String,
     out: mpsc::Sender<Observation>,
 ) {
-    let mut ticks = tokio::time::interval(POLL_INTERVAL);
+    let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let sent = Instant::now();
-        let reply = ask(&client, &url).await;
+        let reply = client.ask(&url).await;
         let observation = Observation {
             node,
             sent,
@@ -72,45 +238,14 @@ async fn poll_node(
     }
 }
 
-/// Asks one node once; a failure becomes [`Reply::NoAnswer`] with a short reason.
-async fn ask(client: &reqwest::Client, url: &str) -> Reply {
-    let response = match client.get(url).send().await {
-        Ok(response) => response,
-        Err(err) => return no_answer(&err),
-    };
-    let code = response.status();
-    if code != StatusCode::OK && code != StatusCode::SERVICE_UNAVAILABLE {
-        return Reply::NoAnswer {
-            reason: format!("HTTP {code}"),
-        };
-    }
-    match response.json::<LeaderStatus>().await {
-        Ok(status) => Reply::Answered {
-            leading: code == StatusCode::OK,
-            status,
-        },
-        Err(err) => no_answer(&err),
-    }
-}
-
-fn no_answer(err: &reqwest::Error) -> Reply {
-    let reason = if err.is_timeout() {
-        format!("no answer in {} ms", POLL_TIMEOUT.as_millis())
-    } else if err.is_connect() {
-        "connection refused".to_string()
-    } else if err.is_decode() {
-        "unreadable answer".to_string()
-    } else {
-        "connection lost".to_string()
-    };
-    Reply::NoAnswer { reason }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::routing::get;
     use axum::{Json, Router};
+
+    /// The demo's poll time limit, which the reasons below name.
+    const TIMEOUT: Duration = Duration::from_millis(250);
 
     fn status(leading: bool) -> LeaderStatus {
         LeaderStatus {
@@ -137,14 +272,6 @@ mod tests {
         format!("http://{addr}/is-leader")
     }
 
-    fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .no_proxy()
-            .timeout(POLL_TIMEOUT)
-            .build()
-            .expect("client")
-    }
-
     #[tokio::test]
     async fn a_200_is_leading_and_a_503_is_not() {
         let leading =
@@ -154,15 +281,16 @@ mod tests {
             get(|| async { (StatusCode::SERVICE_UNAVAILABLE, Json(status(false))) }),
         ))
         .await;
-        let reply = ask(&client(), &leading).await;
+        let client = Client::new(TIMEOUT);
+        let reply = client.ask(&leading).await;
         assert!(reply.is_leading(), "{reply:?}");
         assert_eq!(reply.status().map(|s| s.term), Some(7));
-        let reply = ask(&client(), &following).await;
+        let reply = client.ask(&following).await;
         assert!(!reply.is_leading() && reply.status().is_some(), "{reply:?}");
     }
 
     #[tokio::test]
-    async fn silence_and_refusal_are_no_answer_with_a_reason() {
+    async fn silence_refusal_and_garbage_are_no_answer_with_a_reason() {
         let slow = serve(Router::new().route(
             "/is-leader",
             get(|| async {
@@ -171,29 +299,21 @@ mod tests {
             }),
         ))
         .await;
-        let reply = ask(&client(), &slow).await;
-        assert_eq!(
-            reply,
-            Reply::NoAnswer {
-                reason: "no answer in 250 ms".into()
-            }
-        );
+        let client = Client::new(TIMEOUT);
+        let no_answer = |reason: &str| Reply::NoAnswer {
+            reason: reason.into(),
+        };
+        assert_eq!(client.ask(&slow).await, no_answer("no answer in 250 ms"));
         let closed = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             listener.local_addr().expect("addr")
         };
-        let reply = ask(&client(), &format!("http://{closed}/is-leader")).await;
-        assert_eq!(
-            reply,
-            Reply::NoAnswer {
-                reason: "connection refused".into()
-            }
-        );
+        let refused = client.ask(&format!("http://{closed}/is-leader")).await;
+        assert_eq!(refused, no_answer("connection refused"));
         let garbled = serve(Router::new().route("/is-leader", get(|| async { "not json" }))).await;
-        assert!(matches!(
-            ask(&client(), &garbled).await,
-            Reply::NoAnswer { .. }
-        ));
+        assert_eq!(client.ask(&garbled).await, no_answer("unreadable answer"));
+        let missing = serve(Router::new()).await;
+        assert_eq!(client.ask(&missing).await, no_answer("HTTP 404 Not Found"));
     }
 
     #[tokio::test]
@@ -201,7 +321,12 @@ mod tests {
         let url =
             serve(Router::new().route("/is-leader", get(|| async { Json(status(true)) }))).await;
         let (tx, mut rx) = mpsc::channel(16);
-        let probes = Probes::spawn(vec![url], tx).expect("probes");
+        let probes = Probes::spawn(
+            Client::new(TIMEOUT),
+            Duration::from_millis(20),
+            [(0, url)],
+            tx,
+        );
         let first = rx.recv().await.expect("an observation");
         assert_eq!(first.node, 0);
         assert!(first.received >= first.sent);

@@ -11,58 +11,20 @@
 //! request and receiving the answer, so every conclusion here is drawn from
 //! those bounds: a failover ends at the first 200 whose request was sent after
 //! the fault, and two leaders are reported only when their claims certainly
-//! overlapped, never on a mere suspicion.
+//! overlapped, never on a mere suspicion. Three rules prove an overlap: two
+//! 200s in one term; a 200 inside the lease another leader promised (the
+//! demo knows its faults, so it voids the promise of a leader it asked to
+//! hand over); and a 200 inside another leader's tenure, the rule of the
+//! tests and benchmarks ([`samples::Timeline::violations`]), applied to the
+//! 200s of the last [`TENURE_WINDOW`].
 
+pub use super::probe::{Observation, Reply};
+use super::samples::{self, Sample};
 use crate::api::LeaderStatus;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// One poll of one node's `GET /is-leader`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Observation {
-    /// Index of the polled node (0-based).
-    pub node: usize,
-    /// When the request was sent.
-    pub sent: Instant,
-    /// When the answer (or the failure) arrived.
-    pub received: Instant,
-    /// What the node said.
-    pub reply: Reply,
-}
-
-/// What a node answered to one poll.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Reply {
-    /// The node answered; `leading` is the HTTP verdict (200 = true, 503 = false).
-    Answered {
-        /// Whether the node answered 200.
-        leading: bool,
-        /// The JSON body.
-        status: LeaderStatus,
-    },
-    /// The node did not answer: refused, timed out or garbled.
-    NoAnswer {
-        /// Why, in a few words (`connection refused`, `no answer in 250 ms`).
-        reason: String,
-    },
-}
-
-impl Reply {
-    /// Returns whether this reply is a 200 (leader with a valid lease).
-    pub fn is_leading(&self) -> bool {
-        matches!(self, Reply::Answered { leading: true, .. })
-    }
-
-    /// Returns the status body, if the node answered.
-    pub fn status(&self) -> Option<&LeaderStatus> {
-        match self {
-            Reply::Answered { status, .. } => Some(status),
-            Reply::NoAnswer { .. } => None,
-        }
-    }
-}
 
 /// A fault the demo injects into the current leader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +58,10 @@ impl fmt::Display for FaultKind {
         })
     }
 }
+
+/// How far back the tenure rule looks: 200s sent longer ago are dropped,
+/// so memory stays bounded however long the demo runs.
+pub const TENURE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A completed failover: from injecting a fault into the leader to the first
 /// 200 answered to a request sent after it.
@@ -138,6 +104,18 @@ pub enum Violation {
         /// The least time both claims overlapped.
         overlap: Duration,
     },
+    /// `second` answered 200 while `first` led its term: `first` answered
+    /// 200 in that term both before and after.
+    InsideTenure {
+        /// The node whose tenure was intruded on.
+        first: String,
+        /// Its term.
+        first_term: u64,
+        /// The node that answered 200 inside it.
+        second: String,
+        /// Its term.
+        second_term: u64,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -162,6 +140,16 @@ impl fmt::Display for Violation {
                 "TWO LEADERS: {second} (term {second_term}) answered 200 while the lease of \
                  {first} (term {first_term}) still held, for at least {}",
                 human(*overlap)
+            ),
+            Violation::InsideTenure {
+                first,
+                first_term,
+                second,
+                second_term,
+            } => write!(
+                f,
+                "TWO LEADERS: {second} (term {second_term}) answered 200 while {first} led \
+                 term {first_term} ({first} answered 200 in term {first_term} before and after)"
             ),
         }
     }
@@ -426,6 +414,8 @@ pub struct Timeline {
     violations: Vec<Violation>,
     /// Violations already reported, so a lasting one is shown once.
     reported: BTreeSet<(usize, usize, u64, u64)>,
+    /// The 200s of the last [`TENURE_WINDOW`], timed from `started`.
+    recent: samples::Timeline,
     /// Voters of a complete cluster: every node, up to the voter limit.
     full_voters: usize,
     /// Whether a leader has reported the cluster complete.
@@ -448,6 +438,7 @@ impl Timeline {
             failovers: Vec::new(),
             violations: Vec::new(),
             reported: BTreeSet::new(),
+            recent: samples::Timeline::default(),
             full_voters: nodes.min(max_voters),
             joined: false,
         }
@@ -579,6 +570,7 @@ impl Timeline {
             promise_until: seen.sent + lease,
         };
         self.check_two_leaders(node, claim, events);
+        self.check_tenures(seen, events);
         self.claims[node] = Some(claim);
         let gap = self
             .last_claim
@@ -673,16 +665,46 @@ impl Timeline {
                     .map(|overlap| self.overlap(node, claim, other, earlier, overlap))
             };
             let Some(violation) = found else { continue };
-            let key = (
-                other.min(node),
-                other.max(node),
-                earlier.term.min(claim.term),
-                earlier.term.max(claim.term),
-            );
-            if self.reported.insert(key) {
-                self.violations.push(violation.clone());
-                events.push(Event::Violation(violation));
-            }
+            self.report(other, earlier.term, node, claim.term, violation, events);
+        }
+    }
+
+    /// Adds the 200 `seen` to the recent ones and reports every 200 inside
+    /// another node's tenure among them.
+    fn check_tenures(&mut self, seen: &Observation, events: &mut Vec<Event>) {
+        let sample = Sample::of(seen, self.started.into_std());
+        let window = u64::try_from(TENURE_WINDOW.as_micros()).unwrap_or(u64::MAX);
+        self.recent.insert(sample);
+        self.recent
+            .forget_before(sample.sent_us.saturating_sub(window));
+        for found in self.recent.violations() {
+            let (first, second) = (found.tenure_slot, found.intruder.slot);
+            let (first_term, second_term) = (found.tenure_term, found.intruder.term);
+            let violation = Violation::InsideTenure {
+                first: self.name(first),
+                first_term,
+                second: self.name(second),
+                second_term,
+            };
+            self.report(first, first_term, second, second_term, violation, events);
+        }
+    }
+
+    /// Records `violation` of nodes `a` and `b` in their terms and returns
+    /// it as an event, unless one of the pair was reported before.
+    fn report(
+        &mut self,
+        a: usize,
+        a_term: u64,
+        b: usize,
+        b_term: u64,
+        violation: Violation,
+        events: &mut Vec<Event>,
+    ) {
+        let key = (a.min(b), a.max(b), a_term.min(b_term), a_term.max(b_term));
+        if self.reported.insert(key) {
+            self.violations.push(violation.clone());
+            events.push(Event::Violation(violation));
         }
     }
 
@@ -940,6 +962,38 @@ mod tests {
             matches!(&events[..], [Event::Violation(Violation::LeaseOverlap { first, .. })] if first == "node-1"),
             "{events:?}"
         );
+    }
+
+    #[test]
+    fn a_200_inside_another_leaders_tenure_is_flagged_after_its_lease_ran_out() {
+        let mut s = Script::new();
+        // node-1 promised until 240, node-2 until 440; each 200 comes after
+        // the other's promise ran out, but node-1 answers 200 in its term 2
+        // both before and after node-2's.
+        s.answer(0, 100, true, 2);
+        s.answer(1, 300, true, 3);
+        let events = s.answer(0, 450, true, 2);
+        assert_eq!(
+            texts(&events),
+            [
+                "TWO LEADERS: node-2 (term 3) answered 200 while node-1 led term 2 \
+              (node-1 answered 200 in term 2 before and after)"
+            ]
+        );
+        assert!(s.answer(0, 470, true, 2).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn the_tenure_rule_forgets_200s_older_than_its_window() {
+        let mut s = Script::new();
+        s.answer(0, 100, true, 2);
+        s.answer(1, 300, true, 3);
+        let late = 300 + TENURE_WINDOW.as_millis() as u64 + 1;
+        assert!(
+            s.answer(0, late, true, 2).is_empty(),
+            "node-1's first 200 is forgotten: no tenure left to intrude on"
+        );
+        assert_eq!(s.timeline.recent.samples.len(), 1, "bounded");
     }
 
     #[test]

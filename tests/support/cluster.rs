@@ -1,8 +1,11 @@
 //! A real cluster of `raft-elector run` processes for integration tests and
-//! the process benchmark.
+//! the process benchmark: the test-side layer (DNS, loopback placements,
+//! waits that panic with the logs) over the process-cluster harness the demo
+//! uses too (`raft_elector::demo::{launch, probe, samples}`: launching,
+//! sampling, the two-leader check).
 //!
 //! ```text
-//!  Cluster ──spawn──► raft-elector run (one child process per slot)
+//!  Cluster ──Launcher──► raft-elector run (one child process per slot)
 //!     │                 --http-listen <ip>:<http port>   ◄── Sampler: GET /is-leader every ~2 ms
 //!     │                 --peer-listen <ip>:<peer port>        per slot, keep-alive, recorded as
 //!     │                 --service nodes.elector.test          Sample{slot, sent, received, status}
@@ -16,50 +19,26 @@
 //! tests place slots themselves with [`Placement`]s. Children are killed
 //! when the [`Cluster`] is dropped (and, through `PR_SET_PDEATHSIG`, when
 //! the test process dies); their logs stay in a temporary directory and the
-//! tail of every log is printed when a test fails.
-//!
-//! # When are two 200s "at the same instant"?
-//!
-//! A sample is a request sent at `sent` and answered at `received`; the node
-//! decided its answer at some unknown instant inside `[sent, received]`. Two
-//! 200s of different nodes whose intervals overlap may or may not have been
-//! decided at the same instant: the samples cannot tell, so such a pair is
-//! only reported ([`Timeline::ambiguous_overlaps`]), never counted as a
-//! violation. What the samples can prove is an *ordering*: `x` was decided
-//! before `y` when `x.received < y.sent`.
-//!
-//! A node leads a given term at most once, in one contiguous tenure (once it
-//! steps down from term T it can only lead again in a higher term). So if
-//! node A answered 200 in term T at `a1` and again in term T at `a2`, A was
-//! the leader of T during all of `[a1, a2]`, and its lease held at both
-//! ends. A violation ([`Timeline::violations`]) is a 200 from another node B
-//! provably inside such a tenure: `a1.received < b.sent` and
-//! `b.received < a2.sent`. Then B claimed a valid lease while A was leader
-//! and A still claimed (and had) a valid lease afterwards, i.e. the two
-//! leaderships overlapped in time. The rule has no false positives (it never
-//! flags a correct handoff, however fast), and it catches every overlap
-//! longer than about two sampling periods plus two request latencies.
-//!
-//! Because a node never leads one term twice, (slot, term) identifies a
-//! tenure even across restarts with state; a slot restarted without state
-//! is a new incarnation that can only lead in a term above every term it
-//! joins with.
+//! tail of every log is printed when a test fails. The double-leader rule is
+//! documented in `raft_elector::demo::samples`.
 
 #![allow(dead_code)]
 
 use super::dns::TestDns;
 use raft_elector::api::LeaderStatus;
-use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use raft_elector::demo::launch::{Launcher, NodeCommand, Peers, Process};
+use raft_elector::demo::probe;
+use raft_elector::demo::samples::Sampler;
+use std::collections::BTreeSet;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-use tokio::task::JoinHandle;
+
+pub use raft_elector::demo::launch::log_tail;
+#[allow(unused_imports)]
+pub use raft_elector::demo::samples::{LeaseLapse, Sample, Timeline, Violation};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_raft-elector");
@@ -160,7 +139,7 @@ pub struct Node {
     pub state_dir: PathBuf,
     /// stdout and stderr of every process this slot ran.
     pub log: PathBuf,
-    child: Option<Child>,
+    process: Option<Process>,
     /// Exit status of the last process, once it ended.
     pub exit: Option<ExitStatus>,
     restarts: usize,
@@ -169,12 +148,20 @@ pub struct Node {
 impl Node {
     /// Returns the process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.process.as_ref().and_then(Process::pid)
     }
 
     /// Returns whether the slot has a process that was not reaped yet.
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.process.as_ref().is_some_and(Process::is_running)
+    }
+
+    /// Collects the exit status if the process has ended.
+    fn reap(&mut self) -> Option<ExitStatus> {
+        let status = self.process.as_mut()?.reap()?;
+        self.process = None;
+        self.exit = Some(status);
+        Some(status)
     }
 }
 
@@ -190,8 +177,10 @@ pub struct Cluster {
     peer_port: u16,
     static_peers: Vec<String>,
     dir: tempfile::TempDir,
-    client: reqwest::Client,
+    client: probe::Client,
     sampler: Sampler,
+    // Declared after `nodes`: the launcher thread is joined after the kills.
+    launcher: Launcher,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -210,6 +199,10 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free TCP port in {PORT_RANGE:?} after 200 tries");
+}
+
+fn is_leader_url(http: SocketAddr) -> String {
+    format!("http://{http}/is-leader")
 }
 
 impl Cluster {
@@ -277,8 +270,9 @@ impl Cluster {
             peer_port,
             static_peers: Vec::new(),
             dir,
-            client: http_client(REQUEST_TIMEOUT),
-            sampler: Sampler::new(),
+            client: probe::Client::new(REQUEST_TIMEOUT),
+            sampler: Sampler::new(SAMPLE_TIMEOUT),
+            launcher: Launcher::new().expect("start the node launcher thread"),
             _serial: serial,
         }
     }
@@ -307,7 +301,8 @@ impl Cluster {
         }
         self.publish_dns();
         for (slot, (placement, advertise)) in placements.into_iter().enumerate() {
-            self.add_slot(format!("node-{slot}"), placement, advertise);
+            self.add_slot(format!("node-{slot}"), placement, advertise)
+                .await;
         }
         for slot in 0..n {
             self.wait_listening(slot).await;
@@ -346,12 +341,12 @@ impl Cluster {
         }
         self.publish_dns();
         let advertise = placement.peer;
-        self.add_slot(name.to_string(), placement, advertise);
+        self.add_slot(name.to_string(), placement, advertise).await;
         self.wait_listening(slot).await;
         slot
     }
 
-    fn add_slot(&mut self, name: String, placement: Placement, advertise: SocketAddr) {
+    async fn add_slot(&mut self, name: String, placement: Placement, advertise: SocketAddr) {
         let slot = self.nodes.len();
         let state_dir = self.dir.path().join(format!("state-{slot}-0"));
         std::fs::create_dir_all(&state_dir).expect("create a state directory");
@@ -362,64 +357,44 @@ impl Cluster {
             advertise,
             state_dir,
             log,
-            child: None,
+            process: None,
             exit: None,
             restarts: 0,
         });
-        self.spawn(slot);
-        self.sampler.watch(slot, self.nodes[slot].placement.http);
+        self.spawn(slot).await;
+        let url = is_leader_url(self.nodes[slot].placement.http);
+        self.sampler.watch(slot, url);
     }
 
-    /// Returns the command line of slot `slot`'s node.
-    fn command(&self, slot: usize) -> Command {
+    /// Returns the command of slot `slot`'s node.
+    fn command(&self, slot: usize) -> NodeCommand {
         let node = &self.nodes[slot];
-        let mut cmd = match &node.placement.netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(&self.config.binary);
-                cmd
-            }
-            None => Command::new(&self.config.binary),
+        let peers = match (&self.dns, self.config.discovery) {
+            (Some(dns), PeerDiscovery::Dns) => Peers::Service {
+                name: SERVICE.into(),
+                dns_server: dns.addr,
+            },
+            _ => Peers::Static(self.static_peers.clone()),
         };
-        cmd.arg("run")
-            .args(["--id", &node.name])
-            .args(["--http-listen", &node.placement.http.to_string()])
-            .args(["--peer-listen", &node.placement.peer.to_string()])
-            .args(["--advertise", &node.advertise.to_string()])
-            .args(["--cluster-id", CLUSTER_ID])
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .args(["--log-format", "json"]);
-        // Kubernetes tests pass --kubeconfig in extra_args; all others run unpublished.
-        if !self.config.extra_args.iter().any(|a| a == "--kubeconfig") {
-            cmd.arg("--no-kubernetes");
+        NodeCommand {
+            binary: self.config.binary.clone(),
+            netns: node.placement.netns.clone(),
+            name: node.name.clone(),
+            http: node.placement.http,
+            peer: node.placement.peer,
+            advertise: node.advertise,
+            peers,
+            bootstrap_expect: self.config.bootstrap_expect,
+            cluster_id: CLUSTER_ID.into(),
+            secret: SECRET.into(),
+            state_dir: node.state_dir.clone(),
+            extra_args: self.config.extra_args.iter().map(Into::into).collect(),
         }
-        if let Some(expect) = self.config.bootstrap_expect {
-            cmd.args(["--bootstrap-expect", &expect.to_string()]);
-        }
-        match (&self.dns, self.config.discovery) {
-            (Some(dns), PeerDiscovery::Dns) => {
-                cmd.args(["--service", SERVICE])
-                    .args(["--dns-server", &dns.addr.to_string()]);
-            }
-            _ => {
-                cmd.args(["--peers", &self.static_peers.join(",")]);
-            }
-        }
-        cmd.args(&self.config.extra_args);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("RAFT_ELECTOR_") || key.starts_with("POD_") || key == "RUST_LOG" {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("RAFT_ELECTOR_SECRET", SECRET);
-        cmd
     }
 
-    fn spawn(&mut self, slot: usize) {
-        let mut cmd = self.command(slot);
-        let node = &mut self.nodes[slot];
-        let mut log = OpenOptions::new()
+    async fn spawn(&mut self, slot: usize) {
+        let node = &self.nodes[slot];
+        let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&node.log)
@@ -431,24 +406,18 @@ impl Cluster {
             node.name,
             node.state_dir.display()
         );
-        let err_log = log.try_clone().expect("clone the log file handle");
-        cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
-        // SIGKILL the child when this thread dies, so no node outlives a
-        // crashed test.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            let bin = self.config.binary.display();
-            panic!("cannot start {bin} for {}: {e}", node.name)
-        });
-        node.child = Some(child);
+        let mut command = self
+            .command(slot)
+            .command(&node.log)
+            .unwrap_or_else(|e| panic!("{e}"));
+        command.env_remove("RUST_LOG");
+        let process = self
+            .launcher
+            .spawn(&node.name, command)
+            .await
+            .unwrap_or_else(|e| panic!("{e} ({})", self.config.binary.display()));
+        let node = &mut self.nodes[slot];
+        node.process = Some(process);
         node.exit = None;
     }
 
@@ -460,7 +429,7 @@ impl Cluster {
             if self.get(slot, "/healthz").await.is_some() {
                 return;
             }
-            if let Some(status) = self.reap(slot) {
+            if let Some(status) = self.nodes[slot].reap() {
                 panic!(
                     "{} exited with {status} before listening; log:\n{}",
                     self.nodes[slot].name,
@@ -479,44 +448,29 @@ impl Cluster {
         }
     }
 
-    /// Collects the exit status of slot `slot` if its process has ended.
-    fn reap(&mut self, slot: usize) -> Option<ExitStatus> {
-        let node = &mut self.nodes[slot];
-        let child = node.child.as_mut()?;
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                node.child = None;
-                node.exit = Some(status);
-                Some(status)
-            }
-            _ => None,
-        }
-    }
-
     /// Kills slot `slot` with SIGKILL and reaps it; returns when it is dead.
     pub fn kill9(&mut self, slot: usize) -> Instant {
         let node = &mut self.nodes[slot];
-        let mut child = node
-            .child
+        let mut process = node
+            .process
             .take()
             .unwrap_or_else(|| panic!("{} is not running", node.name));
         let at = Instant::now();
-        let _ = child.kill();
-        node.exit = child.wait().ok();
+        node.exit = process.kill();
         at
     }
 
     /// Sends SIGTERM to slot `slot`; returns the instant it was sent.
     pub fn sigterm(&mut self, slot: usize) -> Instant {
         let node = &self.nodes[slot];
-        let pid = node
-            .pid()
+        let process = node
+            .process
+            .as_ref()
             .unwrap_or_else(|| panic!("{} is not running", node.name));
-        let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
         let at = Instant::now();
-        // SAFETY: plain kill(2) on our own child, which was not reaped yet.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed for {}", node.name);
+        if let Err(err) = process.signal(nix::sys::signal::Signal::SIGTERM) {
+            panic!("{err}");
+        }
         at
     }
 
@@ -524,10 +478,10 @@ impl Cluster {
     pub async fn wait_exit(&mut self, slot: usize, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.reap(slot) {
+            if let Some(status) = self.nodes[slot].reap() {
                 return status;
             }
-            if let (None, Some(status)) = (&self.nodes[slot].child, self.nodes[slot].exit) {
+            if let (None, Some(status)) = (&self.nodes[slot].process, self.nodes[slot].exit) {
                 return status;
             }
             if Instant::now() > deadline {
@@ -559,7 +513,7 @@ impl Cluster {
                 .join(format!("state-{slot}-{}", node.restarts));
             std::fs::create_dir_all(&node.state_dir).expect("create a state directory");
         }
-        self.spawn(slot);
+        self.spawn(slot).await;
         self.wait_listening(slot).await;
     }
 
@@ -594,10 +548,7 @@ impl Cluster {
     /// the request failed.
     pub async fn get(&self, slot: usize, path: &str) -> Option<(u16, String)> {
         let url = format!("http://{}{path}", self.nodes[slot].placement.http);
-        let response = self.client.get(url).send().await.ok()?;
-        let status = response.status().as_u16();
-        let body = response.text().await.ok()?;
-        Some((status, body))
+        self.client.get_text(&url).await
     }
 
     /// Returns slot `slot`'s `/is-leader` document, `None` when unreachable.
@@ -689,13 +640,13 @@ impl Cluster {
     /// Starts recording `/is-leader` of every slot (present and added
     /// later) every `interval`, one request in flight per slot.
     pub fn start_sampling(&mut self, interval: Duration) {
-        let targets: Vec<(usize, SocketAddr)> = self
+        let targets: Vec<(usize, String)> = self
             .nodes
             .iter()
             .enumerate()
-            .map(|(slot, node)| (slot, node.placement.http))
+            .map(|(slot, node)| (slot, is_leader_url(node.placement.http)))
             .collect();
-        self.sampler.start(interval, &targets);
+        self.sampler.start(interval, targets);
     }
 
     /// Stops recording and returns what was recorded since the start.
@@ -705,12 +656,36 @@ impl Cluster {
 
     /// Returns the sampler's clock: the instant its timestamps count from.
     pub fn sample_origin(&self) -> Instant {
-        self.sampler.origin
+        self.sampler.origin()
     }
 
     /// Returns `at` on the sampler's clock, in microseconds.
     pub fn micros(&self, at: Instant) -> u64 {
-        micros_since(self.sampler.origin, at)
+        self.sampler.micros(at)
+    }
+
+    /// Kills leader `old` with `kill -9` while sampling `/is-leader` every
+    /// `every`, from `before` ahead of the kill until one leader is agreed
+    /// again (within `steady`), then restarts it with its state. Returns the
+    /// time from the kill to the first 200 of another node, and the samples.
+    pub async fn kill_leader_trial(
+        &mut self,
+        old: usize,
+        every: Duration,
+        before: Duration,
+        steady: Duration,
+    ) -> (Duration, Timeline) {
+        self.start_sampling(every);
+        tokio::time::sleep(before).await;
+        let killed = self.kill9(old);
+        let killed_us = self.micros(killed);
+        self.wait_for_single_leader(steady).await;
+        let timeline = self.stop_sampling().await;
+        let took = timeline
+            .first_200_elsewhere(killed_us, old)
+            .expect("another node answered 200 after the kill");
+        self.restart(old, true).await;
+        (took, timeline)
     }
 
     /// Prints the last lines of every node's log to stderr.
@@ -730,10 +705,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.sampler.abort();
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            node.process = None;
         }
         if std::thread::panicking() {
             self.print_logs();
@@ -747,7 +719,8 @@ impl Drop for Cluster {
     }
 }
 
-/// Returns an HTTP client with keep-alive, no proxy and `timeout`.
+/// Returns a reqwest client with keep-alive, no proxy and `timeout`, for
+/// tests that sample pods they did not start (`tests/testbed_deployment.rs`).
 pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -768,337 +741,4 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
             let (name, value) = line.rsplit_once(' ')?;
             (name == series).then(|| value.parse().ok())?
         })
-}
-
-/// Returns the last `lines` lines of the file at `path`.
-pub fn log_tail(path: &Path, lines: usize) -> String {
-    let Ok(mut file) = File::open(path) else {
-        return format!("(no log at {})", path.display());
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn micros_since(origin: Instant, at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(origin).as_micros()).unwrap_or(u64::MAX)
-}
-
-/// One `/is-leader` request of the sampler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sample {
-    /// Slot asked.
-    pub slot: usize,
-    /// When the request was sent, µs on the sampler's clock.
-    pub sent_us: u64,
-    /// When the answer arrived (or the request failed), µs.
-    pub received_us: u64,
-    /// HTTP status; 0 when the request failed (refused, timed out).
-    pub status: u16,
-    /// The answer's term (0 unless the status is 200).
-    pub term: u64,
-}
-
-impl Sample {
-    /// Returns whether the node claimed leadership.
-    pub fn is_200(&self) -> bool {
-        self.status == 200
-    }
-
-    /// Returns whether `self` was provably decided before `other`.
-    pub fn before(&self, other: &Sample) -> bool {
-        self.received_us < other.sent_us
-    }
-
-    /// Returns whether the two request intervals intersect.
-    pub fn overlaps(&self, other: &Sample) -> bool {
-        !self.before(other) && !other.before(self)
-    }
-}
-
-/// Per-slot sampling tasks writing into one shared list.
-struct Sampler {
-    origin: Instant,
-    samples: Arc<Mutex<Vec<Sample>>>,
-    running: Arc<AtomicBool>,
-    interval: Duration,
-    tasks: Vec<JoinHandle<()>>,
-    client: reqwest::Client,
-}
-
-impl Sampler {
-    fn new() -> Sampler {
-        Sampler {
-            origin: Instant::now(),
-            samples: Arc::new(Mutex::new(Vec::new())),
-            running: Arc::new(AtomicBool::new(false)),
-            interval: Duration::from_millis(2),
-            tasks: Vec::new(),
-            client: http_client(SAMPLE_TIMEOUT),
-        }
-    }
-
-    fn start(&mut self, interval: Duration, targets: &[(usize, SocketAddr)]) {
-        self.abort();
-        self.interval = interval;
-        self.samples = Arc::new(Mutex::new(Vec::new()));
-        self.running = Arc::new(AtomicBool::new(true));
-        for &(slot, addr) in targets {
-            self.watch(slot, addr);
-        }
-    }
-
-    /// Starts sampling `slot` if the sampler runs.
-    fn watch(&mut self, slot: usize, addr: SocketAddr) {
-        if !self.running.load(Ordering::SeqCst) {
-            return;
-        }
-        let url = format!("http://{addr}/is-leader");
-        let client = self.client.clone();
-        let samples = self.samples.clone();
-        let running = self.running.clone();
-        let origin = self.origin;
-        let interval = self.interval;
-        self.tasks.push(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while running.load(Ordering::SeqCst) {
-                ticker.tick().await;
-                let sent = Instant::now();
-                let (status, term) = match client.get(&url).send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let term = match response.json::<LeaderStatus>().await {
-                            Ok(doc) if status == 200 => doc.term,
-                            _ => 0,
-                        };
-                        (status, term)
-                    }
-                    Err(_) => (0, 0),
-                };
-                let received = Instant::now();
-                let sample = Sample {
-                    slot,
-                    sent_us: micros_since(origin, sent),
-                    received_us: micros_since(origin, received),
-                    status,
-                    term,
-                };
-                samples
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .push(sample);
-            }
-        }));
-    }
-
-    async fn stop(&mut self) -> Timeline {
-        self.running.store(false, Ordering::SeqCst);
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-        let mut samples = std::mem::take(
-            &mut *self
-                .samples
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        samples.sort_by_key(|s| (s.sent_us, s.slot));
-        Timeline { samples }
-    }
-
-    fn abort(&mut self) {
-        self.running.store(false, Ordering::SeqCst);
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
-    }
-}
-
-/// Two leaderships provably overlapping in time (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Violation {
-    /// The node whose tenure was intruded on, and the tenure's term.
-    pub tenure_slot: usize,
-    /// Term of that tenure.
-    pub tenure_term: u64,
-    /// The other node's 200 inside the tenure.
-    pub intruder: Sample,
-}
-
-/// A leader's lease lapse seen by the sampler ([`Timeline::lease_lapses`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseLapse {
-    /// The leader.
-    pub slot: usize,
-    /// Its term, the same before and after the lapse.
-    pub term: u64,
-    /// Send time of its last 200 before the lapse, µs on the sampler's clock.
-    pub from_us: u64,
-    /// Receive time of its first 200 after the lapse, µs.
-    pub until_us: u64,
-}
-
-impl LeaseLapse {
-    /// Returns an upper bound of how long the lease lapsed.
-    pub fn at_most(&self) -> Duration {
-        Duration::from_micros(self.until_us.saturating_sub(self.from_us))
-    }
-}
-
-/// Recorded samples, ordered by send time, and what they show.
-#[derive(Clone, Debug, Default)]
-pub struct Timeline {
-    /// Every sample, ordered by `sent_us`.
-    pub samples: Vec<Sample>,
-}
-
-impl Timeline {
-    /// Builds a timeline from samples in any order.
-    pub fn new(mut samples: Vec<Sample>) -> Timeline {
-        samples.sort_by_key(|s| (s.sent_us, s.slot));
-        Timeline { samples }
-    }
-
-    /// Returns the 200 answers in send order.
-    pub fn leader_samples(&self) -> impl Iterator<Item = &Sample> {
-        self.samples.iter().filter(|s| s.is_200())
-    }
-
-    /// Returns every 200 of one node that lies provably inside another
-    /// node's tenure (module doc: the double-leader rule).
-    pub fn violations(&self) -> Vec<Violation> {
-        // (slot, term) -> (earliest received, latest sent) of its 200s.
-        let mut tenures: BTreeMap<(usize, u64), (u64, u64)> = BTreeMap::new();
-        for s in self.leader_samples() {
-            let span = tenures
-                .entry((s.slot, s.term))
-                .or_insert((s.received_us, s.sent_us));
-            span.0 = span.0.min(s.received_us);
-            span.1 = span.1.max(s.sent_us);
-        }
-        let mut out = Vec::new();
-        for (&(slot, term), &(first_received, last_sent)) in &tenures {
-            for b in self.leader_samples().filter(|b| b.slot != slot) {
-                if first_received < b.sent_us && b.received_us < last_sent {
-                    out.push(Violation {
-                        tenure_slot: slot,
-                        tenure_term: term,
-                        intruder: *b,
-                    });
-                }
-            }
-        }
-        out
-    }
-
-    /// Returns how many pairs of 200s from different nodes have overlapping
-    /// request intervals: possibly, not provably, simultaneous.
-    pub fn ambiguous_overlaps(&self) -> usize {
-        let leaders: Vec<&Sample> = self.leader_samples().collect();
-        let mut count = 0;
-        for (i, a) in leaders.iter().enumerate() {
-            for b in &leaders[i + 1..] {
-                if b.sent_us > a.received_us {
-                    break;
-                }
-                if a.slot != b.slot && a.overlaps(b) {
-                    count += 1;
-                }
-            }
-        }
-        count
-    }
-
-    /// Returns the first sample sent at or after `from_us` matching `pred`.
-    pub fn first_after(&self, from_us: u64, pred: impl Fn(&Sample) -> bool) -> Option<Sample> {
-        self.samples
-            .iter()
-            .find(|s| s.sent_us >= from_us && pred(s))
-            .copied()
-    }
-
-    /// Returns the last sample sent before `until_us` matching `pred`.
-    pub fn last_before(&self, until_us: u64, pred: impl Fn(&Sample) -> bool) -> Option<Sample> {
-        self.samples
-            .iter()
-            .rev()
-            .find(|s| s.sent_us < until_us && pred(s))
-            .copied()
-    }
-
-    /// Returns the longest time without a 200 between the first and the
-    /// last 200, as an upper bound: a node led at some instant inside each
-    /// 200's request interval, so between two 200s consecutive in send
-    /// order nobody led for at most `next.received - previous.sent`.
-    pub fn max_leaderless_gap(&self) -> Duration {
-        let leaders: Vec<&Sample> = self.leader_samples().collect();
-        let max = leaders
-            .windows(2)
-            .map(|pair| pair[1].received_us.saturating_sub(pair[0].sent_us))
-            .max()
-            .unwrap_or(0);
-        Duration::from_micros(max)
-    }
-
-    /// Returns every lapse of a lease inside a tenure: a run of 503s from a
-    /// node that answered 200 in the same term before and after it, i.e.
-    /// moments when the leader stayed leader but could not prove its lease.
-    /// Runs of failed requests only (status 0) are not lapses.
-    pub fn lease_lapses(&self) -> Vec<LeaseLapse> {
-        let mut out = Vec::new();
-        // slot -> (its last 200, whether a 503 came after it)
-        let mut last: BTreeMap<usize, (Sample, bool)> = BTreeMap::new();
-        for s in &self.samples {
-            if s.is_200() {
-                if let Some((previous, true)) = last.get(&s.slot) {
-                    if previous.term == s.term {
-                        out.push(LeaseLapse {
-                            slot: s.slot,
-                            term: s.term,
-                            from_us: previous.sent_us,
-                            until_us: s.received_us,
-                        });
-                    }
-                }
-                last.insert(s.slot, (*s, false));
-            } else if s.status == 503 {
-                if let Some((_, lapsed)) = last.get_mut(&s.slot) {
-                    *lapsed = true;
-                }
-            }
-        }
-        out
-    }
-
-    /// Returns the sequence of distinct (slot, term) leaderships seen in
-    /// 200 answers, in order.
-    pub fn leaderships(&self) -> Vec<(usize, u64)> {
-        let mut out: Vec<(usize, u64)> = Vec::new();
-        for s in self.leader_samples() {
-            if out.last() != Some(&(s.slot, s.term)) && !out.contains(&(s.slot, s.term)) {
-                out.push((s.slot, s.term));
-            }
-        }
-        out
-    }
-
-    /// Returns the slots that answered 200 at least once.
-    pub fn leader_slots(&self) -> BTreeSet<usize> {
-        self.leader_samples().map(|s| s.slot).collect()
-    }
-
-    /// Returns how many samples of `slot` there are, and how many were 200.
-    pub fn counts(&self, slot: usize) -> (usize, usize) {
-        let mine = self.samples.iter().filter(|s| s.slot == slot);
-        let (mut all, mut ok) = (0, 0);
-        for s in mine {
-            all += 1;
-            ok += usize::from(s.is_200());
-        }
-        (all, ok)
-    }
 }
