@@ -11,6 +11,7 @@
 mod support;
 
 use raft_elector::runtime::bootstrap::first_voter_count;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterConfig};
 
@@ -312,4 +313,128 @@ async fn a_scale_walk_with_stable_names_keeps_one_leader_and_odd_voters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_walk_with_fresh_names_keeps_one_leader_and_odd_voters() {
     scale_walk(Names::Fresh).await;
+}
+
+/// Names of the members each running node of `group` reports as leader,
+/// with the slot that answers 200 among them, once they all agree on one
+/// member of `group`.
+async fn agreed_leader(cluster: &Cluster, group: &[usize]) -> Option<(usize, String)> {
+    let mut leader = None;
+    let mut named = BTreeSet::new();
+    for &slot in group {
+        if !cluster.running().contains(&slot) {
+            continue;
+        }
+        let status = cluster.status(slot).await?;
+        if status.is_leader {
+            if leader.is_some() {
+                return None;
+            }
+            leader = Some(slot);
+        }
+        named.insert(status.leader?);
+    }
+    let slot = leader?;
+    let name = &cluster.node(slot).name;
+    (named.len() == 1 && named.contains(name)).then(|| (slot, name.clone()))
+}
+
+/// Sums every series of `metric` in slot `slot`'s `/metrics`.
+async fn metric_sum(cluster: &Cluster, slot: usize, metric: &str) -> f64 {
+    let Some((_, text)) = cluster.get(slot, "/metrics").await else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| l.starts_with(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until each of the two groups agrees on one leader of its own.
+async fn wait_both(cluster: &Cluster, groups: [&[usize]; 2]) -> ((usize, String), (usize, String)) {
+    let deadline = Instant::now() + FORMATION_LIMIT;
+    loop {
+        let blue = agreed_leader(cluster, groups[0]).await;
+        let green = agreed_leader(cluster, groups[1]).await;
+        if let (Some(b), Some(g)) = (blue, green) {
+            return (b, g);
+        }
+        if Instant::now() > deadline {
+            cluster.print_logs();
+            panic!(
+                "no agreed leader in each group within {FORMATION_LIMIT:?}: {:#?}",
+                cluster.statuses().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two groups with different `--cluster-id`s behind one DNS name (a Service
+/// selecting both by mistake): each forms its own cluster of its own three
+/// members, the other group's connections are refused at the handshake, and
+/// one group losing its leader leaves the other untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_groups_on_one_dns_name_form_two_clusters_that_never_mix() {
+    let config = ClusterConfig {
+        bootstrap_expect: Some(3),
+        loopback_net: 93,
+        cluster_ids: ["blue", "blue", "blue", "green", "green", "green"]
+            .map(String::from)
+            .to_vec(),
+        ..ClusterConfig::default()
+    };
+    let mut cluster = Cluster::start(6, config).await;
+    let groups: [&[usize]; 2] = [&[0, 1, 2], &[3, 4, 5]];
+    let ((blue, _), (green, green_name)) = wait_both(&cluster, groups).await;
+    for (slot, status) in cluster.statuses().await {
+        let status = status.expect("every node answers");
+        let own = if slot < 3 { groups[0] } else { groups[1] };
+        assert_eq!(
+            (status.voters, status.learners),
+            (3, 0),
+            "node-{slot} sees a configuration beyond its group: {status:?}"
+        );
+        let leader = status.leader.expect("a leader is known");
+        assert!(
+            own.iter().any(|s| cluster.node(*s).name == leader),
+            "node-{slot} follows {leader}, outside its group"
+        );
+    }
+    let green_term = cluster
+        .status(green)
+        .await
+        .expect("green's leader answers")
+        .term;
+    let mut refused = 0.0;
+    for slot in 0..6 {
+        refused += metric_sum(
+            &cluster,
+            slot,
+            "raft_elector_peer_connections_refused_total",
+        )
+        .await;
+    }
+    assert!(refused > 0.0, "no handshake of the other group was refused");
+
+    cluster.kill9(blue);
+    let ((new_blue, _), (green_after, green_name_after)) = wait_both(&cluster, groups).await;
+    assert_ne!(new_blue, blue, "blue elected a live member");
+    assert_eq!(
+        (green_after, green_name_after),
+        (green, green_name),
+        "green's leader changed when blue's died"
+    );
+    let term = cluster
+        .status(green)
+        .await
+        .expect("green's leader answers")
+        .term;
+    assert_eq!(
+        term, green_term,
+        "green held an election when blue's leader died"
+    );
+    println!(
+        "two groups on one DNS name: one leader each, 3 voters each, {refused} cross-group connections refused; blue's leader killed, green kept its leader and term"
+    );
 }

@@ -95,6 +95,9 @@ pub struct ClusterConfig {
     pub extra_args: Vec<String>,
     /// The binary to run: this build's unless a benchmark compares another.
     pub binary: PathBuf,
+    /// `--cluster-id` of slot `i` is `cluster_ids[i % len]`; empty: one
+    /// group, [`CLUSTER_ID`].
+    pub cluster_ids: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -109,6 +112,7 @@ impl Default for ClusterConfig {
                 .map(|s| s.to_string())
                 .collect(),
             binary: PathBuf::from(BIN),
+            cluster_ids: Vec::new(),
         }
     }
 }
@@ -179,6 +183,8 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     client: probe::Client,
     sampler: Sampler,
+    /// Kills done by [`Cluster::kill_leader_trial`] (spreads their phase).
+    kill_trials: u64,
     // Declared after `nodes`: the launcher thread is joined after the kills.
     launcher: Launcher,
     _serial: tokio::sync::MutexGuard<'static, ()>,
@@ -272,6 +278,7 @@ impl Cluster {
             dir,
             client: probe::Client::new(REQUEST_TIMEOUT),
             sampler: Sampler::new(SAMPLE_TIMEOUT),
+            kill_trials: 0,
             launcher: Launcher::new().expect("start the node launcher thread"),
             _serial: serial,
         }
@@ -385,7 +392,10 @@ impl Cluster {
             advertise: node.advertise,
             peers,
             bootstrap_expect: self.config.bootstrap_expect,
-            cluster_id: CLUSTER_ID.into(),
+            cluster_id: match self.config.cluster_ids.len() {
+                0 => CLUSTER_ID.into(),
+                n => self.config.cluster_ids[slot % n].clone(),
+            },
             secret: SECRET.into(),
             state_dir: node.state_dir.clone(),
             extra_args: self.config.extra_args.iter().map(Into::into).collect(),
@@ -676,7 +686,15 @@ impl Cluster {
         steady: Duration,
     ) -> (Duration, Timeline) {
         self.start_sampling(every);
-        tokio::time::sleep(before).await;
+        // Crashes come at any point of the leader's heartbeat cycle, and the
+        // failover time depends on it (the old lease ends 150 ms after the
+        // last round). This process's wakeups can line up with the leader's
+        // rounds on a small machine, so the kill is moved on by a phase that
+        // walks the default 50 ms cycle evenly (golden-ratio steps), as the
+        // simulator's crashes do.
+        self.kill_trials += 1;
+        let phase = (self.kill_trials as f64 * 0.618_033_988_75).fract();
+        tokio::time::sleep(before + Duration::from_millis(50).mul_f64(phase)).await;
         let killed = self.kill9(old);
         let killed_us = self.micros(killed);
         self.wait_for_single_leader(steady).await;
