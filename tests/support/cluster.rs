@@ -698,6 +698,8 @@ impl Cluster {
         let killed = self.kill9(old);
         let killed_us = self.micros(killed);
         self.wait_for_single_leader(steady).await;
+        // The sampler's next rounds see what the status poll just saw.
+        tokio::time::sleep(every * 5).await;
         let timeline = self.stop_sampling().await;
         let took = timeline
             .first_200_elsewhere(killed_us, old)
