@@ -602,14 +602,9 @@ impl RaftCore {
         }
     }
 
-    /// Promises, durably, that this incarnation bootstraps with no other
-    /// first configuration than `config`; the promise is in the next
-    /// `Ready`'s hard state and MUST be persisted before it is reported to
-    /// a peer. While promised and without a log, messages from outside
-    /// `config` are refused, so no other cluster can adopt this node.
-    /// An incarnation promises at most once (the agreement's safety rests on
-    /// it): a node that gives up its promise continues as a new incarnation.
-    pub fn lock_bootstrap(&mut self, config: Configuration) -> Result<(), BootstrapError> {
+    /// Checks that `config` can be this node's first configuration: no log
+    /// yet, this node a member, at least one voter.
+    fn check_first_configuration(&self, config: &Configuration) -> Result<(), BootstrapError> {
         if !self.log.is_empty() {
             return Err(BootstrapError::AlreadyInitialized(self.term));
         }
@@ -619,6 +614,18 @@ impl RaftCore {
         if config.voters.is_empty() {
             return Err(BootstrapError::NoVoter);
         }
+        Ok(())
+    }
+
+    /// Promises, durably, that this incarnation bootstraps with no other
+    /// first configuration than `config`; the promise is in the next
+    /// `Ready`'s hard state and MUST be persisted before it is reported to
+    /// a peer. While promised and without a log, messages from outside
+    /// `config` are refused, so no other cluster can adopt this node.
+    /// An incarnation promises at most once (the agreement's safety rests on
+    /// it): a node that gives up its promise continues as a new incarnation.
+    pub fn lock_bootstrap(&mut self, config: Configuration) -> Result<(), BootstrapError> {
+        self.check_first_configuration(&config)?;
         match &self.bootstrap_lock {
             Some(locked) if *locked == config => Ok(()),
             Some(_) => Err(BootstrapError::LockedToAnother),
@@ -636,15 +643,7 @@ impl RaftCore {
     /// MUST be given the same configuration, and a node that promised one
     /// with [`lock_bootstrap`](Self::lock_bootstrap) bootstraps with no other.
     pub fn bootstrap(&mut self, config: Configuration, now: Time) -> Result<(), BootstrapError> {
-        if !self.log.is_empty() {
-            return Err(BootstrapError::AlreadyInitialized(self.term));
-        }
-        if !config.contains(&self.id) {
-            return Err(BootstrapError::SelfNotMember);
-        }
-        if config.voters.is_empty() {
-            return Err(BootstrapError::NoVoter);
-        }
+        self.check_first_configuration(&config)?;
         if self.bootstrap_lock.as_ref().is_some_and(|l| *l != config) {
             return Err(BootstrapError::LockedToAnother);
         }
