@@ -848,16 +848,7 @@ impl RaftCore {
             }
             None if self.led_term == Some(self.term) => false,
             None => {
-                let voters: Vec<NodeId> = self
-                    .config
-                    .voters
-                    .keys()
-                    .filter(|v| **v != self.id)
-                    .cloned()
-                    .collect();
-                for v in voters {
-                    self.send(v, MessageBody::Leave);
-                }
+                self.send_to_voters(self.term, MessageBody::Leave);
                 false
             }
         }
