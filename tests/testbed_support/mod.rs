@@ -520,14 +520,12 @@ impl Bed {
         loop {
             let ready = self.wait_ready(group, n).await;
             let now = leaders(&client, &ready).await;
-            match now.as_slice() {
-                [one] if Some(one.as_str()) != not => {
-                    if last.as_deref() == Some(one.as_str()) {
-                        return one.clone();
-                    }
-                    last = Some(one.clone());
-                }
-                _ => last = None,
+            let one = match now.as_slice() {
+                [one] if Some(one.as_str()) != not => Some(one),
+                _ => None,
+            };
+            if let Some(leader) = seen_twice(&mut last, one) {
+                return leader;
             }
             assert!(
                 Instant::now() < deadline,
@@ -552,14 +550,8 @@ impl Bed {
                 .filter(|p| p.name != not)
                 .collect();
             let now = leaders(&client, &others).await;
-            match now.as_slice() {
-                [one] => {
-                    if last.as_deref() == Some(one.as_str()) {
-                        return one.clone();
-                    }
-                    last = Some(one.clone());
-                }
-                _ => last = None,
+            if let Some(leader) = seen_twice(&mut last, now.first().filter(|_| now.len() == 1)) {
+                return leader;
             }
             assert!(
                 Instant::now() < deadline,
@@ -1000,4 +992,12 @@ pub async fn list_pods(bed: &Bed, group: &Group) -> Vec<KubePod> {
         .await
         .expect("list pods")
         .items
+}
+
+/// Returns the single leader `one` once it was seen at two polls in a row;
+/// `last` keeps the previous poll's.
+fn seen_twice(last: &mut Option<String>, one: Option<&String>) -> Option<String> {
+    let confirmed = one.filter(|one| last.as_ref() == Some(*one)).cloned();
+    *last = one.cloned();
+    confirmed
 }
