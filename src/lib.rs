@@ -10,6 +10,7 @@
 //! - [`api`]: the app-facing HTTP API (`/is-leader`, `/leader`, wait, `/metrics`).
 //! - [`kube`]: Kubernetes publishing (pod labels, LeaderElection CRD and status, Events).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`timer`]: a deadline timer that wakes the process once per deadline (timerfd).
 //! - [`cli`]: flags, env twins and their validation.
 //! - [`app`]: the one place that wires the adapters around the node.
 //! - [`demo`]: `raft-elector demo`, a local cluster with a live view and fault injection.
@@ -28,4 +29,5 @@ pub mod runtime;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod storage;
+pub mod timer;
 pub mod transport;

@@ -17,7 +17,6 @@
 pub mod bootstrap;
 pub mod membership;
 pub mod node;
-pub mod timer;
 
 pub use bootstrap::{BootstrapAuthority, BootstrapStep, LocalAgreement};
 pub use membership::{MembershipChange, MembershipDriver, MembershipPolicy};

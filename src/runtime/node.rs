@@ -17,17 +17,29 @@
 //! taken (cancel-safe, raced against shutdown) before it is applied; once
 //! applied, its `Ready` is always handled to the end.
 //!
+//! **Quiet rounds.** While this node leads with its lease, replicates
+//! nothing and hands nothing over, it lets its followers' answers wait on
+//! their connections until its next round (`transport::quiet`, which lists
+//! the invariants): [`SendToPeer::set_quiet`] after every `Ready`, when that
+//! changes; each round's heartbeat on a connection has the answers waiting
+//! there read. A leader's next deadline is its next heartbeat round, so held
+//! answers wait at most one heartbeat interval. A quiet leader also wakes
+//! when its lease is down to [`QUIET_LEASE_MARGIN`] (normally the round's
+//! answers have renewed it long before), stops being quiet and reads
+//! answers as they arrive until the lease is renewed: answers lost or late
+//! cost the lease no sooner than without quiet rounds.
+//!
 //! Every message, answers included, goes to the transport by recipient:
 //! the transport puts it on the one connection to that peer (so an answer
 //! travels back on the connection its request came on).
 
 use super::bootstrap::{BootstrapAuthority, BootstrapStep, LocalAgreement, LocalView, PeerReport};
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
-use super::timer::DeadlineTimer;
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
 use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
 use crate::storage::{HardStateStore, Persister, StorageError};
+use crate::timer::DeadlineTimer;
 use crate::transport::{Inbound, PeerInfo, SendToPeer};
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,6 +69,13 @@ const FAREWELL_LINGER: Duration = Duration::from_millis(30);
 /// Longest a retiring node waits before it checks again whether anything
 /// is left to wait for (inputs wake it sooner).
 const LEAVE_RECHECK: Duration = Duration::from_millis(20);
+/// Least lease a quiet leader keeps: with less left, answers are read as
+/// they arrive again, so a lost or late answer costs the lease no sooner
+/// than without quiet rounds. The timing settings must leave at least this
+/// at each round (`lease − 2 × heartbeat_interval`, 48.5 ms at the
+/// defaults) for a leader to be quiet at all.
+const QUIET_LEASE_MARGIN: Duration = Duration::from_millis(30);
+
 /// Settings of the node task.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -102,6 +121,9 @@ pub struct NodeTask {
     /// Who decides the first configuration (`None`: join only).
     bootstrap: Option<Box<dyn BootstrapAuthority>>,
     shutting_down: bool,
+    /// Whether the transport was last told that answers may wait (see the
+    /// module docs, "Quiet rounds").
+    quiet: bool,
     /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
 }
@@ -150,6 +172,7 @@ impl NodeTask {
             last_seen: HashMap::new(),
             bootstrap,
             shutting_down: false,
+            quiet: false,
             timer: DeadlineTimer::new(),
         }
     }
@@ -468,6 +491,11 @@ impl NodeTask {
         for msg in ready.messages {
             self.send(msg);
         }
+        let quiet = self.answers_may_wait();
+        if quiet != self.quiet {
+            self.quiet = quiet;
+            self.peers.set_quiet(quiet);
+        }
         match ready.leadership {
             Some(view) => self.on_leadership(view),
             // A saved promise or first configuration is reported at once.
@@ -479,6 +507,35 @@ impl NodeTask {
             None => {}
         }
         Ok(())
+    }
+
+    /// Returns whether followers' answers may wait on their connections
+    /// until the next round (module docs, "Quiet rounds"): only on a leader
+    /// holding more than [`QUIET_LEASE_MARGIN`] of lease, with every entry
+    /// committed and every member caught up, not handing over and not
+    /// shutting down. Then nothing but heartbeat answers is expected, and
+    /// none is urgent.
+    fn answers_may_wait(&self) -> bool {
+        let core = &self.core;
+        let cfg = core.config();
+        if core.role() != Role::Leader
+            || self.shutting_down
+            || core.is_transferring()
+            || cfg.lease_duration() < cfg.heartbeat_interval * 2 + QUIET_LEASE_MARGIN
+            || core.lease_remaining(self.now()) <= QUIET_LEASE_MARGIN
+        {
+            return false;
+        }
+        let last = core.log().last_index();
+        let (config, _) = core.configuration();
+        let me = core.id();
+        core.commit_index() == last
+            && config
+                .voters
+                .keys()
+                .chain(config.learners.keys())
+                .filter(|id| *id != me)
+                .all(|id| core.member_progress(id).is_some_and(|(m, _)| m == last))
     }
 
     /// Hands `msg` to the transport with the address to dial should there be
@@ -729,6 +786,19 @@ impl NodeTask {
         self.handle_ready().await
     }
 
+    /// Returns when to wake without input: the core's next deadline,
+    /// `until`, or on a quiet leader the moment its lease is down to
+    /// [`QUIET_LEASE_MARGIN`], whichever comes first.
+    fn deadline(&self, until: Instant) -> Instant {
+        let deadline = self.instant_of(self.core.next_deadline()).min(until);
+        match self.core.lease_until().filter(|_| self.quiet) {
+            // Quiet ends when the lease runs low. A round's answers renew
+            // it long before, so normally this deadline never comes.
+            Some(lease_until) => deadline.min(self.instant_of(lease_until) - QUIET_LEASE_MARGIN),
+            None => deadline,
+        }
+    }
+
     /// Waits for the next input, or for the core's next deadline or
     /// `until`, whichever comes first. Cancel-safe: changes nothing.
     async fn next_input(
@@ -737,7 +807,7 @@ impl NodeTask {
         seen: &mut mpsc::Receiver<PeerInfo>,
         until: Instant,
     ) -> Input {
-        let deadline = self.instant_of(self.core.next_deadline()).min(until);
+        let deadline = self.deadline(until);
         tokio::select! {
             // A Raft timer (heartbeat round, election timeout, CheckQuorum;
             // a tick before the core's deadline does nothing).
@@ -794,6 +864,8 @@ mod tests {
             address: Option<String>,
             kind: &'static str,
         },
+        /// The node told the transport whether answers may wait.
+        Quiet(bool),
     }
 
     type Log = Arc<Mutex<Vec<Event>>>;
@@ -848,6 +920,10 @@ mod tests {
                 address: address.map(str::to_owned),
                 kind: msg.body.kind(),
             });
+        }
+
+        fn set_quiet(&self, quiet: bool) {
+            self.0.lock().unwrap().push(Event::Quiet(quiet));
         }
     }
 
@@ -1115,6 +1191,56 @@ mod tests {
         assert!(
             matches!(later, Err(StorageError::Interrupted)),
             "no second save may race the unfinished one: {later:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_never_lets_answers_wait() {
+        let (mut task, log, _) = node(false).await;
+        task.step(vote_request("b", 5));
+        task.handle_ready().await.unwrap();
+        task.apply(Input::Deadline);
+        task.handle_ready().await.unwrap();
+        let log = log.lock().unwrap();
+        assert!(!log.iter().any(|e| matches!(e, Event::Quiet(_))), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_leader_with_its_lease_lets_answers_wait_until_it_shuts_down() {
+        let (mut task, log, _) = node_of(&["a"]).await;
+        // A sole voter elects itself at its election deadline.
+        let t = task.core.next_deadline();
+        task.core.tick(t);
+        task.handle_ready().await.unwrap();
+        assert_eq!(task.core.role(), Role::Leader);
+        assert_eq!(log.lock().unwrap().last(), Some(&Event::Quiet(true)));
+        task.apply(Input::Deadline);
+        task.handle_ready().await.unwrap();
+        let told = |log: &Log| {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|e| matches!(e, Event::Quiet(_)))
+                .count()
+        };
+        assert_eq!(told(&log), 1, "told once, not at every round");
+        task.shutting_down = true;
+        task.handle_ready().await.unwrap();
+        assert_eq!(log.lock().unwrap().last(), Some(&Event::Quiet(false)));
+    }
+
+    #[tokio::test]
+    async fn a_quiet_leader_wakes_when_its_lease_runs_low() {
+        let (mut task, _log, _) = node_of(&["a"]).await;
+        let t = task.core.next_deadline();
+        task.core.tick(t);
+        task.handle_ready().await.unwrap();
+        assert!(task.quiet);
+        let lease_until = task.core.lease_until().expect("a sole voter holds a lease");
+        let wake = task.deadline(Instant::now() + Duration::from_secs(60));
+        assert!(
+            wake <= task.instant_of(lease_until) - QUIET_LEASE_MARGIN,
+            "the node wakes before its lease is down to the margin"
         );
     }
 }

@@ -2,8 +2,10 @@
 //! identities) and running it (a reader task and a writer task).
 //!
 //! ```text
-//!   Link::try_send(frame) ─► bounded queue ─► writer: JSON, seal, feed; flush when the queue is empty
-//!   socket ─► reader: open (in order), decode ─► Raft: checked sender ─► node's inbound queue
+//!   Link::try_send(frame) ─► bounded queue ─► writer: JSON, seal, feed (+ a nudge, see
+//!                                             `quiet`); flush when the queue is empty
+//!   socket ─► reader (heartbeats in rhythm read quietly, see `quiet`): open (in order),
+//!             decode ─► Raft: checked sender ─► node's inbound queue
 //!                                              ─► Hello: our identity back on the writer
 //!                                              ─► Identity: the peer's latest, for hello
 //!                                              ─► Goodbye: a deliberate end
@@ -13,6 +15,7 @@
 //! the node costs no wakeup of its own.
 
 use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
+use super::quiet::{self, Pace, QuietReader, Switch};
 use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
 use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
@@ -22,11 +25,11 @@ use nix::sys::socket::{setsockopt, sockopt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::bytes::Bytes;
-use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedWrite, LengthDelimitedCodec};
 use tracing::debug;
 
 /// Frames queued for one peer before new ones are dropped.
@@ -141,7 +144,7 @@ fn tune(stream: &TcpStream) {
 }
 
 /// Sets an integer socket option (for those nix does not have).
-fn set_int_option(
+pub(super) fn set_int_option(
     socket: &TcpStream,
     level: libc::c_int,
     option: libc::c_int,
@@ -213,6 +216,8 @@ pub struct Link {
     /// The peer's latest identity (from its first frame, then hello answers).
     pub identity: watch::Receiver<PeerInfo>,
     closing: Arc<AtomicBool>,
+    /// Shared by the writer and the reader (see [`super::quiet`]).
+    pace: Arc<Pace>,
 }
 
 /// A frame could not be queued: the peer's queue is full or its writer gone.
@@ -237,6 +242,8 @@ pub struct ReaderContext {
     pub me: watch::Receiver<PeerInfo>,
     /// For refused frames.
     pub metrics: Metrics,
+    /// The transport's quiet switch (see [`super::quiet`]).
+    pub quiet: Switch,
 }
 
 impl Link {
@@ -257,9 +264,8 @@ impl Link {
         } = est;
         let parts = framed.into_parts();
         let (read_half, write_half) = parts.io.into_split();
-        let mut reader = FramedRead::new(read_half, parts.codec.clone());
         // Bytes the peer sent right behind its identity are not lost.
-        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let reader = QuietReader::new(read_half, parts.codec.clone(), &parts.read_buf);
         let writer = FramedWrite::new(write_half, parts.codec);
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let (identity_tx, identity) = watch::channel(peer.clone());
@@ -270,8 +276,9 @@ impl Link {
             out,
             identity,
             closing: Arc::new(AtomicBool::new(false)),
+            pace: Pace::new(ctx.quiet.clone()),
         };
-        tokio::spawn(write_loop(writer, sealer, out_rx));
+        tokio::spawn(write_loop(writer, sealer, out_rx, link.pace.clone()));
         let reading = link.clone();
         tokio::spawn(async move {
             let end = read_loop(reader, opener, &reading, identity_tx, ctx).await;
@@ -306,26 +313,31 @@ impl Link {
     pub fn is_open(&self) -> bool {
         !self.out.is_closed()
     }
+
+    /// Has the reader lower its receive mark (quiet ended).
+    pub fn wake_reader(&self) {
+        self.pace.wake_reader();
+    }
 }
 
 async fn write_loop(
     mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
     mut sealer: Sealer,
     mut frames: mpsc::Receiver<Frame>,
+    pace: Arc<Pace>,
 ) {
     while let Some(frame) = frames.recv().await {
         let mut next = Some(frame);
         let mut goodbye = false;
+        let mut nudge = false;
+        let mut round = false;
         // Everything queued goes out in one flush (one write system call).
         while let Some(frame) = next {
             goodbye = frame == Frame::Goodbye;
-            let sealed = match frame.encode().map(|plain| sealer.seal(&plain)) {
-                Ok(Ok(sealed)) => sealed,
-                Ok(Err(e)) => return debug!(error = %e, "cannot seal a frame; closing"),
-                Err(e) => return debug!(error = %e, "cannot encode a frame; closing"),
-            };
-            if sink.feed(sealed).await.is_err() {
-                return;
+            nudge |= pace.sending(&frame);
+            round |= matches!(&frame, Frame::Raft(m) if m.body.kind() == "append_entries");
+            if let Err(e) = feed(&mut sink, &mut sealer, &frame).await {
+                return debug!(error = %e, "cannot send a frame; closing");
             }
             next = if goodbye {
                 None
@@ -333,23 +345,42 @@ async fn write_loop(
                 frames.try_recv().ok()
             };
         }
+        if nudge {
+            if let Err(e) = feed(&mut sink, &mut sealer, &quiet::nudge()).await {
+                return debug!(error = %e, "cannot send a frame; closing");
+            }
+        }
         if SinkExt::<Bytes>::flush(&mut sink).await.is_err() || goodbye {
             break;
+        }
+        if round {
+            pace.round_sent();
         }
     }
     // FIN after the last frame; the peer answers with its own end.
     let _ = SinkExt::<Bytes>::close(&mut sink).await;
 }
 
+/// Encodes, seals and queues one frame on the sink (written at the flush).
+async fn feed(
+    sink: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    sealer: &mut Sealer,
+    frame: &Frame,
+) -> Result<(), TransportError> {
+    let sealed = sealer.seal(&frame.encode()?)?;
+    sink.feed(sealed).await?;
+    Ok(())
+}
+
 async fn read_loop(
-    mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    mut frames: QuietReader,
     mut opener: Opener,
     link: &Link,
     identity: watch::Sender<PeerInfo>,
     ctx: ReaderContext,
 ) -> End {
     loop {
-        let sealed = match frames.next().await {
+        let sealed = match frames.next(&link.pace).await {
             Some(Ok(sealed)) => sealed,
             Some(Err(e)) => {
                 let e = TransportError::from(e);
@@ -375,6 +406,7 @@ async fn read_loop(
                 return End::Lost(e.into());
             }
         };
+        frames.observe(&frame, &link.pace);
         match frame {
             Frame::Raft(msg) if msg.from != link.peer => {
                 // Authenticated but inconsistent: refused, the connection kept.
@@ -398,6 +430,7 @@ async fn read_loop(
                 debug!(peer = %link.peer, claimed = %info.id, "refused a changed identity");
             }
             Frame::Goodbye => return End::Deliberate,
+            Frame::Nudge(_) => {}
         }
     }
 }

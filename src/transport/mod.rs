@@ -20,6 +20,7 @@
 //! - [`wire`]: the frames and their encoding.
 //! - [`connection`]: establishing a connection, and its reader and writer.
 //! - [`peers`]: the registry of connections, the listener and its bounds.
+//! - [`quiet`]: at idle, heartbeats and their answers wake nobody.
 //!
 //! **One connection per pair.** Whoever needs to send first dials. When both
 //! dial at once, each side ends up with two authenticated connections to the
@@ -38,6 +39,7 @@
 pub mod connection;
 pub mod noise;
 pub mod peers;
+pub mod quiet;
 pub mod wire;
 
 pub use self::peers::Transport;
@@ -197,6 +199,11 @@ pub trait SendToPeer: Send {
     /// a new one dialed to `address`. Never blocks; a message that cannot be
     /// queued is dropped and counted (Raft tolerates loss).
     fn send(&self, address: Option<&str>, msg: Message);
+
+    /// Says whether answers may wait for this node's next heartbeat round
+    /// instead of waking it as they arrive ([`quiet`]: the node's promises
+    /// are in `runtime::node`, "Quiet rounds").
+    fn set_quiet(&self, _quiet: bool) {}
 }
 
 /// Failures of a connection, a dial or a hello, and invalid settings.

@@ -12,6 +12,7 @@
 //!   `peer_connections_refused_total{reason}` and logged rate-limited.
 
 use super::connection::{self, End, Established, Link, ReaderContext};
+use super::quiet::Switch;
 use super::wire::Frame;
 use super::{Inbound, PeerInfo, SendToPeer, TransportConfig, TransportError};
 use crate::metrics::Metrics;
@@ -49,6 +50,7 @@ struct Inner {
     registry: Mutex<Registry>,
     handshaking: Arc<Semaphore>,
     warned: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    quiet: Switch,
 }
 
 #[derive(Default)]
@@ -96,6 +98,7 @@ impl Transport {
                 registry: Mutex::new(Registry::default()),
                 handshaking,
                 warned: Mutex::new(HashMap::new()),
+                quiet: Switch::default(),
             }),
         }
     }
@@ -182,6 +185,7 @@ impl Transport {
             inbound: self.inner.inbound.clone(),
             me: self.inner.me.clone(),
             metrics: self.inner.metrics.clone(),
+            quiet: self.inner.quiet.clone(),
         };
         let this = self.clone();
         let mut reg = self.registry();
@@ -397,6 +401,13 @@ impl SendToPeer for Transport {
             return;
         }
         self.via_dial(&mut reg, addr, Some(Frame::Raft(msg)), None);
+    }
+
+    fn set_quiet(&self, quiet: bool) {
+        if self.inner.quiet.set(quiet) && !quiet {
+            // Held answers are read now, and later ones as they come.
+            self.registry().links.values().for_each(Link::wake_reader);
+        }
     }
 }
 

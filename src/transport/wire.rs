@@ -7,8 +7,9 @@ use crate::raft::Message;
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
-/// Smallest frame limit a configuration may set (an identity must fit).
-pub const MIN_FRAME_BYTES: usize = 1024;
+/// Smallest frame limit a configuration may set (an identity and a
+/// nudge must fit).
+pub const MIN_FRAME_BYTES: usize = 8 * 1024;
 /// Largest first frame (the identity) accepted from a connection that has
 /// not authenticated yet: bounds what a stranger can make us buffer.
 pub const MAX_IDENTITY_FRAME: usize = 16 * 1024;
@@ -25,6 +26,9 @@ pub enum Frame {
     Raft(Message),
     /// The sender closes the connection on purpose; the last frame it sends.
     Goodbye,
+    /// Padding that wakes a receiver reading quietly; ignored on receipt
+    /// (see `transport::quiet`).
+    Nudge(String),
 }
 
 impl Frame {
@@ -74,6 +78,7 @@ mod tests {
                 body: MessageBody::PreVoteResponse { granted: true },
             }),
             Frame::Goodbye,
+            Frame::Nudge("...".into()),
         ];
         for frame in frames {
             let bytes = frame.encode().unwrap();

@@ -1,5 +1,5 @@
-//! The node task's wakeup timer: a kernel timer (timerfd) that the reactor
-//! watches like a socket.
+//! The wakeup timer of the node task and of the transport's quiet reads:
+//! a kernel timer (timerfd) that the reactor watches like a socket.
 //!
 //! tokio's timer wheel moves a pending timer down a level whenever it crosses
 //! a 64 ms boundary, waking the runtime to do so, and it writes the driver's
