@@ -189,7 +189,9 @@ pub struct MemberStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BootstrapRecord {
-    /// Every member of the first configuration, all voters.
+    /// Every member of the first configuration. The lowest ids vote, as many
+    /// as the largest odd number no greater than the member count and
+    /// `maxVoters`; the others start as learners.
     pub members: Vec<BootstrapMember>,
     /// Member that recorded it.
     pub recorded_by: String,
@@ -198,7 +200,7 @@ pub struct BootstrapRecord {
     pub recorded_at: Option<Time>,
 }
 
-/// One voter of the first configuration.
+/// One member of the first configuration.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BootstrapMember {
