@@ -775,8 +775,9 @@ impl RaftCore {
         Ok(self.append_config(next))
     }
 
-    /// Hands leadership to `target`, or to the most up-to-date other voter
-    /// not known to be retiring.
+    /// Hands leadership to `target`, or else to the voter that joined the
+    /// configuration last among those caught up, recently active and not
+    /// known to be retiring (see [`member_since`](Self::member_since)).
     /// The lease is given up at once and not regained in this term; if the
     /// target has not taken over within `election_timeout_min`, this node
     /// steps down and a normal election follows.
@@ -797,6 +798,12 @@ impl RaftCore {
                 return Err(TransferError::NotVoter(t))
             }
             Some(t) => t,
+            // Active and caught up first (TimeoutNow waits for the target
+            // to catch up), then the newest member: a rolling update replaces the
+            // old members, so handing over to an old one would make it lead
+            // until its own replacement and cost a second handoff; the
+            // newest member is the one least likely to be replaced next.
+            // Ties (members of the same configuration entry) go by id.
             None => self
                 .config
                 .voters
@@ -804,9 +811,12 @@ impl RaftCore {
                 .filter(|v| **v != self.id && !self.retiring_peers.contains(*v))
                 .max_by_key(|v| {
                     let p = lead.progress.get(*v);
+                    let matched = p.map_or(0, |p| p.matched);
                     (
                         p.is_some_and(|p| p.recent_active),
-                        p.map_or(0, |p| p.matched),
+                        matched >= self.log.last_index(),
+                        self.member_since(v),
+                        matched,
                     )
                 })
                 .cloned()
@@ -825,6 +835,25 @@ impl RaftCore {
         }
         self.maybe_send_timeout_now(now);
         Ok(target)
+    }
+
+    /// Returns the index of the configuration entry from which `id` has been
+    /// a member without a break (as learner or voter), or the snapshot's
+    /// index if it already was a member there: a later index means a newer
+    /// member. Scans the log's configuration entries.
+    pub fn member_since(&self, id: &NodeId) -> LogIndex {
+        let snapshot = self.log.snapshot();
+        let mut since = snapshot.config.contains(id).then_some(snapshot.last_index);
+        for e in self.log.entries() {
+            if let Payload::Config(c) = &e.payload {
+                if !c.contains(id) {
+                    since = None;
+                } else if since.is_none() {
+                    since = Some(e.index);
+                }
+            }
+        }
+        since.unwrap_or(0)
     }
 
     /// Asks the leader to remove this node (graceful leave). Returns whether a

@@ -501,6 +501,50 @@ fn caught_up_learners_are_promoted_in_pairs_to_an_odd_number_of_voters() {
 }
 
 #[test]
+fn a_leader_hands_over_to_the_newest_caught_up_voter_rather_than_the_highest_id() {
+    // d joins before x; x's id sorts below every other voter's, so an
+    // order by id alone would pick d, which a rolling update replaces first.
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    let (d, x) = (NodeId::new("d", 1), NodeId::new("ba", 1));
+    a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
+    a.step(ms(2002), ack("b", 1, 3, ms(2000))).unwrap();
+    a.propose_add_learner(x.clone(), "x:4041".into()).unwrap();
+    for index in 4..=6 {
+        for from in [&id("b"), &id("c"), &d, &x] {
+            a.step(ms(2003), ack_from(from, index)).unwrap();
+        }
+    }
+    assert!(a.configuration().0.is_voter(&d) && a.configuration().0.is_voter(&x));
+    assert_eq!(a.commit_index(), 6);
+    assert_eq!((a.member_since(&d), a.member_since(&x)), (3, 4));
+    assert_eq!(a.member_since(&id("b")), a.member_since(&id("c")));
+    assert_eq!(a.transfer_leadership(ms(2004), None), Ok(x));
+}
+
+#[test]
+fn a_leader_hands_over_to_a_caught_up_voter_before_a_newer_lagging_one() {
+    let mut a = leader_a();
+    a.step(ms(2001), ack("b", 1, 2, ms(2000))).unwrap();
+    let (d, x) = (NodeId::new("d", 1), NodeId::new("ba", 1));
+    a.propose_add_learner(d.clone(), "d:4041".into()).unwrap();
+    a.step(ms(2002), ack("b", 1, 3, ms(2000))).unwrap();
+    a.propose_add_learner(x.clone(), "x:4041".into()).unwrap();
+    for index in 4..=6 {
+        for from in [&id("b"), &id("c"), &d, &x] {
+            a.step(ms(2003), ack_from(from, index)).unwrap();
+        }
+    }
+    // Something new that x has not acknowledged yet.
+    a.propose_add_learner(NodeId::new("f", 1), "f:4041".into())
+        .unwrap();
+    for from in [&id("b"), &id("c"), &d] {
+        a.step(ms(2004), ack_from(from, 7)).unwrap();
+    }
+    assert_eq!(a.transfer_leadership(ms(2005), None), Ok(d));
+}
+
+#[test]
 fn learners_beyond_max_voters_stay_learners() {
     let cfg = Config {
         max_voters: 3,
