@@ -15,7 +15,7 @@
 //! the node costs no wakeup of its own.
 
 use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
-use super::quiet::{self, Pace, QuietReader, Switch};
+use super::quiet::{self, set_int_option, Pace, QuietReader, Switch};
 use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
 use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
@@ -140,32 +140,6 @@ fn tune(stream: &TcpStream) {
         if let Err(e) = set_int_option(stream, libc::IPPROTO_TCP, option, micros) {
             debug!(error = %e, "cannot set {name} on a peer connection");
         }
-    }
-}
-
-/// Sets an integer socket option (for those nix does not have).
-pub(super) fn set_int_option(
-    socket: &TcpStream,
-    level: libc::c_int,
-    option: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `socket` is open for the borrow, and the pointer and length
-    // describe one live `c_int`.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

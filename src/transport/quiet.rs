@@ -66,6 +66,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::bytes::BytesMut;
@@ -374,7 +375,7 @@ impl QuietReader {
         }
         let mark = if raised { QUIET_MARK } else { 1 } as libc::c_int;
         let socket = self.half.as_ref();
-        super::connection::set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, mark)?;
+        set_int_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, mark)?;
         self.raised = raised;
         Ok(())
     }
@@ -445,6 +446,31 @@ enum Woke {
     Poll,
     /// A round went out, or quiet ended.
     Round,
+}
+
+/// Sets an integer socket option (for those nix does not have).
+pub(super) fn set_int_option(
+    socket: &TcpStream,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: `socket` is open for the borrow, and the pointer and length
+    // describe one live `c_int`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Receives what the socket holds into the spare capacity of `buf`,
