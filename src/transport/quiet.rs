@@ -32,7 +32,9 @@
 //!    A follower's mark is up only until the heartbeat is due + [`GUARD`];
 //!    a leader's only until its next heartbeat on that connection, at most
 //!    one interval (its next deadline is its next round), or until the node
-//!    ends quiet. Everything else is nudged (the mark is up only on
+//!    ends quiet. (On a connection a quiet leader stops sending rounds on,
+//!    a member just removed, what may wait waits until quiet ends or
+//!    [`QUIET_MARK`] bytes have queued: see 4.) Everything else is nudged (the mark is up only on
 //!    connections that carried heartbeats within the last two spacings, and
 //!    the window is a second).
 //! 2. **Nothing is stranded.** A mark goes up only after a read found the
