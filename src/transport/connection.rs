@@ -19,7 +19,7 @@ use super::quiet::{self, set_int_option, Pace, QuietReader, Switch};
 use super::wire::{codec, Frame, MAX_IDENTITY_FRAME};
 use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
-use crate::raft::NodeId;
+use crate::raft::{MessageBody, NodeId};
 use futures::{SinkExt, StreamExt};
 use nix::sys::socket::{setsockopt, sockopt};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -309,7 +309,7 @@ async fn write_loop(
         while let Some(frame) = next {
             goodbye = frame == Frame::Goodbye;
             nudge |= pace.sending(&frame);
-            round |= matches!(&frame, Frame::Raft(m) if m.body.kind() == "append_entries");
+            round |= matches!(&frame, Frame::Raft(m) if matches!(m.body, MessageBody::AppendEntries { .. }));
             if let Err(e) = feed(&mut sink, &mut sealer, &frame).await {
                 return debug!(error = %e, "cannot send a frame; closing");
             }
@@ -328,7 +328,7 @@ async fn write_loop(
             break;
         }
         if round {
-            pace.round_sent();
+            pace.wake_reader();
         }
     }
     // FIN after the last frame; the peer answers with its own end.

@@ -179,13 +179,9 @@ impl Pace {
         !may_wait(frame) && (recent(stamps.sent) || recent(stamps.received))
     }
 
-    /// Called by the writer after a write that held a heartbeat: the
-    /// reader reads the answers the last round left waiting.
-    pub fn round_sent(&self) {
-        self.read_now.notify_waiters();
-    }
-
-    /// Wakes the reader to lower its mark (quiet ended).
+    /// Wakes the reader: after a write that held a heartbeat it reads the
+    /// answers the last round left waiting; after quiet ended it lowers its
+    /// mark.
     pub fn wake_reader(&self) {
         self.read_now.notify_waiters();
     }
@@ -767,7 +763,7 @@ mod tests {
         );
         let round = Instant::now();
         pace.sending(&heartbeat(2));
-        pace.round_sent();
+        pace.wake_reader();
         let (frame, at, raised) = got(&mut frames).await;
         assert!(frame == answer() && raised && at >= round);
         // Quiet ends: a held answer is read at once, later ones as they come.
