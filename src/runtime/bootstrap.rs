@@ -35,10 +35,16 @@
 //!    of `P` report the promise `P`, or one member report having
 //!    bootstrapped `P` (which it did only after seeing every promise),
 //!    installs `P` as its first configuration, then elects as usual.
-//! 4. **Abandon.** A promise that can never complete (a member promised
-//!    another configuration, a member was replaced by a new incarnation of
-//!    its name, another cluster answers, or not every member confirmed
-//!    within [`LOCK_TIMEOUT`]) is given up, and so is a bootstrapped
+//! 4. **Abandon.** A promise that can never complete is given up: at once
+//!    when a member promised another configuration or joined a cluster
+//!    without it (then nobody saw every promise, nobody bootstrapped it);
+//!    when a member was replaced by a new incarnation of its name, another
+//!    cluster answers, or not every member confirmed within
+//!    [`LOCK_TIMEOUT`], only once giving up cannot take a voter from a
+//!    cluster that bootstrapped the promise behind this node's back
+//!    (`LocalAgreement::may_give_up`: the promise can never reach a quorum
+//!    again, or a quorum of its voters was just heard not having
+//!    bootstrapped it). A bootstrapped
 //!    configuration under which this node knows nothing committed once a
 //!    majority of its voters is gone (replaced by new incarnations, or
 //!    silent for [`LOCK_TIMEOUT`] while a majority of the expected members
@@ -72,12 +78,19 @@
 //!   pods; a Deployment's pods have unique names), and during bootstrap at
 //!   most `N` members run (`--bootstrap-expect` is the replica count), so
 //!   two disjoint majorities of live names cannot exist at once: at no
-//!   instant do two leaders hold a lease, and at most one first
-//!   configuration ever commits an entry.
-//! - *Abandoning is always safe.* It only retires an identity; a cluster
-//!   that still has a majority without it goes on, one that has not was
-//!   already unable to elect. The timeouts in rule 4 therefore trade only
-//!   liveness, never safety.
+//!   instant do two leaders hold a lease. Unless a quorum of a committed
+//!   configuration loses its state (restarts without it), at most one
+//!   first configuration ever commits an entry (next point).
+//! - *Abandoning never makes two leaders.* It only retires an identity,
+//!   and the argument above holds for any set of retired identities. It
+//!   could still cost a committed cluster its quorum: members that
+//!   promised but did not hear the bootstrap would time out while the
+//!   members that bootstrapped were down, and those, back with a log and
+//!   short of a quorum, would be stuck (or give up a log they did not know
+//!   was committed, and a second first configuration would commit). So a
+//!   promise is given up on a timeout or a replaced member only when no
+//!   quorum can hold its log (`LocalAgreement::may_give_up`); until then
+//!   the node waits for the members it does not hear.
 //!
 //! A second group with another cluster id on the same DNS name never
 //! interferes: hello answers and messages of another cluster id are refused
@@ -372,17 +385,20 @@ impl LocalAgreement {
             return Some(BootstrapStep::Bootstrap(p.clone()));
         }
         let mut confirmed = true;
+        let mut replaced = None;
         for (m, _) in p.members().filter(|(m, _)| *m != me) {
-            // Not final at once: until a round of answers has arrived, a
-            // member that bootstrapped P may not have been heard from yet.
-            if self.replaced(now, m) && now.saturating_since(since) >= SETTLE {
-                return Some(BootstrapStep::Abandon(format!(
-                    "member {m} of the promised configuration was replaced by a new incarnation"
-                )));
+            if self.replaced(now, m) {
+                replaced.get_or_insert(m);
+                confirmed = false;
+                continue;
             }
             match self.reports.get(m) {
                 Some((r, at)) if now.saturating_since(*at) <= REPORT_FRESHNESS => match &r.lock {
                     Some(q) if q == p => {}
+                    // Definitive: this member never promised P (an
+                    // incarnation promises once, and a leader adds only
+                    // unpromised nodes), so nobody ever saw every promise
+                    // of P and nobody bootstrapped it.
                     Some(_) => {
                         return Some(BootstrapStep::Abandon(format!(
                             "member {m} promised another first configuration"
@@ -401,21 +417,58 @@ impl LocalAgreement {
         if confirmed {
             return Some(BootstrapStep::Bootstrap(p.clone()));
         }
-        if let Some((r, _)) = self
+        // The remaining reasons are not definitive: P may have been
+        // bootstrapped by members this node does not hear now.
+        let why = if let Some(m) = replaced.filter(|_| now.saturating_since(since) >= SETTLE) {
+            // Not at once: until a round of answers has arrived, a member
+            // that bootstrapped P may not have been heard from yet.
+            format!("member {m} of the promised configuration was replaced by a new incarnation")
+        } else if let Some((r, _)) = self
             .fresh(now, me)
             .find(|(r, _)| r.joined && !p.contains(&r.id))
         {
-            return Some(BootstrapStep::Abandon(format!(
+            format!(
                 "{} belongs to a cluster outside the promised configuration",
                 r.id
-            )));
-        }
-        if now.saturating_since(since) > LOCK_TIMEOUT {
-            return Some(BootstrapStep::Abandon(format!(
-                "not every member confirmed the promised configuration within {LOCK_TIMEOUT:?}"
-            )));
-        }
-        None
+            )
+        } else if now.saturating_since(since) > LOCK_TIMEOUT {
+            format!("not every member confirmed the promised configuration within {LOCK_TIMEOUT:?}")
+        } else {
+            return None;
+        };
+        self.may_give_up(now, me, p)
+            .then_some(BootstrapStep::Abandon(why))
+    }
+
+    /// Returns whether giving up the promise `p` (held, not bootstrapped)
+    /// can no longer take a voter from a cluster that bootstrapped `p` and
+    /// may have committed under it (module doc, rule 4):
+    ///
+    /// - every voter of `p` that may hold its log (neither this node, nor
+    ///   replaced by a new incarnation, nor heard within [`SETTLE`] saying
+    ///   it has not bootstrapped) is too few, with the rest, for a quorum:
+    ///   `p` can never elect again, with or without this node; or
+    /// - a quorum of `p`'s voters is this node or was heard within
+    ///   [`SETTLE`] not having bootstrapped `p`: a commit needs a quorum
+    ///   holding the log, and every quorum meets this one, so nothing was
+    ///   committed under `p`.
+    ///
+    /// Otherwise the node waits: a member that bootstrapped `p` is silent
+    /// (crashed or cut off) and `p` may go on with this node's vote. Giving
+    /// up then (as a plain timeout did) let a cluster that had committed
+    /// lose its quorum for good, and a second first configuration commit.
+    fn may_give_up(&self, now: Time, me: &NodeId, p: &Configuration) -> bool {
+        let unbootstrapped = |m: &NodeId| {
+            m == me
+                || self.reports.get(m).is_some_and(|(r, at)| {
+                    now.saturating_since(*at) <= SETTLE
+                        && !r.joined
+                        && r.lock.as_ref().is_none_or(|q| q == p)
+                })
+        };
+        let alive = p.voters.keys().filter(|m| !self.replaced(now, m)).count();
+        let not_holding = p.voters.keys().filter(|m| unbootstrapped(m)).count();
+        alive < p.quorum() || not_holding >= p.quorum()
     }
 
     fn decide_pristine(&mut self, now: Time, local: &LocalView<'_>) -> Option<BootstrapStep> {
@@ -1067,6 +1120,7 @@ mod tests {
         );
         let settled = t(SETTLE.as_millis() as u64 + 1);
         agreement.observe(settled, report("c", 2, false, None));
+        agreement.observe(settled, report("b", 1, false, Some(p.clone())));
         assert!(matches!(
             agreement.decide(settled, &view(&a, &empty, Some(&p))),
             Some(BootstrapStep::Abandon(_))
@@ -1095,6 +1149,66 @@ mod tests {
             None
         );
         let late = t(LOCK_TIMEOUT.as_millis() as u64 + 1);
+        agreement.observe(late, report("b", 1, false, Some(p.clone())));
+        assert!(matches!(
+            agreement.decide(late, &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Abandon(_))
+        ));
+    }
+
+    #[test]
+    fn a_promise_is_kept_while_a_member_that_may_have_bootstrapped_it_is_silent() {
+        // Five members promised P; c bootstrapped it and committed with d
+        // and e, then went quiet; e restarted without state. a and b never
+        // heard the bootstrap, nor c's promise. Giving up would leave c and d short of a
+        // quorum for good, so a waits, past every timeout, until it hears.
+        let empty = Configuration::default();
+        let p = config(&[("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]);
+        let a = id("a", 1);
+        let mut agreement = LocalAgreement::new(5, 5);
+        for name in ["b", "d", "e"] {
+            agreement.observe(t(0), report(name, 1, false, Some(p.clone())));
+        }
+        assert_eq!(agreement.decide(t(0), &view(&a, &empty, Some(&p))), None);
+        let late = t(LOCK_TIMEOUT.as_millis() as u64 * 3);
+        agreement.observe(late, report("b", 1, false, Some(p.clone())));
+        agreement.observe(late, report("e", 2, false, None));
+        assert_eq!(
+            agreement.decide(late, &view(&a, &empty, Some(&p))),
+            None,
+            "c and d are silent and may hold P's log: a and b are no quorum of unbootstrapped voters"
+        );
+        let back = t(LOCK_TIMEOUT.as_millis() as u64 * 3 + 100);
+        agreement.observe(back, report("c", 1, true, Some(p.clone())));
+        assert_eq!(
+            agreement.decide(back, &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Bootstrap(p.clone())),
+            "the member that bootstrapped P is heard: follow it"
+        );
+        // When d answers unbootstrapped instead, a quorum (a, b, d) holds no
+        // log of P: nothing was committed under it, and giving up is safe.
+        let mut agreement = LocalAgreement::new(5, 5);
+        for name in ["b", "d", "e"] {
+            agreement.observe(t(0), report(name, 1, false, Some(p.clone())));
+        }
+        assert_eq!(agreement.decide(t(0), &view(&a, &empty, Some(&p))), None);
+        for name in ["b", "d"] {
+            agreement.observe(late, report(name, 1, false, Some(p.clone())));
+        }
+        assert!(matches!(
+            agreement.decide(late, &view(&a, &empty, Some(&p))),
+            Some(BootstrapStep::Abandon(_))
+        ));
+        // And when so many voters were replaced that P can never reach a
+        // quorum again, this node's vote no longer matters: it gives up.
+        let mut agreement = LocalAgreement::new(5, 5);
+        for name in ["b", "d", "e"] {
+            agreement.observe(t(0), report(name, 1, false, Some(p.clone())));
+        }
+        assert_eq!(agreement.decide(t(0), &view(&a, &empty, Some(&p))), None);
+        for name in ["c", "d", "e"] {
+            agreement.observe(late, report(name, 2, false, None));
+        }
         assert!(matches!(
             agreement.decide(late, &view(&a, &empty, Some(&p))),
             Some(BootstrapStep::Abandon(_))
