@@ -1111,6 +1111,68 @@ fn a_new_leader_takes_no_lease_before_its_voters_stickiness_has_surely_ended() {
 }
 
 #[test]
+fn a_transfer_winner_holds_its_lease_one_round_trip_after_winning_with_no_save_between() {
+    let t = ms(9000);
+    let mut a = node("a");
+    let round = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: vec![],
+        leader_commit: 1,
+        round: 1,
+    };
+    a.step(t, msg("c", "a", 1, round)).unwrap();
+    a.step(t, msg("c", "a", 1, MessageBody::TimeoutNow))
+        .unwrap();
+    assert!(
+        a.take_ready().hard_state.is_some(),
+        "term and vote are saved"
+    );
+    let vote = MessageBody::RequestVoteResponse {
+        granted: true,
+        leader_contact_age: 0,
+    };
+    a.step(t, msg("b", "a", 2, vote)).unwrap();
+    assert_eq!(a.role(), Role::Leader);
+    // The first round is a bare heartbeat that needs no save, here or on
+    // the followers: the no-op comes after it.
+    let won = a.take_ready();
+    assert!(won.hard_state.is_none(), "nothing to save before the round");
+    assert_eq!(won.messages.len(), 2);
+    for m in &won.messages {
+        assert!(
+            matches!(&m.body, MessageBody::AppendEntries { entries, .. } if entries.is_empty()),
+            "{m:?}"
+        );
+    }
+    assert_eq!(a.log().last_index(), 1);
+    let at = t + Duration::from_millis(1);
+    a.step(at, ack("b", 2, 1, t)).unwrap();
+    assert!(a.has_lease(at));
+    let leased = a.take_ready();
+    assert!(leased.hard_state.is_none() && leased.leadership.is_some());
+    assert_eq!(
+        a.propose_add_learner(NodeId::new("d", 1), "d:4041".into()),
+        Err(ProposeError::TermNotCommitted)
+    );
+    // The no-op follows at once, in a round of its own.
+    assert_eq!(a.next_deadline(), at);
+    a.tick(at);
+    let noop = a.take_ready();
+    assert!(noop.hard_state.is_some(), "the no-op is saved");
+    assert_eq!(a.log().last_index(), 2);
+    assert!(noop.messages.iter().all(|m| matches!(
+        &m.body,
+        MessageBody::AppendEntries { entries, .. } if entries.len() == 1
+    )));
+    a.step(at, ack("b", 2, 2, at)).unwrap();
+    assert_eq!(a.commit_index(), 2);
+    assert!(a
+        .propose_add_learner(NodeId::new("d", 1), "d:4041".into())
+        .is_ok());
+}
+
+#[test]
 fn a_transfer_campaign_needs_no_wait_for_the_old_lease() {
     let t = ms(9000);
     let mut a = leader_a_after_vote_of_age(t, 0, true);
