@@ -24,7 +24,8 @@
 //!
 //! 1. **Propose.** A node with an empty log and no promise, that sees no
 //!    member of an existing cluster and at least `N − 1` other fresh,
-//!    unjoined, unpromised peers (one id per name), takes itself and the
+//!    unjoined, unpromised peers (one id per name, each heard within
+//!    [`SETTLE`]: a quiet one may be restarting), takes itself and the
 //!    `N − 1` lowest of them. If it is the lowest id of that set it promises
 //!    the set as configuration `P` (voters: the lowest ids, as many as the
 //!    largest odd number ≤ `min(N, max_voters)`; the others learners).
@@ -344,7 +345,14 @@ impl LocalAgreement {
         // Propose, if this node is the lowest of the N it would take.
         let mut by_name: BTreeMap<&str, (&PeerReport, Time)> = BTreeMap::new();
         for (r, at) in self.fresh(now, me) {
-            if r.joined || r.lock.is_some() || r.id.name == me.name {
+            // Only members heard within the last probe rounds: one that
+            // went quiet may be restarting as a new incarnation, and a
+            // proposal naming the old one would have to be given up.
+            if r.joined
+                || r.lock.is_some()
+                || r.id.name == me.name
+                || now.saturating_since(at) > SETTLE
+            {
                 continue;
             }
             let newer = by_name.get(r.id.name.as_str()).is_none_or(|(_, t)| *t < at);
@@ -1035,6 +1043,25 @@ mod tests {
         at_b.observe(t(0), report("a", 1, false, None));
         at_b.observe(t(0), report("c", 1, false, None));
         assert_eq!(at_b.decide(t(0), &view(&b, &empty, None)), None);
+    }
+
+    #[test]
+    fn a_member_not_heard_in_the_last_rounds_is_not_proposed() {
+        // c went quiet (it may be restarting as a new incarnation): a waits
+        // for a current answer rather than promise c's old identity.
+        let empty = Configuration::default();
+        let a = id("a", 1);
+        let mut agreement = LocalAgreement::new(3, 5);
+        agreement.observe(t(0), report("c", 1, false, None));
+        let later = t(SETTLE.as_millis() as u64 + 1);
+        agreement.observe(later, report("b", 1, false, None));
+        assert_eq!(agreement.decide(later, &view(&a, &empty, None)), None);
+        agreement.observe(later, report("c", 2, false, None));
+        let Some(BootstrapStep::Lock(p)) = agreement.decide(later, &view(&a, &empty, None)) else {
+            panic!("a proposes once every member answered lately");
+        };
+        let ids: Vec<&NodeId> = p.members().map(|(m, _)| m).collect();
+        assert_eq!(ids, [&a, &id("b", 1), &id("c", 2)]);
     }
 
     #[test]
