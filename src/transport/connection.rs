@@ -367,7 +367,8 @@ impl Writer {
             return Err(QueueFull);
         }
         let nudge = self.pace.sending(&frame);
-        let round = matches!(&frame, Frame::Raft(m) if matches!(m.body, MessageBody::AppendEntries { .. }));
+        let round =
+            matches!(&frame, Frame::Raft(m) if matches!(m.body, MessageBody::AppendEntries { .. }));
         let appended = outbox.append(&frame).and_then(|()| {
             // The nudge goes out in the same write as the frame it wakes for.
             match nudge {
@@ -460,7 +461,8 @@ impl Outbox {
             )));
         }
         let start = self.pending.len();
-        self.pending.extend_from_slice(&(sealed as u32).to_be_bytes());
+        self.pending
+            .extend_from_slice(&(sealed as u32).to_be_bytes());
         if let Err(e) = self.sealer.seal_into(&self.plain, &mut self.pending) {
             self.pending.truncate(start);
             return Err(e.into());
@@ -530,7 +532,12 @@ async fn read_loop(
     identity: watch::Sender<PeerInfo>,
     ctx: ReaderContext,
 ) -> End {
+    // One buffer for every frame's plaintext (a large frame's is not kept).
+    let mut plain = Vec::new();
     loop {
+        if plain.capacity() > OUTBOX_KEEP {
+            plain = Vec::new();
+        }
         let sealed = match frames.next(&link.pace).await {
             Some(Ok(sealed)) => sealed,
             Some(Err(e)) => {
@@ -544,8 +551,8 @@ async fn read_loop(
         };
         // A frame that does not open (changed, replayed, reordered, of
         // another connection) or decode closes the connection.
-        let frame = match opener.open(&sealed) {
-            Ok(plain) => match Frame::decode(&plain) {
+        let frame = match opener.open_into(&sealed, &mut plain) {
+            Ok(()) => match Frame::decode(&plain) {
                 Ok(frame) => frame,
                 Err(e) => {
                     refuse(&ctx.metrics, "malformed_frame");

@@ -188,17 +188,26 @@ impl Opener {
     /// Decrypts and verifies the next frame; fails on any change, replay,
     /// reordering or frame of another connection or direction.
     pub fn open(&mut self, sealed: &[u8]) -> Result<Vec<u8>, snow::Error> {
+        let mut out = Vec::new();
+        self.open_into(sealed, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Opener::open`], into `out` (cleared first; no allocation
+    /// when it has room).
+    pub fn open_into(&mut self, sealed: &[u8], out: &mut Vec<u8>) -> Result<(), snow::Error> {
+        out.clear();
         if sealed.len() < TAG {
             return Err(snow::Error::Decrypt);
         }
-        let mut out = vec![0u8; sealed.len()];
+        out.resize(sealed.len(), 0);
         let mut at = 0;
         for piece in sealed.chunks(MAX_NOISE_MESSAGE) {
             at += self.keys.read_message(self.nonce, piece, &mut out[at..])?;
             self.nonce += 1;
         }
         out.truncate(at);
-        Ok(out)
+        Ok(())
     }
 }
 
