@@ -1,5 +1,6 @@
 //! One peer connection: establishing it (dial or accept, handshake,
-//! identities) and running it (a reader task and a writer task).
+//! identities) and running it (a reader task; frames are written by their
+//! sender, with a flusher task for what the socket does not take at once).
 //!
 //! ```text
 //!   Link::try_send(frame) ─► outbox: JSON, seal, length (+ a nudge, see `quiet`)
@@ -8,7 +9,7 @@
 //!                               waits (bounded) for the flusher task
 //!   socket ─► reader (heartbeats in rhythm read quietly, see `quiet`): open (in order),
 //!             decode ─► Raft: checked sender ─► node's inbound queue
-//!                                              ─► Hello: our identity back on the writer
+//!                                              ─► Hello: our identity back (written at once)
 //!                                              ─► Identity: the peer's latest, for hello
 //!                                              ─► Goodbye: a deliberate end
 //! ```
@@ -204,7 +205,7 @@ pub struct Link {
     /// The peer's latest identity (from its first frame, then hello answers).
     pub identity: watch::Receiver<PeerInfo>,
     closing: Arc<AtomicBool>,
-    /// Shared by the writer and the reader (see [`super::quiet`]).
+    /// Shared by the write side and the reader (see [`super::quiet`]).
     pace: Arc<Pace>,
 }
 
@@ -235,7 +236,7 @@ pub struct ReaderContext {
 }
 
 impl Link {
-    /// Starts the reader and writer of `est`; `on_end` runs once the reader
+    /// Starts the reader and the flusher of `est`; `on_end` runs once the reader
     /// stops, with how it ended.
     pub fn start(
         est: Established,
@@ -311,6 +312,13 @@ impl Link {
     /// Returns whether the connection is still writable.
     pub fn is_open(&self) -> bool {
         self.out.outbox().state == OutState::Open
+    }
+
+    /// Returns whether bytes wait for the socket (for tests).
+    #[cfg(test)]
+    pub fn waiting(&self) -> bool {
+        let outbox = self.out.outbox();
+        outbox.written < outbox.pending.len()
     }
 
     /// Has the reader lower its receive mark (quiet ended).

@@ -16,7 +16,7 @@
 //!     A poll that finds the socket empty leaves it watched until the next frame.
 //!   leader (Switch, set by the node while it holds its lease with nothing in
 //!     flight; `runtime::node`, "Quiet rounds"): the mark goes up on every connection
-//!     it sends heartbeats on; each heartbeat the writer sends has the reader lower
+//!     it sends heartbeats on; each heartbeat sent on a connection has its reader lower
 //!     it, so a round's answers are read in the next round's wakeup.
 //! ```
 //!
@@ -172,7 +172,7 @@ impl Pace {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Called by the writer for every frame; returns whether a [`nudge`]
+    /// Called for every frame sent; returns whether a [`nudge`]
     /// must follow it in the same write.
     pub fn sending(&self, frame: &Frame) -> bool {
         let now = Instant::now();
