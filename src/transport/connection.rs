@@ -1,18 +1,29 @@
 //! One peer connection: establishing it (dial or accept, handshake,
-//! identities) and running it (a reader task and a writer task).
+//! identities) and running it (a reader task; frames are written by their
+//! sender, with a flusher task for what the socket does not take at once).
 //!
 //! ```text
-//!   Link::try_send(frame) ─► bounded queue ─► writer: JSON, seal, feed (+ a nudge, see
-//!                                             `quiet`); flush when the queue is empty
+//!   Link::try_send(frame) ─► outbox: JSON, seal, length (+ a nudge, see `quiet`)
+//!                            ─► written at once from the sender's task when nothing
+//!                               waits before it; what the socket does not take
+//!                               waits (bounded) for the flusher task
 //!   socket ─► reader (heartbeats in rhythm read quietly, see `quiet`): open (in order),
 //!             decode ─► Raft: checked sender ─► node's inbound queue
-//!                                              ─► Hello: our identity back on the writer
+//!                                              ─► Hello: our identity back (written at once)
 //!                                              ─► Identity: the peer's latest, for hello
 //!                                              ─► Goodbye: a deliberate end
 //! ```
 //!
-//! Both tasks run on the node's thread, so handing a frame between them and
-//! the node costs no wakeup of its own.
+//! **Writes from the sender's task.** A frame is written by whoever sends
+//! it (the node task, or the reader answering a hello), in the same call,
+//! whenever the connection has nothing waiting: no task hop, no queue, no
+//! copy per frame at idle. The outbox is a `std` mutex held only to encode,
+//! seal and write without waiting, so frames keep their order (the Noise
+//! nonce counts them) whoever sends them. Only when the socket is full do
+//! the rest wait for the flusher task, which writes as the socket drains.
+//!
+//! Both tasks run on the node's thread, so handing a frame between the
+//! reader and the node costs no wakeup of its own.
 
 use super::noise::{self, Opener, Sealer, MAX_HANDSHAKE_MESSAGE};
 use super::quiet::{self, set_int_option, Pace, QuietReader, Switch};
@@ -21,19 +32,23 @@ use super::{Inbound, PeerInfo, TransportConfig, TransportError};
 use crate::metrics::Metrics;
 use crate::raft::{MessageBody, NodeId};
 use futures::{SinkExt, StreamExt};
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
-use tokio_util::bytes::Bytes;
-use tokio_util::codec::{Framed, FramedWrite, LengthDelimitedCodec};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::debug;
 
-/// Frames queued for one peer before new ones are dropped.
+/// Frames waiting for one peer's socket before new ones are dropped.
 pub const OUT_QUEUE: usize = 256;
+/// An outbox that held more than this once is given back to the allocator
+/// when it empties (a large frame's buffer is not kept for heartbeats).
+const OUTBOX_KEEP: usize = 64 * 1024;
 /// Unacknowledged data older than this closes the connection (the kernel's
 /// `TCP_USER_TIMEOUT`): a peer behind a partition is noticed without a
 /// timer of ours, and the next send dials afresh instead of waiting for
@@ -186,11 +201,11 @@ pub struct Link {
     pub serial: u64,
     /// Whether this node dialed it.
     pub dialed: bool,
-    out: mpsc::Sender<Frame>,
+    out: Arc<Writer>,
     /// The peer's latest identity (from its first frame, then hello answers).
     pub identity: watch::Receiver<PeerInfo>,
     closing: Arc<AtomicBool>,
-    /// Shared by the writer and the reader (see [`super::quiet`]).
+    /// Shared by the write side and the reader (see [`super::quiet`]).
     pace: Arc<Pace>,
 }
 
@@ -221,7 +236,7 @@ pub struct ReaderContext {
 }
 
 impl Link {
-    /// Starts the reader and writer of `est`; `on_end` runs once the reader
+    /// Starts the reader and the flusher of `est`; `on_end` runs once the reader
     /// stops, with how it ended.
     pub fn start(
         est: Established,
@@ -238,11 +253,27 @@ impl Link {
         } = est;
         let parts = framed.into_parts();
         let (read_half, write_half) = parts.io.into_split();
+        let max_frame = parts.codec.max_frame_length();
         // Bytes the peer sent right behind its identity are not lost.
-        let reader = QuietReader::new(read_half, parts.codec.clone(), &parts.read_buf);
-        let writer = FramedWrite::new(write_half, parts.codec);
-        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let reader = QuietReader::new(read_half, parts.codec, &parts.read_buf);
         let (identity_tx, identity) = watch::channel(peer.clone());
+        let pace = Pace::new(ctx.quiet.clone());
+        let flush = Arc::new(Notify::new());
+        let out = Arc::new(Writer {
+            half: write_half,
+            outbox: Mutex::new(Outbox {
+                sealer,
+                pending: Vec::new(),
+                written: 0,
+                frames: 0,
+                plain: Vec::new(),
+                state: OutState::Open,
+                max_frame,
+            }),
+            flush: flush.clone(),
+            pace: pace.clone(),
+        });
+        tokio::spawn(flush_loop(Arc::downgrade(&out), flush));
         let link = Link {
             peer: peer.id,
             serial,
@@ -250,9 +281,8 @@ impl Link {
             out,
             identity,
             closing: Arc::new(AtomicBool::new(false)),
-            pace: Pace::new(ctx.quiet.clone()),
+            pace,
         };
-        tokio::spawn(write_loop(writer, sealer, out_rx, link.pace.clone()));
         let reading = link.clone();
         tokio::spawn(async move {
             let end = read_loop(reader, opener, &reading, identity_tx, ctx).await;
@@ -265,27 +295,30 @@ impl Link {
         link
     }
 
-    /// Queues `frame`; fails (dropping it) when the queue is full or the
-    /// writer gone.
+    /// Sends `frame`: written at once when nothing waits before it, else
+    /// queued for the flusher. Fails (dropping it) when [`OUT_QUEUE`]
+    /// frames wait or the connection is closing or broken.
     pub fn try_send(&self, frame: Frame) -> Result<(), QueueFull> {
-        self.out.try_send(frame).map_err(|_| QueueFull)
+        self.out.send(frame)
     }
 
     /// Closes on purpose: what is queued goes first, then a goodbye. The
     /// peer's end of the connection is then not reported as lost.
     pub fn close(&self) {
         self.closing.store(true, Ordering::Relaxed);
-        let out = self.out.clone();
-        // Waits for room: the goodbye MUST be the last frame, never dropped
-        // while the writer lives.
-        tokio::spawn(async move {
-            let _ = out.send(Frame::Goodbye).await;
-        });
+        self.out.close();
     }
 
     /// Returns whether the connection is still writable.
     pub fn is_open(&self) -> bool {
-        !self.out.is_closed()
+        self.out.outbox().state == OutState::Open
+    }
+
+    /// Returns whether bytes wait for the socket (for tests).
+    #[cfg(test)]
+    pub fn waiting(&self) -> bool {
+        let outbox = self.out.outbox();
+        outbox.written < outbox.pending.len()
     }
 
     /// Has the reader lower its receive mark (quiet ended).
@@ -294,56 +327,210 @@ impl Link {
     }
 }
 
-async fn write_loop(
-    mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
-    mut sealer: Sealer,
-    mut frames: mpsc::Receiver<Frame>,
+/// The write side of a connection, shared by its [`Link`]s (whoever sends)
+/// and the flusher task.
+struct Writer {
+    half: OwnedWriteHalf,
+    outbox: Mutex<Outbox>,
+    /// Wakes the flusher: bytes wait for the socket, or the write side ends.
+    flush: Arc<Notify>,
     pace: Arc<Pace>,
-) {
-    while let Some(frame) = frames.recv().await {
-        let mut next = Some(frame);
-        let mut goodbye = false;
-        let mut nudge = false;
-        let mut round = false;
-        // Everything queued goes out in one flush (one write system call).
-        while let Some(frame) = next {
-            goodbye = frame == Frame::Goodbye;
-            nudge |= pace.sending(&frame);
-            round |= matches!(&frame, Frame::Raft(m) if matches!(m.body, MessageBody::AppendEntries { .. }));
-            if let Err(e) = feed(&mut sink, &mut sealer, &frame).await {
-                return debug!(error = %e, "cannot send a frame; closing");
-            }
-            next = if goodbye {
-                None
-            } else {
-                frames.try_recv().ok()
-            };
-        }
-        if nudge {
-            if let Err(e) = feed(&mut sink, &mut sealer, &quiet::nudge()).await {
-                return debug!(error = %e, "cannot send a frame; closing");
-            }
-        }
-        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() || goodbye {
-            break;
-        }
-        if round {
-            pace.wake_reader();
-        }
-    }
-    // FIN after the last frame; the peer answers with its own end.
-    let _ = SinkExt::<Bytes>::close(&mut sink).await;
 }
 
-/// Encodes, seals and queues one frame on the sink (written at the flush).
-async fn feed(
-    sink: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
-    sealer: &mut Sealer,
-    frame: &Frame,
-) -> Result<(), TransportError> {
-    let sealed = sealer.seal(&frame.encode()?)?;
-    sink.feed(sealed).await?;
-    Ok(())
+/// Sealed frames not yet taken by the socket, and the sealer (frames are
+/// sealed in the order they are written).
+struct Outbox {
+    sealer: Sealer,
+    /// Length-prefixed sealed frames; `written` bytes of it are sent.
+    pending: Vec<u8>,
+    written: usize,
+    /// Frames appended since `pending` was last empty.
+    frames: usize,
+    /// Scratch space for a frame's JSON.
+    plain: Vec<u8>,
+    state: OutState,
+    /// Largest sealed frame.
+    max_frame: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutState {
+    Open,
+    /// A goodbye is the last frame; the write side shuts once it is out.
+    Closing,
+    /// A write or a frame failed; the write side shuts at once.
+    Failed,
+}
+
+impl Writer {
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn send(&self, frame: Frame) -> Result<(), QueueFull> {
+        let mut outbox = self.outbox();
+        if outbox.state != OutState::Open || outbox.frames >= OUT_QUEUE {
+            return Err(QueueFull);
+        }
+        let nudge = self.pace.sending(&frame);
+        let round =
+            matches!(&frame, Frame::Raft(m) if matches!(m.body, MessageBody::AppendEntries { .. }));
+        let appended = outbox.append(&frame).and_then(|()| {
+            // The nudge goes out in the same write as the frame it wakes for.
+            match nudge {
+                true => outbox.append(&quiet::nudge()),
+                false => Ok(()),
+            }
+        });
+        if let Err(e) = appended {
+            debug!(error = %e, "cannot send a frame; closing");
+            self.fail(&mut outbox);
+            return Err(QueueFull);
+        }
+        self.write(&mut outbox);
+        drop(outbox);
+        if round {
+            // A round went out: the answers the last one left are read now.
+            self.pace.wake_reader();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        let mut outbox = self.outbox();
+        if outbox.state != OutState::Open {
+            return;
+        }
+        // The goodbye MUST be the last frame: past the queue bound, never dropped.
+        match outbox.append(&Frame::Goodbye) {
+            Ok(()) => outbox.state = OutState::Closing,
+            Err(e) => {
+                debug!(error = %e, "cannot send a goodbye; closing");
+                return self.fail(&mut outbox);
+            }
+        }
+        self.write(&mut outbox);
+        self.flush.notify_one();
+    }
+
+    /// Writes what waits, without waiting; what the socket does not take
+    /// is left to the flusher.
+    fn write(&self, outbox: &mut Outbox) {
+        if outbox.state == OutState::Failed {
+            return;
+        }
+        match outbox.write_to(self.half.as_ref()) {
+            Ok(true) => {}
+            Ok(false) => self.flush.notify_one(),
+            Err(e) => {
+                debug!(error = %e, "cannot write to a peer; closing");
+                self.fail(outbox);
+            }
+        }
+    }
+
+    fn fail(&self, outbox: &mut Outbox) {
+        outbox.state = OutState::Failed;
+        outbox.pending = Vec::new();
+        outbox.written = 0;
+        self.flush.notify_one();
+    }
+
+    /// Sends the FIN (after the last frame).
+    fn shut(&self) {
+        if let Err(e) = shutdown(self.half.as_ref().as_raw_fd(), Shutdown::Write) {
+            debug!(error = %e, "cannot shut a peer connection's write side");
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Lets the flusher end with the connection.
+    fn drop(&mut self) {
+        self.flush.notify_one();
+    }
+}
+
+impl Outbox {
+    /// Encodes, seals and appends `frame` with its length prefix.
+    fn append(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        self.plain.clear();
+        frame.encode_into(&mut self.plain)?;
+        let sealed = Sealer::sealed_len(self.plain.len());
+        if sealed > self.max_frame {
+            return Err(TransportError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a frame of {sealed} bytes is over the limit of {}",
+                    self.max_frame
+                ),
+            )));
+        }
+        let start = self.pending.len();
+        self.pending
+            .extend_from_slice(&(sealed as u32).to_be_bytes());
+        if let Err(e) = self.sealer.seal_into(&self.plain, &mut self.pending) {
+            self.pending.truncate(start);
+            return Err(e.into());
+        }
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Writes what waits without waiting; returns whether all of it went.
+    fn write_to(&mut self, socket: &TcpStream) -> io::Result<bool> {
+        while self.written < self.pending.len() {
+            match socket.try_write(&self.pending[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.written = 0;
+        self.frames = 0;
+        if self.pending.capacity() > OUTBOX_KEEP {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+        if self.plain.capacity() > OUTBOX_KEEP {
+            self.plain = Vec::new();
+        }
+        Ok(true)
+    }
+}
+
+/// Writes what the socket did not take at once, as it drains; shuts the
+/// write side after a goodbye or a failure. Ends with the connection.
+async fn flush_loop(writer: Weak<Writer>, flush: Arc<Notify>) {
+    loop {
+        flush.notified().await;
+        loop {
+            let Some(writer) = writer.upgrade() else {
+                return; // every link is gone: dropping the half sent the FIN
+            };
+            let state = {
+                let mut outbox = writer.outbox();
+                writer.write(&mut outbox);
+                let waiting = outbox.written < outbox.pending.len();
+                (outbox.state, waiting)
+            };
+            match state {
+                (OutState::Failed, _) | (OutState::Closing, false) => return writer.shut(),
+                (_, false) => break,
+                (_, true) => {
+                    if writer.half.as_ref().writable().await.is_err() {
+                        writer.fail(&mut writer.outbox());
+                        return writer.shut();
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn read_loop(
@@ -353,7 +540,12 @@ async fn read_loop(
     identity: watch::Sender<PeerInfo>,
     ctx: ReaderContext,
 ) -> End {
+    // One buffer for every frame's plaintext (a large frame's is not kept).
+    let mut plain = Vec::new();
     loop {
+        if plain.capacity() > OUTBOX_KEEP {
+            plain = Vec::new();
+        }
         let sealed = match frames.next(&link.pace).await {
             Some(Ok(sealed)) => sealed,
             Some(Err(e)) => {
@@ -367,8 +559,8 @@ async fn read_loop(
         };
         // A frame that does not open (changed, replayed, reordered, of
         // another connection) or decode closes the connection.
-        let frame = match opener.open(&sealed) {
-            Ok(plain) => match Frame::decode(&plain) {
+        let frame = match opener.open_into(&sealed, &mut plain) {
+            Ok(()) => match Frame::decode(&plain) {
                 Ok(frame) => frame,
                 Err(e) => {
                     refuse(&ctx.metrics, "malformed_frame");

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   node ── Transport::send(to, addr, msg) ──► connection to `to` (dialed on demand)
-//!                                                │ writer task: Frame ─► JSON ─► Noise ─► length-delimited
+//!                                                │ sender's task: Frame ─► JSON ─► Noise ─► length-delimited ─► socket
 //!                                                ▼
 //!   peer's listener ── cap on handshaking connections ─► 2 s deadline ─► Noise NNpsk0
 //!                    ─► first frame: the dialer's identity (cluster, NodeId) ─► authenticated
@@ -18,7 +18,7 @@
 //!
 //! - [`noise`]: the handshake and per-frame encryption (why it is safe).
 //! - [`wire`]: the frames and their encoding.
-//! - [`connection`]: establishing a connection, and its reader and writer.
+//! - [`connection`]: establishing a connection, its reader and its write side.
 //! - [`peers`]: the registry of connections, the listener and its bounds.
 //! - [`quiet`]: at idle, heartbeats and their answers wake nobody.
 //!

@@ -141,17 +141,40 @@ pub struct Sealer {
 impl Sealer {
     /// Encrypts and authenticates `plain` as the next frame.
     pub fn seal(&mut self, plain: &[u8]) -> Result<Bytes, snow::Error> {
+        let mut out = Vec::new();
+        self.seal_into(plain, &mut out)?;
+        Ok(Bytes::from(out))
+    }
+
+    /// Returns the length of `plain` sealed.
+    pub fn sealed_len(plain: usize) -> usize {
+        plain + plain.div_ceil(MAX_NOISE_MESSAGE - TAG).max(1) * TAG
+    }
+
+    /// Encrypts and authenticates `plain` as the next frame, appended to
+    /// `out` (no allocation when `out` has room). On an error `out` is as
+    /// it was.
+    pub fn seal_into(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), snow::Error> {
         let chunk = MAX_NOISE_MESSAGE - TAG;
         let chunks = plain.len().div_ceil(chunk).max(1);
-        let mut out = vec![0u8; plain.len() + chunks * TAG];
-        let mut at = 0;
+        let start = out.len();
+        out.resize(start + Sealer::sealed_len(plain.len()), 0);
+        let mut at = start;
+        let nonce = self.nonce;
         for i in 0..chunks {
             let piece = &plain[(i * chunk).min(plain.len())..((i + 1) * chunk).min(plain.len())];
-            at += self.keys.write_message(self.nonce, piece, &mut out[at..])?;
+            match self.keys.write_message(self.nonce, piece, &mut out[at..]) {
+                Ok(n) => at += n,
+                Err(e) => {
+                    self.nonce = nonce;
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
             self.nonce += 1;
         }
         out.truncate(at);
-        Ok(Bytes::from(out))
+        Ok(())
     }
 }
 
@@ -165,17 +188,26 @@ impl Opener {
     /// Decrypts and verifies the next frame; fails on any change, replay,
     /// reordering or frame of another connection or direction.
     pub fn open(&mut self, sealed: &[u8]) -> Result<Vec<u8>, snow::Error> {
+        let mut out = Vec::new();
+        self.open_into(sealed, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Opener::open`], into `out` (cleared first; no allocation
+    /// when it has room).
+    pub fn open_into(&mut self, sealed: &[u8], out: &mut Vec<u8>) -> Result<(), snow::Error> {
+        out.clear();
         if sealed.len() < TAG {
             return Err(snow::Error::Decrypt);
         }
-        let mut out = vec![0u8; sealed.len()];
+        out.resize(sealed.len(), 0);
         let mut at = 0;
         for piece in sealed.chunks(MAX_NOISE_MESSAGE) {
             at += self.keys.read_message(self.nonce, piece, &mut out[at..])?;
             self.nonce += 1;
         }
         out.truncate(at);
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -387,9 +387,9 @@ impl SendToPeer for Transport {
     fn send(&self, address: Option<&str>, msg: Message) {
         let mut reg = self.registry();
         if let Some(link) = reg.links.get(&msg.to) {
-            let link = link.clone();
-            drop(reg);
-            return self.push(&link, Frame::Raft(msg));
+            // Written under the lock (a non-blocking write that takes no
+            // other lock): no clone of the link per message.
+            return self.push(link, Frame::Raft(msg));
         }
         let Some(addr) = address else {
             self.error("unknown_address");
@@ -562,6 +562,49 @@ mod tests {
         let second = a.transport.hello(&b.addr).await.unwrap();
         assert_eq!(second.term, 5, "asked again on the same connection");
         assert_eq!(links(&a).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn frames_the_socket_cannot_take_wait_bounded_and_arrive_in_order() {
+        // Large frames (a long sender name) to a node that reads nothing
+        // yet: its socket fills, the rest waits in the outbox.
+        let (a, mut b) = (start(&"a".repeat(12_000)).await, start("b").await);
+        let template = msg(&a, &b);
+        let numbered = |i: u64| Message {
+            term: Term(i),
+            ..template.clone()
+        };
+        a.transport.send(Some(&b.addr), numbered(0));
+        assert!(matches!(next(&mut b).await, Inbound::Message(_)));
+        let (mut sent, mut waited) = (1, false);
+        while sent < 10 * connection::OUT_QUEUE as u64 {
+            a.transport.send(None, numbered(sent));
+            let link = a.transport.registry().links.get(&b.id).cloned().unwrap();
+            if link.waiting() {
+                waited = true;
+            }
+            sent += 1;
+        }
+        assert!(waited, "the socket never filled");
+        let dropped = a
+            .transport
+            .inner
+            .metrics
+            .peer_rpc_errors
+            .with_label_values(&["queue_full"])
+            .get();
+        assert!(dropped > 0, "the outbox is bounded");
+        // Once read, what was not dropped arrives whole and in order.
+        let mut last = 0;
+        let mut got = 1;
+        while let Ok(Some(Inbound::Message(m))) =
+            tokio::time::timeout(Duration::from_millis(500), b.inbound.recv()).await
+        {
+            assert!(m.term.0 > last, "term {} after {last}", m.term.0);
+            last = m.term.0;
+            got += 1;
+        }
+        assert_eq!(got + dropped, sent, "every frame arrived or was counted");
     }
 
     #[tokio::test]

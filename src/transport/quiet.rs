@@ -16,19 +16,21 @@
 //!     A poll that finds the socket empty leaves it watched until the next frame.
 //!   leader (Switch, set by the node while it holds its lease with nothing in
 //!     flight; `runtime::node`, "Quiet rounds"): the mark goes up on every connection
-//!     it sends heartbeats on; each heartbeat the writer sends has the reader lower
+//!     it sends heartbeats on; each heartbeat sent on a connection has its reader lower
 //!     it, so a round's answers are read in the next round's wakeup.
 //! ```
 //!
 //! Frames that must not wait carry a nudge ([`Pace::sending`]): every
-//! frame that is neither a heartbeat nor an answer to one, sent on a
+//! frame that is neither a heartbeat, an answer to one nor a probe (hello
+//! and its identity answer, which have 500 ms to arrive), sent on a
 //! connection that carried heartbeats either way in the last
 //! [`NUDGE_WINDOW`], is followed in the same write by a [`Frame::Nudge`] of
 //! [`QUIET_MARK`] bytes of padding: the queued bytes reach the mark and the
 //! receiver wakes at once.
 //!
 //! Invariants:
-//! 1. **Only heartbeats and their answers wait, and at most one round.**
+//! 1. **Only heartbeats, their answers and probes (hello, identity) wait,
+//!    and at most one round.**
 //!    A follower's mark is up only until the heartbeat is due + [`GUARD`];
 //!    a leader's only until its next heartbeat on that connection, at most
 //!    one interval (its next deadline is its next round), or until the node
@@ -105,11 +107,14 @@ fn heartbeat_round(frame: &Frame) -> Option<u64> {
 }
 
 /// Returns whether `frame` may wait for the receiver's next wakeup: a
-/// heartbeat or an answer to one. A goodbye needs no nudge: the FIN behind
-/// it wakes the receiver.
+/// heartbeat or an answer to one, or a hello or identity (membership
+/// probes, once per `--dns-interval`, whose answer may take the request
+/// timeout, 500 ms: waiting a round each way costs them nothing, while a
+/// nudge costs both sides a 4 KiB frame every probe).
+/// A goodbye needs no nudge: the FIN behind it wakes the receiver.
 fn may_wait(frame: &Frame) -> bool {
     heartbeat_round(frame).is_some()
-        || matches!(frame, Frame::Goodbye)
+        || matches!(frame, Frame::Goodbye | Frame::Hello | Frame::Identity(_))
         || matches!(
             frame,
             Frame::Raft(Message {
@@ -167,7 +172,7 @@ impl Pace {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Called by the writer for every frame; returns whether a [`nudge`]
+    /// Called for every frame sent; returns whether a [`nudge`]
     /// must follow it in the same write.
     pub fn sending(&self, frame: &Frame) -> bool {
         let now = Instant::now();
@@ -583,11 +588,7 @@ mod tests {
         let mut rhythm = after_heartbeats(6, 50);
         let at = rhythm.poll_at;
         rhythm.observe(&Frame::Hello, &pace());
-        let Frame::Raft(mut msg) = heartbeat(1) else {
-            unreachable!()
-        };
-        msg.body = MessageBody::TimeoutNow;
-        rhythm.observe(&Frame::Raft(msg), &pace());
+        rhythm.observe(&urgent(), &pace());
         assert_eq!(rhythm.poll_at, at);
     }
 
@@ -609,22 +610,49 @@ mod tests {
         assert_eq!(rhythm.quiet_reads, 0);
     }
 
+    /// A frame that must not wait: a leadership handoff's TimeoutNow.
+    fn urgent() -> Frame {
+        let Frame::Raft(mut msg) = heartbeat(1) else {
+            unreachable!()
+        };
+        msg.body = MessageBody::TimeoutNow;
+        Frame::Raft(msg)
+    }
+
     #[test]
     fn urgent_frames_are_nudged_only_shortly_after_heartbeats_either_way() {
         let sender = pace();
-        assert!(!sender.sending(&Frame::Hello), "no heartbeat yet");
+        assert!(!sender.sending(&urgent()), "no heartbeat yet");
         assert!(!sender.sending(&heartbeat(1)));
-        assert!(sender.sending(&Frame::Hello), "after a heartbeat sent");
+        assert!(sender.sending(&urgent()), "after a heartbeat sent");
         assert!(!sender.sending(&answer()), "answers may wait");
         assert!(!sender.sending(&Frame::Goodbye), "the FIN wakes");
         sender.stamps().sent = Some(Instant::now() - NUDGE_WINDOW);
-        assert!(!sender.sending(&Frame::Hello), "window over");
+        assert!(!sender.sending(&urgent()), "window over");
         // A follower nudges what it sends to the leader it hears from.
         let follower = pace();
         let mut rhythm = Rhythm::default();
         rhythm.observe(&heartbeat(1), &follower);
-        assert!(follower.sending(&Frame::Hello));
+        assert!(follower.sending(&urgent()));
         assert!(!follower.sending(&answer()));
+    }
+
+    #[test]
+    fn probes_wait_for_the_next_round_without_a_nudge() {
+        let sender = pace();
+        sender.sending(&heartbeat(1));
+        assert!(!sender.sending(&Frame::Hello), "a hello waits");
+        let info = crate::transport::PeerInfo {
+            cluster_id: "prod".into(),
+            id: crate::raft::NodeId::new("a", 1),
+            address: "10.0.0.1:4041".into(),
+            joined: true,
+            term: 1,
+            leader: None,
+            leaving: false,
+            bootstrap_lock: None,
+        };
+        assert!(!sender.sending(&Frame::Identity(info)), "its answer waits");
     }
 
     #[test]
@@ -734,10 +762,10 @@ mod tests {
         // Halfway to the next heartbeat, an urgent frame and its nudge.
         tokio::time::sleep_until(next - spacing / 2).await;
         let sent = Instant::now();
-        write(&mut leader, &Frame::Hello).await;
+        write(&mut leader, &urgent()).await;
         write(&mut leader, &nudge()).await;
         let (frame, at, raised) = got(&mut frames).await;
-        assert_eq!(frame, Frame::Hello);
+        assert_eq!(frame, urgent());
         assert!(raised, "it was held by the mark");
         assert!(
             at - sent < spacing / 4,

@@ -37,6 +37,12 @@ impl Frame {
         serde_json::to_vec(self)
     }
 
+    /// Encodes the frame as JSON, appended to `out` (no allocation when
+    /// `out` has room).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(out, self)
+    }
+
     /// Decodes a frame, refusing anything that is not exactly one frame.
     pub fn decode(bytes: &[u8]) -> Result<Frame, serde_json::Error> {
         serde_json::from_slice(bytes)
