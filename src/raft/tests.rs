@@ -1027,30 +1027,38 @@ fn a_vote_answer_carries_how_long_ago_the_voter_heard_its_leader() {
     );
 }
 
+/// Returns `a` following c in term 1, which hands its term over to `a`
+/// with TimeoutNow at `t`.
+fn node_told_to_campaign_by_c(t: Time) -> RaftCore {
+    let mut a = node("a");
+    let round = MessageBody::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: Term(0),
+        entries: vec![],
+        leader_commit: 1,
+        round: 1,
+    };
+    a.step(t, msg("c", "a", 1, round)).unwrap();
+    a.step(t, msg("c", "a", 1, MessageBody::TimeoutNow))
+        .unwrap();
+    a
+}
+
 /// Elects `a` in term 2 at `t` with b's vote, b having heard a leader
 /// `age_ms` before; its first round goes out at `t`.
 fn leader_a_after_vote_of_age(t: Time, age_ms: u64, transfer: bool) -> RaftCore {
-    let mut a = node("a");
-    if transfer {
-        // Following c, which hands its term over with TimeoutNow.
-        let round = MessageBody::AppendEntries {
-            prev_log_index: 1,
-            prev_log_term: Term(0),
-            entries: vec![],
-            leader_commit: 1,
-            round: 1,
-        };
-        a.step(t, msg("c", "a", 1, round)).unwrap();
-        a.step(t, msg("c", "a", 1, MessageBody::TimeoutNow))
-            .unwrap();
+    let mut a = if transfer {
+        node_told_to_campaign_by_c(t)
     } else {
+        let mut a = node("a");
         a.tick(t);
         a.step(
             t,
             msg("b", "a", 1, MessageBody::PreVoteResponse { granted: true }),
         )
         .unwrap();
-    }
+        a
+    };
     assert_eq!(a.role(), Role::Candidate);
     let term = a.term().0;
     a.step(
@@ -1113,17 +1121,7 @@ fn a_new_leader_takes_no_lease_before_its_voters_stickiness_has_surely_ended() {
 #[test]
 fn a_transfer_winner_holds_its_lease_one_round_trip_after_winning_with_no_save_between() {
     let t = ms(9000);
-    let mut a = node("a");
-    let round = MessageBody::AppendEntries {
-        prev_log_index: 1,
-        prev_log_term: Term(0),
-        entries: vec![],
-        leader_commit: 1,
-        round: 1,
-    };
-    a.step(t, msg("c", "a", 1, round)).unwrap();
-    a.step(t, msg("c", "a", 1, MessageBody::TimeoutNow))
-        .unwrap();
+    let mut a = node_told_to_campaign_by_c(t);
     assert!(
         a.take_ready().hard_state.is_some(),
         "term and vote are saved"
