@@ -16,6 +16,7 @@ use crate::raft::{NodeId, RaftCore, Time};
 use crate::runtime::bootstrap::{FirstConfigRecord, RecordAsk, RecordRead, RecordedAgreement};
 use crate::runtime::{MembershipPolicy, NodeOptions, NodeTask};
 use crate::storage::{FileStore, HardStateStore, MemoryStore};
+use crate::timer::{next_tick, DeadlineTimer};
 use crate::transport::{PeerInfo, Transport, TransportConfig};
 use anyhow::{bail, Context};
 use std::collections::BTreeSet;
@@ -379,6 +380,7 @@ async fn probe_peers(
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    let mut timer = DeadlineTimer::new();
     loop {
         let addrs: Vec<String> = peers
             .borrow_and_update()
@@ -417,7 +419,8 @@ async fn probe_peers(
         dns_pace.send_if_modified(|pace| std::mem::replace(pace, dns_wait) != dns_wait);
         tokio::select! {
             // Re-ask on a timer: membership needs to know who is still there.
-            _ = tokio::time::sleep(wait) => {}
+            // On the ticks discovery uses, so both wake the runtime once.
+            _ = timer.sleep_until(next_tick(wait)) => {}
             // Discovery changed: ask the new set at once.
             changed = peers.changed() => if changed.is_err() { return },
             // Joined, or became or stopped being leader: the pace changes.

@@ -12,6 +12,8 @@
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::OnceLock;
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::time::Instant;
@@ -102,6 +104,25 @@ impl DeadlineTimer {
     }
 }
 
+/// Returns the first instant after now that is a whole number of `period`s
+/// after a process-wide epoch. Loops that repeat with the same period and
+/// wait on [`DeadlineTimer`]s for these instants wake together, in one
+/// wakeup of the runtime instead of one each (discovery and the hello
+/// probes; idle CPU).
+pub fn next_tick(period: Duration) -> Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let epoch = Instant::from_std(*EPOCH.get_or_init(std::time::Instant::now));
+    tick_after(epoch, Instant::now(), period)
+}
+
+/// The first `epoch + k × period` (k ≥ 1) after `now`.
+fn tick_after(epoch: Instant, now: Instant, period: Duration) -> Instant {
+    let period_ns = period.as_nanos().max(1);
+    let ticks = now.saturating_duration_since(epoch).as_nanos() / period_ns + 1;
+    let offset = u64::try_from(ticks.saturating_mul(period_ns)).unwrap_or(u64::MAX);
+    epoch + Duration::from_nanos(offset)
+}
+
 impl Default for DeadlineTimer {
     fn default() -> DeadlineTimer {
         DeadlineTimer::new()
@@ -111,7 +132,36 @@ impl Default for DeadlineTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn ticks_are_whole_periods_after_the_epoch() {
+        let epoch = Instant::now();
+        let ms = Duration::from_millis;
+        let period = ms(2000);
+        assert_eq!(tick_after(epoch, epoch, period), epoch + ms(2000));
+        assert_eq!(
+            tick_after(epoch, epoch + ms(1999), period),
+            epoch + ms(2000)
+        );
+        assert_eq!(
+            tick_after(epoch, epoch + ms(2000), period),
+            epoch + ms(4000)
+        );
+        assert_eq!(
+            tick_after(epoch, epoch + ms(5100), period),
+            epoch + ms(6000)
+        );
+        // Two loops, one with twice the other's period: every tick of the
+        // slower one is a tick of the faster one.
+        let now = epoch + ms(4100);
+        assert_eq!(tick_after(epoch, now, ms(4000)), epoch + ms(8000));
+        assert_eq!(
+            tick_after(epoch, epoch + ms(7999), period),
+            epoch + ms(8000)
+        );
+        // A zero period cannot divide by zero.
+        assert!(tick_after(epoch, now, Duration::ZERO) > now);
+    }
 
     #[tokio::test]
     async fn wakes_at_the_deadline_not_before() {

@@ -4,6 +4,7 @@
 
 use super::{resolve_once, DiscoveryConfig, DiscoveryError, DiscoverySource};
 use crate::metrics::Metrics;
+use crate::timer::{next_tick, DeadlineTimer};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
@@ -66,9 +67,12 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
     let mut tracker = PeerSetTracker::default();
     let mut backoff = Backoff::new(INITIAL_BACKOFF, cfg.max_backoff);
     let mut failures = FailureLog::default();
+    // A kernel timer, and regular lookups on the ticks the hello probes use
+    // (`timer::next_tick`): an idle leader wakes once for both.
+    let mut timer = DeadlineTimer::new();
     loop {
         let result = resolve_once(&cfg.source).await;
-        let delay = match result {
+        let wake_at = match result {
             Ok(peers) => {
                 let label = if peers.is_empty() { "empty" } else { "ok" };
                 metrics.dns_lookups.with_label_values(&[label]).inc();
@@ -77,32 +81,33 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
                 if let Some(changed) = tracker.on_answer(peers) {
                     publish(tx, metrics, changed);
                 }
-                match &mut pace {
+                let interval = match &mut pace {
                     Some(pace) => *pace.borrow_and_update(),
                     None => cfg.interval,
                 }
-                .max(MIN_INTERVAL)
+                .max(MIN_INTERVAL);
+                next_tick(interval)
             }
             Err(e) => {
                 metrics.dns_lookups.with_label_values(&["error"]).inc();
                 tracker.on_failure();
                 let delay = backoff.next_delay();
                 failures.on_failure(&e, delay, Instant::now());
-                delay
+                Instant::now() + delay
             }
         };
         match &mut pace {
             Some(pace) => {
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+                    () = timer.sleep_until(wake_at) => {}
                     // A new pace (this node became leader, say): look now.
                     changed = pace.changed() => if changed.is_err() {
                         // The runtime is gone: keep the last pace.
-                        tokio::time::sleep(delay).await;
+                        timer.sleep_until(wake_at).await;
                     },
                 }
             }
-            None => tokio::time::sleep(delay).await,
+            None => timer.sleep_until(wake_at).await,
         }
     }
 }
