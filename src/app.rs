@@ -37,6 +37,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_WHILE_JOINING: Duration = Duration::from_millis(250);
 /// A joined follower probes this many times less often than a leader.
 const FOLLOWER_PROBE_FACTOR: u32 = 10;
+/// How long after a lookup tick (`timer::next_tick`) the hello probes go
+/// out: the lookup of that tick has answered by then.
+const PROBE_AFTER_LOOKUP: Duration = Duration::from_millis(100);
 /// Time limit of a peer dial (connect and handshake) and of a hello.
 const PEER_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long connections get to deliver their goodbyes at shutdown.
@@ -419,8 +422,10 @@ async fn probe_peers(
         dns_pace.send_if_modified(|pace| std::mem::replace(pace, dns_wait) != dns_wait);
         tokio::select! {
             // Re-ask on a timer: membership needs to know who is still there.
-            // On the ticks discovery uses, so both wake the runtime once.
-            _ = timer.sleep_until(next_tick(wait)) => {}
+            // A kernel timer (no wakeups of tokio's timer wheel), a little
+            // after discovery's lookup on the same tick, so the probes ask
+            // the addresses that lookup found, not the ones before it.
+            _ = timer.sleep_until(next_tick(wait) + PROBE_AFTER_LOOKUP.min(wait / 2)) => {}
             // Discovery changed: ask the new set at once.
             changed = peers.changed() => if changed.is_err() { return },
             // Joined, or became or stopped being leader: the pace changes.

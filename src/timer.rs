@@ -105,10 +105,9 @@ impl DeadlineTimer {
 }
 
 /// Returns the first instant after now that is a whole number of `period`s
-/// after a process-wide epoch. Loops that repeat with the same period and
-/// wait on [`DeadlineTimer`]s for these instants wake together, in one
-/// wakeup of the runtime instead of one each (discovery and the hello
-/// probes; idle CPU).
+/// after a process-wide epoch: loops that repeat with the same period keep
+/// a fixed order within a period (discovery looks up on the tick, the hello
+/// probes go out shortly after it) instead of drifting through each other.
 pub fn next_tick(period: Duration) -> Instant {
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
     let epoch = Instant::from_std(*EPOCH.get_or_init(std::time::Instant::now));

@@ -67,8 +67,9 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
     let mut tracker = PeerSetTracker::default();
     let mut backoff = Backoff::new(INITIAL_BACKOFF, cfg.max_backoff);
     let mut failures = FailureLog::default();
-    // A kernel timer, and regular lookups on the ticks the hello probes use
-    // (`timer::next_tick`): an idle leader wakes once for both.
+    // A kernel timer (tokio's timer wheel would wake the runtime early to
+    // move a 2 s timer between its levels), and regular lookups on shared
+    // ticks (`timer::next_tick`): the hello probes go out just after them.
     let mut timer = DeadlineTimer::new();
     loop {
         let result = resolve_once(&cfg.source).await;
