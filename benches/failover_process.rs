@@ -13,13 +13,15 @@
 //! build too (e.g. the previous release) and measures idle CPU of both
 //! interleaved, `--idle-rounds N` times each (default 1, 3 with a
 //! baseline), so machine noise shows as the spread between rounds.
+//! `--idle-peers static` runs the idle clusters with `--peers` instead of
+//! DNS discovery (the default, `dns`), to tell discovery's share apart.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use support::cluster::{Cluster, ClusterConfig, Timeline};
+use support::cluster::{Cluster, ClusterConfig, PeerDiscovery, Timeline};
 
 /// Trials per cluster size and per handoff series (`--trials N` overrides).
 const TRIALS: usize = 30;
@@ -284,9 +286,10 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-async fn bench(trials: usize, builds: &[Build], idle_rounds: usize) {
+async fn bench(trials: usize, builds: &[Build], idle_rounds: usize, idle_peers: PeerDiscovery) {
     println!("# failover_process: real processes on loopback\n");
     println!("machine: {}\n", machine());
+    println!("idle clusters: {idle_peers:?} peer discovery\n");
     for build in builds {
         if trials == 0 {
             break;
@@ -316,6 +319,7 @@ async fn bench(trials: usize, builds: &[Build], idle_rounds: usize) {
             );
             let quiet = ClusterConfig {
                 extra_args: Vec::new(),
+                discovery: idle_peers,
                 binary: build.binary.clone(),
                 ..ClusterConfig::default()
             };
@@ -503,10 +507,18 @@ fn main() {
     let idle_rounds = flag("--idle-rounds")
         .and_then(|v| v.parse().ok())
         .unwrap_or(default_rounds);
+    let idle_peers = match flag("--idle-peers").as_deref() {
+        None | Some("dns") => PeerDiscovery::Dns,
+        Some("static") => PeerDiscovery::Static,
+        Some(other) => {
+            eprintln!("--idle-peers takes dns or static, not {other:?}");
+            std::process::exit(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("build the tokio runtime");
-    runtime.block_on(bench(trials, &builds, idle_rounds));
+    runtime.block_on(bench(trials, &builds, idle_rounds, idle_peers));
 }
