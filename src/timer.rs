@@ -114,12 +114,16 @@ pub fn next_tick(period: Duration) -> Instant {
     tick_after(epoch, Instant::now(), period)
 }
 
-/// The first `epoch + k × period` (k ≥ 1) after `now`.
+/// The first `epoch + k × period` (k ≥ 1) after `now`; a period too long
+/// for the clock (an absurd flag value) gives a tick a year from now.
 fn tick_after(epoch: Instant, now: Instant, period: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
     let period_ns = period.as_nanos().max(1);
     let ticks = now.saturating_duration_since(epoch).as_nanos() / period_ns + 1;
-    let offset = u64::try_from(ticks.saturating_mul(period_ns)).unwrap_or(u64::MAX);
-    epoch + Duration::from_nanos(offset)
+    u64::try_from(ticks.saturating_mul(period_ns))
+        .ok()
+        .and_then(|offset| epoch.checked_add(Duration::from_nanos(offset)))
+        .unwrap_or(now + FAR)
 }
 
 impl Default for DeadlineTimer {
@@ -158,8 +162,10 @@ mod tests {
             tick_after(epoch, epoch + ms(7999), period),
             epoch + ms(8000)
         );
-        // A zero period cannot divide by zero.
+        // A zero period cannot divide by zero, nor can a huge one overflow.
         assert!(tick_after(epoch, now, Duration::ZERO) > now);
+        assert!(tick_after(epoch, now, Duration::MAX) > now);
+        assert!(tick_after(epoch, now, Duration::from_secs(u64::MAX / 4)) > now);
     }
 
     #[tokio::test]
