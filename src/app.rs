@@ -110,7 +110,7 @@ pub async fn run(
     });
     let (state_tx, state_rx) = watch::channel(LeaderState::initial(
         core.id().to_string(),
-        core.id().name.clone(),
+        core.id().name.to_string(),
     ));
 
     let mut tasks = JoinSet::new();
@@ -334,7 +334,7 @@ fn open_core(cfg: &RunConfig) -> anyhow::Result<(Box<dyn HardStateStore>, RaftCo
     let seed = rand::random();
     let core = match store.load()? {
         Some(state) => {
-            if state.id.name != cfg.id {
+            if *state.id.name != *cfg.id {
                 bail!(
                     "the state in {:?} belongs to member {:?}, not {:?}: give each member its own --state-dir",
                     cfg.state_dir,

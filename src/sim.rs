@@ -1086,7 +1086,7 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, msg: Message) {
-        let Some(&to) = self.slot_of.get(&msg.to.name) else {
+        let Some(&to) = self.slot_of.get(&*msg.to.name) else {
             return;
         };
         if self.blocked[from][to] || self.rng.random::<f64>() < self.loss {

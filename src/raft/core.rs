@@ -328,6 +328,9 @@ pub struct RaftCore {
     messages: Vec<Message>,
     hard_state_dirty: bool,
     published: Option<Leadership>,
+    /// A buffer the leader reuses for per-voter numbers (the lease's and
+    /// the commit's order statistics), so a round allocates nothing there.
+    scratch: Vec<u64>,
 }
 
 impl RaftCore {
@@ -396,6 +399,7 @@ impl RaftCore {
             messages: Vec::new(),
             hard_state_dirty: false,
             published: None,
+            scratch: Vec::new(),
         };
         core.refresh_config();
         core.reset_election_timer(now);
@@ -464,27 +468,54 @@ impl RaftCore {
 
     /// Returns the leadership view as of now.
     pub fn leadership(&self) -> Leadership {
-        let leader_address = self
-            .leader
-            .as_ref()
-            .and_then(|l| {
-                if *l == self.id {
-                    Some(self.address.as_str())
-                } else {
-                    self.config.address(l)
-                }
-            })
-            .map(str::to_owned);
         Leadership {
             role: self.role,
             term: self.term,
             leader: self.leader.clone(),
-            leader_address,
+            leader_address: self.leader_address().map(str::to_owned),
             lease_until: self.lease_until(),
             is_voter: self.config.is_voter(&self.id),
             voters: self.config.voters.len(),
             learners: self.config.learners.len(),
         }
+    }
+
+    /// Returns the known leader's peer address.
+    fn leader_address(&self) -> Option<&str> {
+        self.leader.as_ref().and_then(|l| {
+            if *l == self.id {
+                Some(self.address.as_str())
+            } else {
+                self.config.address(l)
+            }
+        })
+    }
+
+    /// Returns whether [`leadership`](Self::leadership) would equal the view
+    /// last reported, without building a new one (this runs after every
+    /// input; most change nothing a view shows).
+    fn leadership_unchanged(&self) -> bool {
+        let Some(p) = &self.published else {
+            return false;
+        };
+        let Leadership {
+            role,
+            term,
+            leader,
+            leader_address,
+            lease_until,
+            is_voter,
+            voters,
+            learners,
+        } = p;
+        *role == self.role
+            && *term == self.term
+            && *leader == self.leader
+            && leader_address.as_deref() == self.leader_address()
+            && *lease_until == self.lease_until()
+            && *is_voter == self.config.is_voter(&self.id)
+            && *voters == self.config.voters.len()
+            && *learners == self.config.learners.len()
     }
 
     /// Returns the earliest time at which [`tick`](Self::tick) has work to do.
@@ -577,12 +608,12 @@ impl RaftCore {
         } else {
             None
         };
-        let now_view = self.leadership();
-        let leadership = if self.published.as_ref() != Some(&now_view) {
+        let leadership = if self.leadership_unchanged() {
+            None
+        } else {
+            let now_view = self.leadership();
             self.published = Some(now_view.clone());
             Some(now_view)
-        } else {
-            None
         };
         Ready {
             hard_state,
@@ -1641,23 +1672,21 @@ impl RaftCore {
         let Some(lead) = self.lead.as_ref() else {
             return;
         };
-        let mut matched: Vec<LogIndex> = self
-            .config
-            .voters
-            .keys()
-            .map(|v| {
-                if *v == self.id {
-                    self.log.last_index()
-                } else {
-                    lead.progress.get(v).map_or(0, |p| p.matched)
-                }
-            })
-            .collect();
-        if matched.is_empty() {
-            return;
-        }
+        let mut matched = std::mem::take(&mut self.scratch);
+        matched.clear();
+        matched.extend(self.config.voters.keys().map(|v| {
+            if *v == self.id {
+                self.log.last_index()
+            } else {
+                lead.progress.get(v).map_or(0, |p| p.matched)
+            }
+        }));
         matched.sort_unstable_by(|a, b| b.cmp(a));
-        let n = matched[self.config.quorum() - 1];
+        let quorum_matched = matched.get(self.config.quorum() - 1).copied();
+        self.scratch = matched;
+        let Some(n) = quorum_matched else {
+            return;
+        };
         if n > self.commit && self.log.term_at(n) == Some(self.term) {
             self.advance_commit(n);
             // Tell followers promptly so a new configuration takes hold fast.
@@ -1709,23 +1738,21 @@ impl RaftCore {
             lead.lease_until = None;
             return;
         }
-        let mut rounds: Vec<u64> = self
-            .config
-            .voters
-            .keys()
-            .filter_map(|v| {
-                if *v == self.id {
-                    Some(lead.own_round)
-                } else {
-                    lead.progress.get(v).and_then(|p| p.acked_round)
-                }
-            })
-            .collect();
-        if rounds.len() < quorum {
-            return;
-        }
+        let mut rounds = std::mem::take(&mut self.scratch);
+        rounds.clear();
+        rounds.extend(self.config.voters.keys().filter_map(|v| {
+            if *v == self.id {
+                Some(lead.own_round)
+            } else {
+                lead.progress.get(v).and_then(|p| p.acked_round)
+            }
+        }));
         rounds.sort_unstable_by(|a, b| b.cmp(a));
-        let start = Time::from_nanos(rounds[quorum - 1]);
+        let quorum_round = rounds.get(quorum - 1).copied();
+        self.scratch = rounds;
+        let Some(start) = quorum_round.map(Time::from_nanos) else {
+            return;
+        };
         if start < lead.lease_not_before {
             // Sent while the previous leader's lease may still hold.
             return;

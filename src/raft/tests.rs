@@ -95,7 +95,7 @@ fn sent_kinds(ready: &Ready) -> Vec<(String, &'static str)> {
     ready
         .messages
         .iter()
-        .map(|m| (m.to.name.clone(), m.body.kind()))
+        .map(|m| (m.to.name.to_string(), m.body.kind()))
         .collect()
 }
 
@@ -1293,7 +1293,7 @@ fn a_leader_whose_transfer_target_refuses_hands_over_to_the_next_voter_at_once()
     let ready = a.take_ready();
     assert_eq!(
         sent_kinds(&ready),
-        vec![(second.name.clone(), "timeout_now")]
+        vec![(second.name.to_string(), "timeout_now")]
     );
 }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::{Add, Sub};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A Raft term (Raft paper §5.1). Terms only grow.
@@ -37,17 +38,20 @@ pub type LogIndex = u64;
 /// so it is a *new* member and can never vote as its old self (the
 /// architecture's "incarnations" rule). The old incarnation is removed from
 /// the configuration like any member that is gone.
+///
+/// The name is shared, not copied, when an id is cloned: ids are cloned
+/// into every message, view and map, tens of times a round on a leader.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId {
     /// Stable name, e.g. the pod name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Random per fresh start; persisted with the hard state.
     pub incarnation: u64,
 }
 
 impl NodeId {
     /// Creates an identity from a name and an incarnation.
-    pub fn new(name: impl Into<String>, incarnation: u64) -> NodeId {
+    pub fn new(name: impl Into<Arc<str>>, incarnation: u64) -> NodeId {
         NodeId {
             name: name.into(),
             incarnation,

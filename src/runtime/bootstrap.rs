@@ -298,7 +298,7 @@ impl LocalAgreement {
         if !p.contains(me) {
             return Err("it does not include this node".to_string());
         }
-        let names: BTreeSet<&str> = members.iter().map(|(id, _)| id.name.as_str()).collect();
+        let names: BTreeSet<&str> = members.iter().map(|(id, _)| &*id.name).collect();
         if names.len() != members.len() {
             return Err("it names one member twice".to_string());
         }
@@ -355,9 +355,9 @@ impl LocalAgreement {
             {
                 continue;
             }
-            let newer = by_name.get(r.id.name.as_str()).is_none_or(|(_, t)| *t < at);
+            let newer = by_name.get(&*r.id.name).is_none_or(|(_, t)| *t < at);
             if newer {
-                by_name.insert(r.id.name.as_str(), (r, at));
+                by_name.insert(&*r.id.name, (r, at));
             }
         }
         let mut others: Vec<(NodeId, String)> = by_name
@@ -688,9 +688,9 @@ impl<R: FirstConfigRecord> RecordedAgreement<R> {
             if r.joined || r.lock.is_some() || r.id.name == me.name {
                 continue;
             }
-            let newer = by_name.get(r.id.name.as_str()).is_none_or(|(_, t)| *t < at);
+            let newer = by_name.get(&*r.id.name).is_none_or(|(_, t)| *t < at);
             if newer {
-                by_name.insert(r.id.name.as_str(), (r, at));
+                by_name.insert(&*r.id.name, (r, at));
             }
         }
         let mut members: Vec<(NodeId, String)> = by_name
@@ -723,10 +723,10 @@ impl<R: FirstConfigRecord> RecordedAgreement<R> {
             .local
             .fresh(now, me)
             .filter(|(r, _)| !r.joined && !recorded.contains(&r.id))
-            .map(|(r, _)| r.id.name.clone())
+            .map(|(r, _)| r.id.name.to_string())
             .collect();
         if !recorded.contains(me) {
-            names.insert(me.name.clone());
+            names.insert(me.name.to_string());
         }
         names
     }
@@ -882,7 +882,7 @@ mod tests {
             panic!("a proposal: {:?}", record.last_ask());
         };
         assert_eq!(by, me);
-        let names: Vec<&str> = members.iter().map(|(m, _)| m.name.as_str()).collect();
+        let names: Vec<&str> = members.iter().map(|(m, _)| &*m.name).collect();
         assert_eq!(names, ["a", "b", "c"]);
         // Another member's proposal won, with a voter limit of 1.
         let won = vec![

@@ -144,6 +144,12 @@ impl MembershipDriver {
     /// configuration may have changed, on every role: a follower that
     /// becomes leader must know what its predecessor removed.
     pub fn track_configuration(&mut self, me: &NodeId, config: &Configuration, now: Instant) {
+        // The common case, checked without building a set: nothing changed.
+        if self.members.len() == config.voters.len() + config.learners.len()
+            && config.members().all(|(id, _)| self.members.contains(id))
+        {
+            return;
+        }
         let current: BTreeSet<NodeId> = config.members().map(|(id, _)| id.clone()).collect();
         let removed: Vec<NodeId> = self
             .members

@@ -37,7 +37,9 @@ use super::bootstrap::{BootstrapAuthority, BootstrapStep, LocalAgreement, LocalV
 use super::membership::{MembershipChange, MembershipDriver, MembershipPolicy};
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
-use crate::raft::{Configuration, Leadership, Message, MessageBody, NodeId, RaftCore, Role, Time};
+use crate::raft::{
+    Configuration, Leadership, LogIndex, Message, MessageBody, NodeId, RaftCore, Role, Time,
+};
 use crate::storage::{HardStateStore, Persister, StorageError};
 use crate::timer::DeadlineTimer;
 use crate::transport::{Inbound, PeerInfo, SendToPeer};
@@ -141,6 +143,8 @@ pub struct NodeTask {
     /// Whether the transport was last told that answers may wait (see the
     /// module docs, "Quiet rounds").
     quiet: bool,
+    /// [`NodeTask::publish_key`] at the last full publish.
+    published: Option<(LogIndex, bool)>,
     /// Wakes the task for Raft deadlines.
     timer: DeadlineTimer,
 }
@@ -190,6 +194,7 @@ impl NodeTask {
             bootstrap,
             shutting_down: false,
             quiet: false,
+            published: None,
             timer: DeadlineTimer::new(),
         }
     }
@@ -384,9 +389,8 @@ impl NodeTask {
         self.run_bootstrap();
         // Every role tracks removals: a follower that becomes leader must
         // not re-add what its predecessor removed.
-        let me = self.core.id().clone();
         self.membership
-            .track_configuration(&me, self.core.configuration().0, now);
+            .track_configuration(self.core.id(), self.core.configuration().0, now);
         if self.core.role() == Role::Leader && !self.shutting_down {
             self.drive_membership(now);
         }
@@ -465,9 +469,8 @@ impl NodeTask {
     }
 
     fn drive_membership(&mut self, now: Instant) {
-        let me = self.core.id().clone();
-        let config = self.core.configuration().0.clone();
-        let Some(change) = self.membership.next_change(&me, &config, now) else {
+        let (me, config) = (self.core.id(), self.core.configuration().0);
+        let Some(change) = self.membership.next_change(me, config, now) else {
             return;
         };
         let (result, kind) = match &change {
@@ -529,7 +532,7 @@ impl NodeTask {
             self.peers.set_quiet(quiet);
         }
         match ready.leadership {
-            Some(view) => self.on_leadership(view),
+            Some(view) => self.on_leadership(view, saved),
             // A saved promise or first configuration is reported at once.
             None if saved => {
                 if let Some(view) = self.last_view.clone() {
@@ -582,12 +585,15 @@ impl NodeTask {
         self.peers.send(address, msg);
     }
 
-    fn on_leadership(&mut self, view: Leadership) {
+    /// Counts and logs what changed since the last view, then publishes
+    /// `view`. `saved`: the same output saved hard state (a promise that
+    /// the identity reports), so everything is published afresh.
+    fn on_leadership(&mut self, view: Leadership, saved: bool) {
         let now = Instant::now();
         let prev = self.last_view.take();
         let prev_role = prev.as_ref().map_or(Role::Follower, |p| p.role);
         let prev_term = prev.as_ref().map(|p| p.term);
-        let prev_leader = prev.as_ref().and_then(|p| p.leader.clone());
+        let prev_leader = prev.as_ref().and_then(|p| p.leader.as_ref());
         let m = &self.metrics;
         m.term.set(view.term.0 as i64);
         m.voters.set(view.voters as i64);
@@ -619,11 +625,11 @@ impl NodeTask {
         } else if prev_role == Role::Leader && view.role != Role::Leader {
             info!(term = %view.term, "stepped down");
         }
-        match (&prev_leader, &view.leader) {
+        match (prev_leader, &view.leader) {
             (Some(_), None) => {
                 self.leader_lost_at = Some(self.instant_of(self.core.last_leader_contact()));
             }
-            (old, Some(new)) if old.as_ref() != Some(new) => {
+            (old, Some(new)) if old != Some(new) => {
                 m.leader_changes.inc();
                 if let Some(lost) = self.leader_lost_at.take() {
                     m.election_duration
@@ -633,11 +639,54 @@ impl NodeTask {
             }
             _ => {}
         }
-        self.publish(&view);
+        let lease_only = !saved
+            && prev.as_ref().is_some_and(|p| same_but_lease(p, &view))
+            && self.published == Some(self.publish_key());
+        if !(lease_only && self.publish_lease(&view)) {
+            self.publish(&view);
+        }
         self.last_view = Some(view);
     }
 
-    fn publish(&self, view: &Leadership) {
+    /// What, besides the view, goes into a published state: the
+    /// configuration (members, whether this node joined) and whether this
+    /// node is shutting down. (The bootstrap promise changes only with a
+    /// save.)
+    fn publish_key(&self) -> (LogIndex, bool) {
+        (self.core.configuration().1, self.shutting_down)
+    }
+
+    /// Stores a new lease deadline, the one thing a leader's view changes
+    /// at every round, in the published state without rebuilding it and
+    /// without waking anyone (readers see it when they look; waiters look
+    /// again when the lease they saw runs out). Only for a view that differs
+    /// from the last published one in nothing else, and only while the
+    /// published lease has not run out: a lease regained is news. Returns
+    /// whether it stored the deadline; if not, publish in full.
+    fn publish_lease(&self, view: &Leadership) -> bool {
+        let now = Instant::now();
+        let Some(until) = view.lease_until.map(|t| self.instant_of(t)) else {
+            return false;
+        };
+        if self.shutting_down {
+            return false;
+        }
+        let mut stored = false;
+        self.state_tx.send_if_modified(|current| {
+            if current.is_leader_at(now) {
+                current.lease_until = Some(until);
+                stored = true;
+            }
+            false
+        });
+        if stored {
+            self.metrics.is_leader.set(i64::from(now < until));
+        }
+        stored
+    }
+
+    fn publish(&mut self, view: &Leadership) {
+        self.published = Some(self.publish_key());
         let joined = self.core.configuration().0.contains(self.core.id());
         let lease_until = if self.shutting_down {
             None
@@ -647,10 +696,10 @@ impl NodeTask {
         let me = self.core.id();
         let state = LeaderState {
             node_id: me.to_string(),
-            node_name: me.name.clone(),
+            node_name: me.name.to_string(),
             role: view.role,
             term: view.term.0,
-            leader: view.leader.as_ref().map(|l| l.name.clone()),
+            leader: view.leader.as_ref().map(|l| l.name.to_string()),
             leader_id: view.leader.as_ref().map(|l| l.to_string()),
             leader_address: view.leader_address.clone(),
             lease_until,
@@ -873,7 +922,7 @@ impl NodeTask {
 /// Lists a configuration's members for the leadership watch, voters first.
 fn members_of(config: &Configuration) -> Vec<crate::leadership::MemberInfo> {
     let member = |(id, address): (&NodeId, &String), voter| crate::leadership::MemberInfo {
-        name: id.name.clone(),
+        name: id.name.to_string(),
         id: id.to_string(),
         address: address.clone(),
         voter,
@@ -881,6 +930,27 @@ fn members_of(config: &Configuration) -> Vec<crate::leadership::MemberInfo> {
     let voters = config.voters.iter().map(|m| member(m, true));
     let learners = config.learners.iter().map(|m| member(m, false));
     voters.chain(learners).collect()
+}
+
+/// Returns whether two views differ at most in the lease's end.
+fn same_but_lease(a: &Leadership, b: &Leadership) -> bool {
+    let Leadership {
+        role,
+        term,
+        leader,
+        leader_address,
+        lease_until: _,
+        is_voter,
+        voters,
+        learners,
+    } = a;
+    *role == b.role
+        && *term == b.term
+        && *leader == b.leader
+        && *leader_address == b.leader_address
+        && *is_voter == b.is_voter
+        && *voters == b.voters
+        && *learners == b.learners
 }
 
 #[cfg(test)]
@@ -1131,14 +1201,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_lease_end_alone_is_stored_in_place_and_wakes_no_waiter() {
+        let (mut task, _, mut rx) = node(false).await;
+        let now = task.now();
+        let view = |lease_ms: Option<u64>| Leadership {
+            role: Role::Leader,
+            term: Term(3),
+            leader: Some(id("a")),
+            leader_address: Some("a:4041".into()),
+            lease_until: lease_ms.map(|ms| now + Duration::from_millis(ms)),
+            is_voter: true,
+            voters: 3,
+            learners: 0,
+        };
+        let (first, second, third) = (view(Some(100)), view(Some(300)), view(Some(400)));
+        let (lapsed, regained) = (view(Some(0)), view(Some(500)));
+        task.on_leadership(first, false);
+        assert!(rx.has_changed().unwrap(), "becoming leader is news");
+        assert_eq!(rx.borrow_and_update().role, Role::Leader);
+        task.on_leadership(second, false);
+        assert!(!rx.has_changed().unwrap(), "an extension is not news");
+        let until = rx.borrow().lease_until.expect("lease");
+        assert!(
+            until >= Instant::now() + Duration::from_millis(250),
+            "but readers see it at once"
+        );
+        assert_eq!(task.metrics.is_leader.get(), 1);
+        // A save in the same output (a bootstrap promise) republishes it all.
+        task.on_leadership(third, true);
+        assert!(!rx.has_changed().unwrap(), "still only the lease moved");
+        // A lease that ran out and came back is news.
+        task.on_leadership(lapsed, false);
+        rx.borrow_and_update();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        task.on_leadership(regained, false);
+        assert!(rx.has_changed().unwrap(), "a lease regained is news");
+        assert!(rx.borrow_and_update().is_leader_at(Instant::now()));
+    }
+
+    #[tokio::test]
     async fn a_lease_extension_alone_wakes_no_waiter() {
-        let (task, _, mut rx) = node(false).await;
+        let (mut task, _, mut rx) = node(false).await;
+        let now = task.now();
         let view = |lease_ms: u64| Leadership {
             role: Role::Leader,
             term: Term(3),
             leader: Some(id("a")),
             leader_address: Some("a:4041".into()),
-            lease_until: Some(task.now() + Duration::from_millis(lease_ms)),
+            lease_until: Some(now + Duration::from_millis(lease_ms)),
             is_voter: true,
             voters: 3,
             learners: 0,
