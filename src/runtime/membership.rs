@@ -144,9 +144,11 @@ impl MembershipDriver {
     /// configuration may have changed, on every role: a follower that
     /// becomes leader must know what its predecessor removed.
     pub fn track_configuration(&mut self, me: &NodeId, config: &Configuration, now: Instant) {
-        // The common case, checked without building a set: nothing changed.
+        // The common case, checked without building a set: nothing changed
+        // (equal sizes and every tracked id still a member make the sets
+        // equal; an id listed as voter and learner takes the long way).
         if self.members.len() == config.voters.len() + config.learners.len()
-            && config.members().all(|(id, _)| self.members.contains(id))
+            && self.members.iter().all(|id| config.contains(id))
         {
             return;
         }

@@ -1200,43 +1200,66 @@ mod tests {
         assert_eq!(task.membership.address_of(&NodeId::new("d", 1)), None);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_new_lease_end_alone_is_stored_in_place_and_wakes_no_waiter() {
         let (mut task, _, mut rx) = node(false).await;
         let now = task.now();
-        let view = |lease_ms: Option<u64>| Leadership {
+        let view = |lease_ms: u64| Leadership {
             role: Role::Leader,
             term: Term(3),
             leader: Some(id("a")),
             leader_address: Some("a:4041".into()),
-            lease_until: lease_ms.map(|ms| now + Duration::from_millis(ms)),
+            lease_until: Some(now + Duration::from_millis(lease_ms)),
             is_voter: true,
             voters: 3,
             learners: 0,
         };
-        let (first, second, third) = (view(Some(100)), view(Some(300)), view(Some(400)));
-        let (lapsed, regained) = (view(Some(0)), view(Some(500)));
-        task.on_leadership(first, false);
+        // Blanks the published members without waking anyone: a full
+        // publish rebuilds them, storing a new lease end in place does not.
+        let mark = |task: &NodeTask| {
+            task.state_tx.send_if_modified(|s| {
+                s.members.clear();
+                false
+            });
+        };
+        task.on_leadership(view(100), false);
         assert!(rx.has_changed().unwrap(), "becoming leader is news");
-        assert_eq!(rx.borrow_and_update().role, Role::Leader);
-        task.on_leadership(second, false);
+        assert_eq!(rx.borrow_and_update().members.len(), 3);
+
+        mark(&task);
+        task.on_leadership(view(300), false);
         assert!(!rx.has_changed().unwrap(), "an extension is not news");
-        let until = rx.borrow().lease_until.expect("lease");
-        assert!(
-            until >= Instant::now() + Duration::from_millis(250),
-            "but readers see it at once"
-        );
+        {
+            let state = rx.borrow();
+            assert!(state.members.is_empty(), "stored in place, nothing rebuilt");
+            let until = state.lease_until.expect("lease");
+            assert!(
+                until >= Instant::now() + Duration::from_millis(250),
+                "readers see the new end at once"
+            );
+        }
         assert_eq!(task.metrics.is_leader.get(), 1);
+
         // A save in the same output (a bootstrap promise) republishes it all.
-        task.on_leadership(third, true);
-        assert!(!rx.has_changed().unwrap(), "still only the lease moved");
-        // A lease that ran out and came back is news.
-        task.on_leadership(lapsed, false);
-        rx.borrow_and_update();
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        task.on_leadership(regained, false);
+        task.on_leadership(view(400), true);
+        assert_eq!(rx.borrow_and_update().members.len(), 3, "published in full");
+
+        // A lease that ran out and came back is news, published in full.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        mark(&task);
+        task.on_leadership(view(900), false);
         assert!(rx.has_changed().unwrap(), "a lease regained is news");
-        assert!(rx.borrow_and_update().is_leader_at(Instant::now()));
+        assert_eq!(rx.borrow_and_update().members.len(), 3);
+
+        // So is shutting down: the lease is no longer claimed.
+        mark(&task);
+        task.shutting_down = true;
+        task.on_leadership(view(1000), false);
+        assert!(rx.has_changed().unwrap(), "shutting down is news");
+        let state = rx.borrow_and_update();
+        assert_eq!(state.members.len(), 3);
+        assert_eq!(state.lease_until, None);
+        assert!(state.shutting_down);
     }
 
     #[tokio::test]

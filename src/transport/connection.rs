@@ -65,9 +65,9 @@ const DELACK_MAX: Duration = Duration::from_millis(10);
 /// Congestion control of peer connections. A connection carries a few
 /// hundred bytes a round, so no algorithm ever limits it, while each one
 /// costs CPU per segment: Reno, built into every Linux kernel and open to
-/// unprivileged processes, is the cheapest. Measured on the test VM with
-/// the system default BBR: an idle 5-node leader 4.64–4.83 millicores with
-/// Reno against 4.97–5.31 with BBR (README, "Idle CPU").
+/// unprivileged processes, is the simplest. Measured on the test VM, whose
+/// default is BBR: an idle 5-node leader 4.64–4.83 millicores with Reno
+/// against 4.97–5.31 with BBR (README, "Design in one page", transport).
 const CONGESTION_CONTROL: &str = "reno";
 /// The two options' numbers in `linux/tcp.h` (not in the libc crate yet).
 const TCP_RTO_MIN_US: libc::c_int = 45;
