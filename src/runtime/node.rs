@@ -60,6 +60,9 @@ const HOUSEKEEPING_FOLLOWER: Duration = Duration::from_secs(1);
 /// follower's heartbeats wake the task anyway, and every extra wakeup is
 /// idle CPU.
 const HOUSEKEEPING_SLACK: Duration = Duration::from_millis(50);
+/// Most peer messages stepped before their output is handled
+/// (`NodeTask::apply_queued`).
+const MAX_BATCH: usize = 16;
 /// A peer unseen for this many removal graces is forgotten (the leader's
 /// membership driver has removed it from the configuration by then).
 const FORGET_UNSEEN_AFTER: u32 = 4;
@@ -235,7 +238,7 @@ impl NodeTask {
                 input = self.next_input(&mut inbound, &mut seen, next_housekeeping + HOUSEKEEPING_SLACK) => input,
             };
             // Outside the race: a save, once begun, is awaited to its end.
-            self.apply(input);
+            self.apply_queued(input, &mut inbound);
             self.handle_ready().await?;
             // Membership, bootstrap and gauges.
             if Instant::now() >= next_housekeeping {
@@ -906,6 +909,20 @@ impl NodeTask {
         }
     }
 
+    /// Applies `input` and the peer messages already queued behind it, so
+    /// that one `handle_ready` handles them all: one save, one set of
+    /// sends, one view (an idle leader's answers arrive together, one per
+    /// follower). Persisting before sending holds for the batch as for one
+    /// input. Only what waits already is taken, at most [`MAX_BATCH`], so
+    /// nothing is delayed and the timers stay served.
+    fn apply_queued(&mut self, input: Input, inbound: &mut mpsc::Receiver<Inbound>) {
+        self.apply(input);
+        for _ in 1..MAX_BATCH {
+            let Ok(msg) = inbound.try_recv() else { break };
+            self.apply(Input::Peer(msg));
+        }
+    }
+
     /// Feeds an input to the core (its output is left for `handle_ready`).
     fn apply(&mut self, input: Input) {
         match input {
@@ -1145,6 +1162,36 @@ mod tests {
             "the answer goes to the requester at its configured address: {log:?}"
         );
         assert_eq!(log.len(), 2, "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn messages_queued_together_are_saved_once_before_any_answer_is_sent() {
+        let (mut task, log, _) = node(false).await;
+        let (tx, mut inbound) = mpsc::channel(4);
+        tx.try_send(vote_request("c", 6)).unwrap();
+        tx.try_send(vote_request("c", 7)).unwrap();
+        task.apply_queued(Input::Peer(vote_request("b", 5)), &mut inbound);
+        task.handle_ready().await.unwrap();
+        let log = log.lock().unwrap();
+        let kinds: Vec<_> = log
+            .iter()
+            .map(|e| match e {
+                Event::Saved { term } => format!("saved {term}"),
+                Event::Sent { to, kind, .. } => format!("{kind} to {}", to.name),
+                Event::Quiet(q) => format!("quiet {q}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "saved 7",
+                "request_vote_response to b",
+                "request_vote_response to c",
+                "request_vote_response to c"
+            ],
+            "one save of the last term and vote, then every answer"
+        );
+        assert!(inbound.try_recv().is_err(), "the queue was taken");
     }
 
     #[tokio::test]
