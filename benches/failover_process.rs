@@ -22,6 +22,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterConfig, PeerDiscovery, Timeline};
+use support::proc_stats;
 
 /// Trials per cluster size and per handoff series (`--trials N` overrides).
 const TRIALS: usize = 30;
@@ -201,29 +202,15 @@ async fn handoff_series(build: &Build, size: usize, trials: usize) -> Series {
     series
 }
 
-/// Returns the CPU time `pid` has run, in nanoseconds: the first field of
-/// `/proc/<pid>/schedstat` (the scheduler's exact count; `/proc/<pid>/stat`
-/// rounds to 10 ms ticks, a whole millicore over a 10 s window).
+/// The CPU time of every thread of `pid`, in nanoseconds (see
+/// `support::proc_stats`); a node that died mid-window fails the round.
 fn cpu_nanos(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        .expect("read /proc/pid/schedstat")
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("numeric run time in /proc/pid/schedstat")
+    proc_stats::cpu_nanos(pid).expect("the CPU clock of a running node")
 }
 
 /// Returns VmRSS of `pid` in MiB.
 fn rss_mib(pid: u32) -> f64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/pid/status");
-    kib / 1024.0
+    proc_stats::rss_mib(pid).expect("VmRSS of a running node")
 }
 
 /// Idle CPU (millicores) and RSS (MiB) of the leader and the followers.

@@ -37,6 +37,7 @@ use kube_env::{kube_requests, lines_of, testbed_bin, FaultProxy, KubeEnv, Leader
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::cluster::{Cluster, ClusterConfig, CLUSTER_ID};
+use support::proc_stats::{cpu_nanos, rss_mib};
 
 const REPLICAS: usize = 5;
 const TRIALS: usize = 200;
@@ -77,35 +78,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn cpu_nanos(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
 /// Idle millicores and RSS of each pid over `window`.
 async fn idle(pids: &[u32], window: Duration) -> Vec<(f64, f64)> {
-    let before: Vec<u64> = pids.iter().map(|p| cpu_nanos(*p)).collect();
+    // A replica that dies mid-window fails the bench rather than read as idle.
+    let cpu = |p: u32| cpu_nanos(p).unwrap_or_else(|| panic!("replica {p} is gone"));
+    let before: Vec<u64> = pids.iter().map(|p| cpu(*p)).collect();
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let secs = t0.elapsed().as_secs_f64();
     pids.iter()
         .zip(before)
         .map(|(p, b)| {
-            let used = cpu_nanos(*p).saturating_sub(b) as f64 / 1e9;
-            (used / secs * 1000.0, rss_mib(*p))
+            let used = cpu(*p).saturating_sub(b) as f64 / 1e9;
+            let rss = rss_mib(*p).unwrap_or_else(|| panic!("replica {p} is gone"));
+            (used / secs * 1000.0, rss)
         })
         .collect()
 }
