@@ -18,11 +18,11 @@
 //! - idle CPU (millicores) and RSS per replica with publishing on, on fresh
 //!   replicas with default flags after the trials, and the same replicas
 //!   with `--no-kubernetes` for comparison: `--idle-rounds` rounds (default
-//!   3) of each, taken in turn so that load from elsewhere on the machine
+//!   5) of each, taken in turn so that load from elsewhere on the machine
 //!   falls on both alike; the targets are judged on the median round (the
 //!   leader's, and the highest follower's of each round).
 //!
-//! Run with `cargo bench --bench kube_failover` (about 7 minutes;
+//! Run with `cargo bench --bench kube_failover` (about 9 minutes;
 //! `-- --trials 10 --baseline-trials 2` for a quick look). Skips with a
 //! message where Go and the test bed binaries are missing.
 //! `KUBE_BENCH_BIN=<path>` runs that `raft-elector` binary instead of this
@@ -44,7 +44,7 @@ const TRIALS: usize = 200;
 const BASELINE_TRIALS: usize = 5;
 const STEADY_WINDOW: Duration = Duration::from_secs(30);
 const IDLE_WINDOW: Duration = Duration::from_secs(20);
-const IDLE_ROUNDS: usize = 3;
+const IDLE_ROUNDS: usize = 5;
 const WRITES: &[&str] = &["patch", "update", "create"];
 
 const LABEL_AFTER_200_P50_MS: f64 = 20.0;
