@@ -97,6 +97,15 @@ pub async fn run(
         )
     })?;
 
+    if let Some(path) = &cfg.status_file {
+        api::check_status_file(path).with_context(|| {
+            format!(
+                "cannot keep the status file at {}: set --status-file to a file in an existing, writable directory",
+                path.display()
+            )
+        })?;
+    }
+
     let (seen_tx, seen_rx) = mpsc::channel(256);
     let (identity_tx, identity_rx) = watch::channel(PeerInfo {
         cluster_id: cfg.cluster_id.clone(),
@@ -120,16 +129,10 @@ pub async fn run(
     tasks.spawn(async move { serving.serve(peer_listener, peer_stop).await });
     let app = api::router(state_rx.clone(), metrics.clone());
     let http_stop = stopped();
-    tasks.spawn(async move {
-        let served = axum::serve(http_listener, app)
-            .with_graceful_shutdown(http_stop)
-            .await;
-        if let Err(e) = served {
-            warn!(error = %e, "HTTP listener failed");
-        }
-    });
+    let http_metrics = metrics.clone();
+    tasks.spawn(async move { api::serve(http_listener, app, http_metrics, http_stop).await });
     if let Some(path) = cfg.status_file.clone() {
-        let handle = api::spawn_status_file(path, state_rx.clone(), stopped());
+        let handle = api::spawn_status_file(path, state_rx.clone(), metrics.clone(), stopped());
         tasks.spawn(async move {
             let _ = handle.await;
         });

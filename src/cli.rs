@@ -37,6 +37,14 @@ pub const SECRET_ENV: &str = "RAFT_ELECTOR_SECRET";
 const MAX_SELECTOR_LEN: usize = 1024;
 /// Most nodes the demo runs.
 pub const MAX_DEMO_NODES: u8 = 9;
+/// Shortest Raft timing value (heartbeat, election timeouts): shorter ones
+/// cannot be met and only keep the CPU busy.
+pub const MIN_RAFT_DURATION: Duration = Duration::from_millis(1);
+/// Shortest period of `--dns-interval` and the demo's fault timers.
+pub const MIN_PERIOD: Duration = Duration::from_millis(100);
+/// Longest duration any flag accepts (365 days); longer is surely a typo, and
+/// the code multiplies some durations by small factors, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// `raft-elector`: Raft leader election for Kubernetes pods.
 #[derive(Debug, Parser)]
@@ -86,6 +94,25 @@ impl RaftArgs {
         if self.max_voters == 0 {
             return Err(CliError::MaxVoters);
         }
+        for (flag, value, example) in [
+            (
+                "--heartbeat-interval",
+                self.heartbeat_interval,
+                "50ms (the default)",
+            ),
+            (
+                "--election-timeout-min",
+                self.election_timeout_min,
+                "150ms (the default)",
+            ),
+            (
+                "--election-timeout-max",
+                self.election_timeout_max,
+                "300ms (the default)",
+            ),
+        ] {
+            check_at_least(flag, value, MIN_RAFT_DURATION, example)?;
+        }
         let config = Config {
             election_timeout_min: self.election_timeout_min,
             election_timeout_max: self.election_timeout_max,
@@ -94,9 +121,9 @@ impl RaftArgs {
             max_voters: self.max_voters,
             ..Config::default()
         };
-        config.validate().map_err(|source| CliError::Raft {
-            flags: flags_of(&source),
-            source,
+        config.validate().map_err(|reason| CliError::Raft {
+            flags: flags_of(&reason),
+            reason,
         })?;
         Ok(config)
     }
@@ -367,11 +394,12 @@ pub enum CliError {
     NoSecret,
     #[error("both --secret-file and RAFT_ELECTOR_SECRET are set: keep only one")]
     BothSecrets,
-    #[error("cannot read the secret file {path}: {source}; check that the Secret is mounted there and readable")]
+    // The causes below are part of the text and deliberately not a
+    // `#[source]`: printing the error chain would repeat them.
+    #[error("cannot read the secret file {path}: {error}; check that the Secret is mounted there and readable")]
     SecretUnreadable {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the peer secret has {len} bytes but at least 16 are required; generate one with `head -c 32 /dev/urandom | base64`")]
     SecretTooShort { len: usize },
@@ -385,11 +413,17 @@ pub enum CliError {
     BootstrapExpectZero,
     #[error("{0} must be longer than zero")]
     ZeroDuration(&'static str),
-    #[error("invalid Raft setting: {source}; fix {flags}")]
+    #[error("{flag} {value} is too short: use at least {min}, e.g. {example}")]
+    TooShort {
+        flag: &'static str,
+        value: String,
+        min: String,
+        example: &'static str,
+    },
+    #[error("invalid Raft setting: {reason}; fix {flags}")]
     Raft {
         flags: &'static str,
-        #[source]
-        source: ConfigError,
+        reason: ConfigError,
     },
     #[error("--log-level {value:?} is not a valid log filter ({reason}); use e.g. info, debug or raft_elector=debug,info")]
     LogLevel { value: String, reason: String },
@@ -421,9 +455,36 @@ pub fn exit_code_for(err: &(dyn std::error::Error + 'static)) -> i32 {
     EXIT_FAILURE
 }
 
-/// Parses a humantime duration such as `150ms`, `2s` or `1m 30s`.
+/// Parses a humantime duration such as `150ms`, `2s` or `1m 30s`, of at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e}; use a duration like 150ms, 2s or 1m"))
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; use a duration like 150ms, 2s or 1m"))?;
+    if duration > MAX_DURATION {
+        return Err(
+            "longer than 365 days, the longest duration accepted; use a duration like 150ms, 2s or 1m"
+                .to_string(),
+        );
+    }
+    Ok(duration)
+}
+
+/// Refuses `value` of `flag` when it is shorter than `min`.
+fn check_at_least(
+    flag: &'static str,
+    value: Duration,
+    min: Duration,
+    example: &'static str,
+) -> Result<(), CliError> {
+    if value < min {
+        return Err(CliError::TooShort {
+            flag,
+            value: humantime::format_duration(value).to_string(),
+            min: humantime::format_duration(min).to_string(),
+            example,
+        });
+    }
+    Ok(())
 }
 
 impl RunArgs {
@@ -461,9 +522,12 @@ impl RunArgs {
         }
         let secret = read_secret(self.secret_file.as_deref(), host.secret.as_deref())?;
         let raft = self.raft.to_config()?;
-        if self.dns_interval.is_zero() {
-            return Err(CliError::ZeroDuration("--dns-interval"));
-        }
+        check_at_least(
+            "--dns-interval",
+            self.dns_interval,
+            MIN_PERIOD,
+            "2s (the default)",
+        )?;
         if self.removal_grace.is_zero() {
             return Err(CliError::ZeroDuration("--removal-grace"));
         }
@@ -701,9 +765,9 @@ fn read_secret(file: Option<&Path>, from_env: Option<&str>) -> Result<Vec<u8>, C
 }
 
 fn read_secret_file(path: &Path) -> Result<Vec<u8>, CliError> {
-    let unreadable = |source| CliError::SecretUnreadable {
+    let unreadable = |error| CliError::SecretUnreadable {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = std::fs::File::open(path).map_err(unreadable)?;
     let mut bytes = Vec::new();
@@ -787,13 +851,15 @@ impl DemoArgs {
                 max_base: u32::from(u16::MAX) + 1 - 2 * self.nodes as u32,
             });
         }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return Err(CliError::ZeroDuration("--duration"));
+        }
         for (flag, period) in [
             ("--kill-every", self.kill_every),
             ("--partition-every", self.partition_every),
-            ("--duration", self.duration),
         ] {
-            if period.is_some_and(|p| p.is_zero()) {
-                return Err(CliError::ZeroDuration(flag));
+            if let Some(period) = period {
+                check_at_least(flag, period, MIN_PERIOD, "10s")?;
             }
         }
         Ok(DemoConfig {
@@ -1115,6 +1181,99 @@ mod tests {
         let err = error_of(&["--peers", "a:4041", "--heartbeat-interval", "150ms"]);
         assert!(err.contains("--heartbeat-interval"), "{err}");
         assert!(err.contains("a third"), "{err}");
+    }
+
+    #[test]
+    fn raft_timing_below_a_millisecond_is_refused_naming_the_flag() {
+        for flag in [
+            "--heartbeat-interval",
+            "--election-timeout-min",
+            "--election-timeout-max",
+        ] {
+            for tiny in ["0s", "1ns", "100ns", "999us"] {
+                let err = validate(&["--peers", "a:4041", flag, tiny]).expect_err(tiny);
+                assert_eq!(exit_code_for(&err), EXIT_USAGE);
+                let text = err.to_string();
+                assert!(text.starts_with(&format!("{flag} ")), "{text}");
+                assert!(text.contains("at least 1ms"), "{text}");
+            }
+            let err = demo_args(&[flag, "1ns"]).validate().expect_err("demo");
+            assert!(err.to_string().starts_with(flag), "{err}");
+        }
+        let config = validate(&["--peers", "a:4041", "--heartbeat-interval", "1ms"]).expect("1ms");
+        assert_eq!(config.raft.heartbeat_interval, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn periods_below_100ms_are_refused_naming_the_flag() {
+        let err = error_of(&["--peers", "a:4041", "--dns-interval", "1ns"]);
+        assert!(err.starts_with("--dns-interval 1ns"), "{err}");
+        assert!(err.contains("at least 100ms"), "{err}");
+        let config = validate(&["--peers", "a:4041", "--dns-interval", "100ms"]).expect("valid");
+        assert_eq!(config.dns_interval, MIN_PERIOD);
+        for flag in ["--kill-every", "--partition-every"] {
+            let err = demo_args(&[flag, "99ms"]).validate().expect_err(flag);
+            assert!(err.to_string().starts_with(flag), "{err}");
+            assert!(err.to_string().contains("at least 100ms"), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations_above_365_days_are_refused_and_the_longest_cannot_overflow() {
+        for huge in ["99999999999999d", "366d", "365d 1ns"] {
+            let err = parse(&["run", "--removal-grace", huge]).expect_err(huge);
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            assert_eq!(exit_code_for(&err), EXIT_USAGE);
+            let text = err.to_string();
+            assert!(text.contains("--removal-grace"), "{text}");
+            assert!(text.contains("longer than 365 days"), "{text}");
+        }
+        let config = validate(&[
+            "--peers",
+            "a:4041",
+            "--removal-grace",
+            "365d",
+            "--dns-interval",
+            "365d",
+            "--election-timeout-max",
+            "365d",
+        ])
+        .expect("the longest durations are valid");
+        assert_eq!(config.removal_grace, MAX_DURATION);
+        assert_eq!(config.dns_interval, MAX_DURATION);
+        // The runtime multiplies --removal-grace and --dns-interval by small
+        // factors (4 and 10) and adds them to instants: none of that overflows.
+        let factor = crate::runtime::membership::TOMBSTONE_GRACE_FACTOR.max(10);
+        let longest = MAX_DURATION.checked_mul(factor).expect("no overflow");
+        assert!(std::time::Instant::now().checked_add(longest).is_some());
+        assert!(tokio::time::Instant::now().checked_add(longest).is_some());
+    }
+
+    #[test]
+    fn configuration_errors_state_their_reason_once() {
+        let err =
+            validate(&["--peers", "a:4041", "--heartbeat-interval", "150ms"]).expect_err("refused");
+        // main prints the whole error chain, as anyhow's {:#} does.
+        let chain = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(chain.matches("a third").count(), 1, "{chain}");
+        assert!(chain.contains("fix --heartbeat-interval"), "{chain}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        let no_env = HostEnv {
+            secret: None,
+            ..pod_env()
+        };
+        let err = run_args(&[
+            "--peers",
+            "a:4041",
+            "--secret-file",
+            missing.to_str().expect("utf-8"),
+        ])
+        .validate_with(&no_env)
+        .expect_err("unreadable");
+        let chain = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(chain.matches("os error").count(), 1, "{chain}");
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub peer_connections_refused: IntCounterVec,
     /// Authenticated peer connections open now.
     pub peer_connections: IntGauge,
+    /// HTTP API connections and requests turned away by its bounds, by reason.
+    pub http_refused: IntCounterVec,
+    /// Status-file writes that failed.
+    pub status_file_errors: IntCounter,
     /// DNS lookups by result (ok, empty, error).
     pub dns_lookups: IntCounterVec,
     /// Configuration changes this node proposed as leader, by kind.
@@ -159,6 +163,19 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            http_refused: IntCounterVec::new(
+                Opts::new(
+                    "raft_elector_http_refused_total",
+                    "HTTP API connections and requests turned away by its bounds",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            status_file_errors: IntCounter::new(
+                "raft_elector_status_file_errors_total",
+                "Status-file writes that failed",
+            )
+            .expect("valid metric"),
             peer_connections: IntGauge::new(
                 "raft_elector_peer_connections",
                 "Authenticated peer connections open now",
@@ -256,6 +273,8 @@ impl Metrics {
             Box::new(self.rejected_messages.clone()),
             Box::new(self.peer_connections_refused.clone()),
             Box::new(self.peer_connections.clone()),
+            Box::new(self.http_refused.clone()),
+            Box::new(self.status_file_errors.clone()),
             Box::new(self.dns_lookups.clone()),
             Box::new(self.membership_changes.clone()),
             Box::new(self.persist_errors.clone()),

@@ -8,18 +8,23 @@
 
 use crate::raft::HardState;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Name of the state file inside `--state-dir`.
 pub const STATE_FILE_NAME: &str = "raft-state.json";
 const MAGIC: &str = "raft-elector-state v1";
+/// Largest state file read (16 MiB): real hard state is a few KiB, so a
+/// bigger file (or a device such as /dev/zero) is refused, not read.
+pub const MAX_STATE_FILE_BYTES: u64 = 16 << 20;
 
 /// Why hard state could not be loaded or saved.
 #[derive(Debug, Error)]
 pub enum StorageError {
-    #[error("cannot {action} {path}: {source}")]
+    // The OS error is the source, not part of this text: printing the
+    // error chain then shows it once.
+    #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -30,6 +35,8 @@ pub enum StorageError {
     Encode(String),
     #[error("state file {path} is corrupt ({reason}); move it away to start as a new member")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("state file {path} is larger than 16 MiB, far more than any real state; check that --state-dir is this member's own directory and the file is a regular file, or move it away to start as a new member")]
+    TooLarge { path: PathBuf },
     /// A save was abandoned or panicked before it finished; see [`Persister`].
     #[error("an earlier hard state save did not finish; no further save may race it")]
     Interrupted,
@@ -181,17 +188,26 @@ pub fn decode(bytes: &[u8]) -> Result<HardState, String> {
 
 impl HardStateStore for FileStore {
     fn load(&self) -> Result<Option<HardState>, StorageError> {
-        let bytes = match fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StorageError::Io {
-                    action: "read",
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+        let io = |source| StorageError::Io {
+            action: "read",
+            path: self.path.clone(),
+            source,
         };
+        let file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(io(source)),
+        };
+        // Bounded read: a wrong file (a device, a huge file) must not exhaust memory.
+        let mut bytes = Vec::new();
+        file.take(MAX_STATE_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_STATE_FILE_BYTES {
+            return Err(StorageError::TooLarge {
+                path: self.path.clone(),
+            });
+        }
         decode(&bytes).map(Some).map_err(|r| self.corrupt(r))
     }
 
@@ -285,6 +301,48 @@ mod tests {
         fs::write(store.path(), &bytes).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn a_state_file_over_the_size_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::open(dir.path()).unwrap();
+        let at_bound = vec![b'x'; MAX_STATE_FILE_BYTES as usize];
+        fs::write(store.path(), &at_bound).unwrap();
+        assert!(
+            matches!(store.load(), Err(StorageError::Corrupt { .. })),
+            "a file at the bound is read (and found corrupt)"
+        );
+        let mut over = at_bound;
+        over.push(b'x');
+        fs::write(store.path(), &over).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StorageError::TooLarge { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("larger than 16 MiB"), "{text}");
+        assert!(text.contains("--state-dir"), "{text}");
+        store.save(&sample()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(sample()));
+        #[cfg(unix)]
+        {
+            fs::remove_file(store.path()).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", store.path()).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StorageError::TooLarge { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn io_errors_name_the_os_error_once_in_the_error_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::open(dir.path()).unwrap();
+        // A directory where the temp file goes: creating it fails.
+        fs::create_dir(dir.path().join("raft-state.json.tmp")).unwrap();
+        let err = anyhow::Error::new(store.save(&sample()).unwrap_err());
+        let chain = format!("{err:#}");
+        let os = err.root_cause().to_string();
+        assert_eq!(chain.matches(&os).count(), 1, "{chain}");
+        assert!(chain.starts_with("cannot create "), "{chain}");
     }
 
     #[test]

@@ -11,16 +11,23 @@
 //! ```
 //!
 //! The API only reads the leadership channel; it never changes Raft state and
-//! never sets metrics (the runtime owns `raft_elector_is_leader`). The lease
-//! is a deadline, so every answer is computed against `Instant::now()` at the
-//! moment of the answer, and every wait also wakes when the lease runs out.
+//! sets no metric but the count of what its bounds turn away (the runtime
+//! owns `raft_elector_is_leader`). The lease is a deadline, so every answer
+//! is computed against `Instant::now()` at the moment of the answer, and
+//! every wait also wakes when the lease runs out.
+//!
+//! Bounded (see [`serve`] for connections): at most [`MAX_WAITERS`]
+//! long-polls and event streams wait at once; one more is answered 429 at
+//! once, so waiters can never take every connection a probe needs.
 
+mod serve;
 pub mod status;
 mod status_file;
 pub mod wait;
 
+pub use serve::serve;
 pub use status::{Answer, LeaderInfo, LeaderStatus};
-pub use status_file::spawn_status_file;
+pub use status_file::{check_status_file, spawn_status_file};
 
 use crate::leadership::LeaderState;
 use crate::metrics::Metrics;
@@ -32,7 +39,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::Stream;
-use tokio::sync::watch;
+use std::sync::Arc;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use wait::{wait_for_change, IsLeaderQuery, WaitOutcome, WaitRequest};
 
@@ -40,12 +48,35 @@ use wait::{wait_for_change, IsLeaderQuery, WaitOutcome, WaitRequest};
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 /// Name of the server-sent event carrying a [`LeaderStatus`].
 const LEADER_EVENT: &str = "leader";
+/// Long-polls and event streams that may wait at once.
+pub const MAX_WAITERS: usize = 128;
 
 /// What every handler reads.
 #[derive(Clone)]
 struct ApiState {
     leadership: watch::Receiver<LeaderState>,
     metrics: Metrics,
+    waiters: Arc<Semaphore>,
+}
+
+impl ApiState {
+    /// A place among the waiters, or `None` (counted) when all are taken.
+    fn waiter(&self) -> Option<OwnedSemaphorePermit> {
+        let place = self.waiters.clone().try_acquire_owned().ok();
+        if place.is_none() {
+            self.metrics
+                .http_refused
+                .with_label_values(&["waiter_cap"])
+                .inc();
+        }
+        place
+    }
+}
+
+/// The answer to a wait when every place among the waiters is taken.
+fn too_many_waiters() -> Response {
+    let text = format!("too many waiting requests (at most {MAX_WAITERS}); retry later");
+    (StatusCode::TOO_MANY_REQUESTS, no_store(), text).into_response()
 }
 
 /// Builds the app-facing router. Reads leadership from `state` (the runtime's
@@ -64,6 +95,7 @@ pub fn router(state: watch::Receiver<LeaderState>, metrics: Metrics) -> Router {
         .with_state(ApiState {
             leadership: state,
             metrics,
+            waiters: Arc::new(Semaphore::new(MAX_WAITERS)),
         })
 }
 
@@ -84,6 +116,9 @@ async fn is_leader(
     let state = match request {
         None => rx.borrow().clone(),
         Some(request) => {
+            let Some(_place) = api.waiter() else {
+                return too_many_waiters();
+            };
             let now = Instant::now();
             let seen = request.seen(&Answer::of(&rx.borrow_and_update(), now));
             wait_for_change(&mut rx, &seen, Some(now + request.wait))
@@ -96,12 +131,16 @@ async fn is_leader(
 }
 
 /// Streams one `leader` event now and one on every change of the answer.
-async fn events(State(api): State<ApiState>) -> impl IntoResponse {
-    let stream = leader_events(api.leadership.clone());
+async fn events(State(api): State<ApiState>) -> Response {
+    let Some(place) = api.waiter() else {
+        return too_many_waiters();
+    };
+    let stream = leader_events(api.leadership.clone(), place);
     (
         no_store(),
         Sse::new(stream).keep_alive(KeepAlive::default()),
     )
+        .into_response()
 }
 
 /// Where an event stream is: the receiver and the answer last sent.
@@ -109,15 +148,19 @@ struct EventCursor {
     rx: watch::Receiver<LeaderState>,
     sent: Option<Answer>,
     finished: bool,
+    /// The stream's place among the waiters, given back when it ends.
+    _place: OwnedSemaphorePermit,
 }
 
 fn leader_events(
     rx: watch::Receiver<LeaderState>,
+    place: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Result<Event, axum::Error>> + Send + 'static {
     let cursor = EventCursor {
         rx,
         sent: None,
         finished: false,
+        _place: place,
     };
     futures::stream::unfold(cursor, |mut cursor| async move {
         if cursor.finished {

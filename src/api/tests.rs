@@ -294,14 +294,57 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
 
-#[tokio::test]
-async fn long_poll_works_over_a_real_listener() {
-    let (tx, router, _) = app(follower(1, Some("node-b")));
+/// Serves `state` on a free loopback port with the production server;
+/// dropping the returned sender stops it.
+async fn serving(
+    state: LeaderState,
+) -> (
+    std::net::SocketAddr,
+    watch::Sender<LeaderState>,
+    Metrics,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (tx, router, metrics) = app(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+    tokio::spawn(serve(listener, router, metrics.clone(), stop));
+    (addr, tx, metrics, stop_tx)
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open for {within:?}"
+    );
+    got
+}
+
+fn refused(metrics: &Metrics, reason: &str) -> u64 {
+    metrics.http_refused.with_label_values(&[reason]).get()
+}
+
+#[tokio::test]
+async fn long_poll_works_over_a_real_listener() {
+    let (addr, tx, _metrics, _stop) = serving(follower(1, Some("node-b"))).await;
     let url = format!("http://{addr}/is-leader?wait=5s&term=1&isLeader=false");
     let poll = tokio::spawn(async move { reqwest::get(url).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -310,5 +353,129 @@ async fn long_poll_works_over_a_real_listener() {
     assert_eq!(response.status().as_u16(), 200);
     let status: LeaderStatus = response.json().await.expect("json");
     assert_eq!((status.term, status.is_leader), (2, true));
-    server.abort();
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, _tx, _metrics, _stop) = serving(follower(1, None)).await;
+    let started = Instant::now();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /is-leader HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    // A keep-alive connection that had a request is closed once idle too.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let within = serve::HEADER_READ_TIMEOUT + Duration::from_secs(3);
+    read_until_closed(&mut idle, within).await;
+    read_until_closed(&mut half, within).await;
+    let answered = read_until_closed(&mut kept, within).await;
+    assert!(
+        String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"),
+        "{answered:?}"
+    );
+    assert!(
+        started.elapsed() >= serve::HEADER_READ_TIMEOUT - Duration::from_millis(200),
+        "closed after {:?}, before the timeout",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once_and_counted() {
+    let (addr, _tx, metrics, _stop) = serving(follower(1, None)).await;
+    let mut held = Vec::new();
+    for _ in 0..serve::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // The server accepts them in its own time; the next one is past the cap
+    // once every one of them holds a place.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if refused(&metrics, "connection_cap") > 0 {
+            read_until_closed(&mut extra, Duration::from_secs(1)).await;
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection was refused");
+        held.push(extra);
+    }
+    drop(held);
+    // Places come back as the connections close: the API answers again.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Ok(response) = reqwest::get(format!("http://{addr}/is-leader")).await {
+            assert_eq!(response.status().as_u16(), 503);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the API never answered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_is_refused_without_buffering_it() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, _tx, _metrics, _stop) = serving(follower(1, None)).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let big = format!(
+        "GET /is-leader HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(serve::MAX_HEAD_BYTES * 2)
+    );
+    // The server may close before all of it is written.
+    let _ = stream.write_all(big.as_bytes()).await;
+    let answer = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_past_the_cap_get_429_and_are_counted_until_places_free() {
+    let (tx, router, metrics) = app(follower(1, Some("node-b")));
+    let mut waiting = Vec::new();
+    for i in 0..MAX_WAITERS {
+        let router = router.clone();
+        let uri = match i % 2 {
+            0 => "/is-leader?wait=60s&term=1&isLeader=false",
+            _ => "/events",
+        };
+        waiting.push(tokio::spawn(async move { get_path(&router, uri).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let full = get_path(&router, "/is-leader?wait=60s&term=1&isLeader=false").await;
+    assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        get_path(&router, "/events").await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(refused(&metrics, "waiter_cap"), 2);
+    // Questions that do not wait are answered whatever the waiters.
+    assert_eq!(
+        get_path(&router, "/is-leader").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // A change answers the long-polls; dropping the streams frees theirs.
+    tx.send_replace(follower(2, Some("node-c")));
+    for task in waiting {
+        drop(task.await.expect("waiter task"));
+    }
+    let again = tokio::spawn({
+        let router = router.clone();
+        async move { get_path(&router, "/is-leader?wait=60s&term=2&isLeader=false").await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    tx.send_replace(follower(3, Some("node-c")));
+    assert_eq!(
+        again.await.expect("poll task").status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(refused(&metrics, "waiter_cap"), 2);
 }

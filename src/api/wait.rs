@@ -14,7 +14,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-/// Longest wait a client may ask for; longer requests are shortened to this.
+/// Longest wait a client may ask for; a longer `wait=` is refused with 400.
 pub const MAX_WAIT: Duration = Duration::from_secs(5 * 60);
 
 /// Query of `GET /is-leader`. Fields stay text so a bad value gets a message
@@ -46,7 +46,7 @@ pub enum QueryError {
 /// A validated long-poll request.
 #[derive(Debug, PartialEq, Eq)]
 pub struct WaitRequest {
-    /// How long to wait at most (already capped at [`MAX_WAIT`]).
+    /// How long to wait at most (never more than [`MAX_WAIT`]).
     pub wait: Duration,
     /// What the client last saw; fields it did not send are `None` and are
     /// taken from the state at request time.
@@ -98,7 +98,8 @@ impl WaitRequest {
     }
 }
 
-/// Parses a wait duration (`30s`, `500ms`, `2` = seconds), capped at [`MAX_WAIT`].
+/// Parses a wait duration (`30s`, `500ms`, `2` = seconds); one longer than
+/// [`MAX_WAIT`] is refused, as the error message says.
 pub fn parse_wait(text: &str) -> Result<Duration, QueryError> {
     let bad = || QueryError::Wait(text.to_string());
     let wait = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
@@ -106,7 +107,10 @@ pub fn parse_wait(text: &str) -> Result<Duration, QueryError> {
     } else {
         humantime::parse_duration(text).map_err(|_| bad())?
     };
-    Ok(wait.min(MAX_WAIT))
+    if wait > MAX_WAIT {
+        return Err(bad());
+    }
+    Ok(wait)
 }
 
 /// Why [`wait_for_change`] returned.
@@ -190,9 +194,14 @@ mod tests {
     }
 
     #[test]
-    fn wait_longer_than_five_minutes_is_capped() {
-        assert_eq!(parse_wait("1h"), Ok(MAX_WAIT));
-        assert_eq!(parse_wait("100000"), Ok(MAX_WAIT));
+    fn wait_up_to_five_minutes_is_accepted_and_longer_is_refused() {
+        assert_eq!(parse_wait("5m"), Ok(MAX_WAIT));
+        assert_eq!(parse_wait("300"), Ok(MAX_WAIT));
+        for long in ["5m 1ms", "301", "10m", "1h", "99999h", "100000"] {
+            let err = parse_wait(long).expect_err(long);
+            assert_eq!(err, QueryError::Wait(long.to_string()));
+            assert!(err.to_string().contains("at most 5m"), "{err}");
+        }
     }
 
     #[test]

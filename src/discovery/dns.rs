@@ -17,6 +17,10 @@
 //! REFUSED, timeouts and I/O errors are failures, returned as
 //! [`DiscoveryError::Lookup`], and a failure on any candidate name wins over
 //! "no records" on the others.
+//!
+//! hickory answers the special-use names of RFC 6761 (`*.invalid`,
+//! `localhost`) itself, without asking any server: `does-not-exist.invalid`
+//! is an NXDOMAIN (an empty set) even when the server is unreachable.
 
 use super::address::peer_address;
 use super::DiscoveryError;
@@ -250,11 +254,44 @@ fn is_empty_answer(error: &ResolveError) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn name(text: &str) -> Name {
         Name::from_ascii(text).unwrap()
+    }
+
+    /// A fake DNS server on `127.0.0.1` (UDP only): answers every query with
+    /// `code` and, in the authority section, an SOA for the queried name (as
+    /// an authoritative server does for NXDOMAIN and NODATA), or never
+    /// answers when `code` is `None`. Runs until the test's runtime stops.
+    pub(in crate::discovery) async fn fake_server(code: Option<ResponseCode>) -> SocketAddr {
+        use hickory_resolver::proto::op::{Message, MessageType};
+        use hickory_resolver::proto::rr::rdata::SOA;
+        use hickory_resolver::proto::rr::{RData, Record};
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let Ok((len, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let (Some(code), Ok(query)) = (code, Message::from_vec(&buf[..len])) else {
+                    continue;
+                };
+                let mut reply = Message::error_msg(query.id(), query.op_code(), code);
+                reply.set_message_type(MessageType::Response);
+                reply.set_authoritative(true);
+                reply.add_queries(query.queries().to_vec());
+                if let Some(q) = query.queries().first() {
+                    let soa = SOA::new(name("ns.test."), name("admin.test."), 1, 60, 60, 60, 0);
+                    reply.add_name_server(Record::from_rdata(q.name().clone(), 0, RData::SOA(soa)));
+                }
+                let _ = socket.send_to(&reply.to_vec().unwrap(), from).await;
+            }
+        });
+        addr
     }
 
     fn texts(names: &[Name]) -> Vec<String> {
@@ -331,5 +368,34 @@ mod tests {
         let names = vec![name("a."), name("b.")];
         let result = first_answer(names, |_| async { Ok(None::<String>) }).await;
         assert_eq!(result.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_a_failure() {
+        let server = fake_server(None).await;
+        // Not `.invalid` nor `localhost`: the resolver answers those itself.
+        let result = resolve_service("elector.example", 4041, Some(server)).await;
+        assert!(
+            matches!(result, Err(DiscoveryError::Lookup { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn servfail_and_refused_are_failures() {
+        for code in [ResponseCode::ServFail, ResponseCode::Refused] {
+            let server = fake_server(Some(code)).await;
+            let result = resolve_service("elector.example", 4041, Some(server)).await;
+            assert!(result.is_err(), "{code}: {result:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn nxdomain_and_nodata_are_empty_answers() {
+        for code in [ResponseCode::NXDomain, ResponseCode::NoError] {
+            let server = fake_server(Some(code)).await;
+            let result = resolve_service("elector.example", 4041, Some(server)).await;
+            assert!(result.expect("an answer").is_empty(), "{code}");
+        }
     }
 }

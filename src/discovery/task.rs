@@ -18,7 +18,8 @@ pub const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
 /// Empty answers needed in a row before the empty set is published.
 const EMPTY_ANSWERS_TO_PUBLISH: u32 = 2;
-/// Shortest time between two failure warnings (30 s).
+/// Shortest time between two failure warnings, and between two "no
+/// records" warnings (30 s).
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs discovery for `cfg` until `shutdown` resolves or nobody listens.
@@ -67,6 +68,10 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
     let mut tracker = PeerSetTracker::default();
     let mut backoff = Backoff::new(INITIAL_BACKOFF, cfg.max_backoff);
     let mut failures = FailureLog::default();
+    let name = match &cfg.source {
+        DiscoverySource::Dns { name, .. } => name.as_str(),
+        DiscoverySource::Static(_) => "",
+    };
     // A kernel timer (tokio's timer wheel would wake the runtime early to
     // move a 2 s timer between its levels), and regular lookups on shared
     // ticks (`timer::next_tick`): the hello probes go out just after them.
@@ -78,6 +83,9 @@ async fn poll_dns(cfg: &DiscoveryConfig, metrics: &Metrics, tx: &watch::Sender<B
                 let label = if peers.is_empty() { "empty" } else { "ok" };
                 metrics.dns_lookups.with_label_values(&[label]).inc();
                 failures.on_answer();
+                if peers.is_empty() {
+                    failures.on_empty_answer(name, Instant::now());
+                }
                 backoff.reset();
                 if let Some(changed) = tracker.on_answer(peers) {
                     publish(tx, metrics, changed);
@@ -202,14 +210,45 @@ impl Backoff {
     }
 }
 
-/// Rate-limits failure warnings to one per [`WARN_EVERY`], counting the
-/// failures in between, and logs once when lookups recover.
+/// Allows one warning per [`WARN_EVERY`] and counts the ones held back.
 #[derive(Debug, Default)]
-pub(super) struct FailureLog {
+pub(super) struct RateLimit {
     /// When the last warning was written.
     last_warning: Option<Instant>,
-    /// Failures not logged since the last warning.
+    /// Warnings held back since the last one written.
     suppressed: u64,
+}
+
+impl RateLimit {
+    /// Returns `Some(held back since the last warning)` when a warning may be
+    /// written at `now` (and records it as written), `None` when it must be
+    /// held back (and counts it).
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .last_warning
+            .is_none_or(|last| now.duration_since(last) >= WARN_EVERY);
+        if !due {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last_warning = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Rate-limits lookup warnings to one per [`WARN_EVERY`] for failures
+/// (counted as `result="error"`) and, separately, one per [`WARN_EVERY`] for
+/// answers without records (`result="empty"`), counting the ones in between;
+/// logs once when lookups answer again after failures. Every failure and
+/// every empty answer is either logged or counted as suppressed.
+#[derive(Debug, Default)]
+pub(super) struct FailureLog {
+    /// Rate limit of the failure warnings.
+    failure_warnings: RateLimit,
+    /// Rate limit of the "no records" warnings; kept across answers so a
+    /// name that flaps between records and none still warns at most once
+    /// per period.
+    empty_warnings: RateLimit,
     /// Failures since the last answer.
     in_a_row: u64,
 }
@@ -224,22 +263,32 @@ impl FailureLog {
         now: Instant,
     ) -> bool {
         self.in_a_row += 1;
-        let due = self
-            .last_warning
-            .is_none_or(|last| now.duration_since(last) >= WARN_EVERY);
-        if !due {
-            self.suppressed += 1;
+        let Some(suppressed) = self.failure_warnings.allow(now) else {
             return false;
-        }
+        };
         warn!(
             error = %error,
             failures_in_a_row = self.in_a_row,
-            suppressed_since_last_warning = self.suppressed,
+            suppressed_since_last_warning = suppressed,
             ?retry_in,
             "peer discovery lookup failed; keeping the last known peers"
         );
-        self.last_warning = Some(now);
-        self.suppressed = 0;
+        true
+    }
+
+    /// Records an answer without records for `name` (NXDOMAIN or NODATA) and
+    /// logs it unless such a warning was written less than [`WARN_EVERY`]
+    /// ago. Returns whether it logged. Call [`FailureLog::on_answer`] too.
+    pub(super) fn on_empty_answer(&mut self, name: &str, now: Instant) -> bool {
+        let Some(suppressed) = self.empty_warnings.allow(now) else {
+            return false;
+        };
+        warn!(
+            name,
+            suppressed_since_last_warning = suppressed,
+            "peer discovery: the DNS name has no records (NXDOMAIN or no SRV/A/AAAA); \
+             check --service, or the Service has no ready pods yet"
+        );
         true
     }
 
@@ -251,7 +300,8 @@ impl FailureLog {
                 "peer discovery lookups answer again"
             );
         }
-        *self = FailureLog::default();
+        self.in_a_row = 0;
+        self.failure_warnings = RateLimit::default();
     }
 }
 
@@ -342,5 +392,72 @@ mod tests {
         assert_eq!(log.in_a_row, 4);
         log.on_answer();
         assert!(log.on_failure(&error, retry, start + WARN_EVERY + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn no_records_warnings_are_written_at_most_once_per_period() {
+        let mut log = FailureLog::default();
+        let start = Instant::now();
+        assert!(log.on_empty_answer("elector.test", start));
+        log.on_answer();
+        assert!(!log.on_empty_answer("elector.test", start + Duration::from_secs(2)));
+        assert!(!log.on_empty_answer("elector.test", start + Duration::from_secs(4)));
+        assert_eq!(log.empty_warnings.suppressed, 2);
+        assert!(log.on_empty_answer("elector.test", start + WARN_EVERY));
+        assert_eq!(log.empty_warnings.suppressed, 0);
+        // The two kinds of warnings have separate budgets.
+        let error = DiscoveryError::InvalidPort;
+        assert!(log.on_failure(&error, Duration::ZERO, start + WARN_EVERY));
+    }
+
+    /// Runs the DNS loop against `server` until `until` holds on the
+    /// lookup counters, or panics after 10 s.
+    async fn lookups_until(server: std::net::SocketAddr, until: impl Fn(&Metrics) -> bool) {
+        let metrics = Metrics::new();
+        let mut cfg = DiscoveryConfig::new(DiscoverySource::Dns {
+            name: "elector.example".into(),
+            port: 4041,
+            server: Some(server),
+        });
+        cfg.interval = Duration::from_millis(20);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let rx = super::super::spawn(cfg, metrics.clone(), async {
+            let _ = stopped.await;
+        });
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !until(&metrics) {
+            assert!(
+                Instant::now() < give_up,
+                "the lookup counters never matched"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(());
+        drop(rx);
+    }
+
+    fn lookups(metrics: &Metrics, result: &str) -> u64 {
+        metrics.dns_lookups.with_label_values(&[result]).get()
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_counts_as_error() {
+        let server = super::super::dns::tests::fake_server(None).await;
+        lookups_until(server, |m| {
+            assert_eq!(lookups(m, "empty"), 0);
+            lookups(m, "error") >= 1
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_name_without_records_counts_as_empty() {
+        use hickory_resolver::proto::op::ResponseCode;
+        let server = super::super::dns::tests::fake_server(Some(ResponseCode::NXDomain)).await;
+        lookups_until(server, |m| {
+            assert_eq!(lookups(m, "error"), 0);
+            lookups(m, "empty") >= 2
+        })
+        .await;
     }
 }

@@ -118,7 +118,7 @@ pub struct NodeOptions {
 /// Why the node stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot persist hard state, stopping so that no vote is given twice: {0}")]
+    #[error("cannot persist hard state, stopping so that no vote is given twice")]
     Persist(#[from] StorageError),
 }
 
